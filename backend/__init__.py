@@ -1,0 +1,1 @@
+"""homemx backend: the home MTA (asyncio: aiosmtpd listeners, durable queue, delivery, Maildir)."""

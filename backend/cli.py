@@ -1,0 +1,36 @@
+"""The homemx-backend command line: one entry point, subcommands registered by the modules that own them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module here exposes register(subparsers) that adds its subcommand(s) and sets
+# `func=callable(args) -> int` on the parser. Keep the list explicit: a module that is not
+# listed does not exist as a command.
+COMMAND_MODULES = [
+    "backend.cmd_run",  # run, demo, config check
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homemx-backend", description="homemx home MTA")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

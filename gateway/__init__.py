@@ -1,0 +1,1 @@
+"""homemx gateway: the trio SMTP edge proxy on the VPS."""

@@ -1,0 +1,1 @@
+"""Reusable test topology: network namespaces, real DNS server, real peers."""
