@@ -1,0 +1,416 @@
+"""The edge proxy at work: listeners, per-connection admission and pre-greeting, the upstream dial with its PROXY v2 header, the two-way splice, and graceful drain.
+
+Every connection runs one handler task (plus one pump task while splicing); every phase has a
+deadline; the handler catches its own exceptions and logs them with its connection id, so one bad
+connection never takes down another or the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Awaitable, Callable
+
+import trio
+
+from . import edge
+from .config import GatewayConfig, ListenerConfig
+from .dnsbl import DnsblChecker, dnspython_lookup
+from .limits import Admission, ClientLimiter, GlobalCap, REFUSE_RATE, client_key
+from .metrics import GatewayMetrics, serve_metrics
+from .proxyv2 import encode_proxy_v2
+
+log = logging.getLogger("homemx.gateway")
+
+# Outcomes besides those in edge.py (log words and metric labels).
+OUT_RELAYED = "relayed"
+OUT_REFUSED = "refused"
+OUT_IDLE = "idle_timeout"
+OUT_SESSION = "session_timeout"
+OUT_RESET = "reset"
+OUT_CLIENT_GONE = edge.OUT_CLIENT_GONE
+OUT_ERROR = "error"
+OUT_SHUTDOWN = "shutdown"
+
+REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is not waited for
+LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
+LINGER_DISCARD = 65536
+
+Connector = Callable[[tuple[str, int]], Awaitable[trio.abc.HalfCloseableStream]]
+
+
+async def tcp_connect(address: tuple[str, int]) -> trio.SocketStream:
+    return await trio.open_tcp_stream(*address)
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached (refused, timed out, closed before its banner)."""
+
+
+class BindError(Exception):
+    """A listener address could not be bound (in use, not local, no permission)."""
+
+
+@dataclass
+class ListenerRuntime:
+    config: ListenerConfig
+    admission: Admission
+    bound: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Conn:
+    """One client connection's bookkeeping (kept small: 10,000 of these sit idle at once)."""
+
+    __slots__ = ("cid", "peer", "local", "outcome", "up", "down", "started")
+
+    def __init__(self, cid: int, peer: tuple[str, int], local: tuple[str, int]):
+        self.cid = cid
+        self.peer = peer
+        self.local = local
+        self.outcome: str | None = None
+        self.up = 0
+        self.down = 0
+        self.started = trio.current_time()
+
+
+def _addr(sockaddr) -> tuple[str, int]:
+    return sockaddr[0], sockaddr[1]
+
+
+class Gateway:
+    """Runs every configured listener; ``serve`` returns once drained after ``request_drain``."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        metrics: GatewayMetrics | None = None,
+        connect: Connector = tcp_connect,
+        dnsbl: DnsblChecker | None = None,
+    ):
+        self.config = config
+        self.hostname = config.server.hostname
+        self.metrics = metrics or GatewayMetrics(config.server.tunnel_interface)
+        self.connect = connect
+        self.global_cap = GlobalCap(config.limits.max_connections)
+        self.listeners = {
+            lc.name: ListenerRuntime(
+                lc,
+                Admission(
+                    self.global_cap,
+                    ClientLimiter(
+                        lc.max_per_client,
+                        lc.rate,
+                        lc.burst,
+                        config.limits.tracked_clients,
+                        clock=trio.current_time,
+                    ),
+                ),
+            )
+            for lc in config.listeners
+        }
+        if dnsbl is None and config.dnsbl.zones:
+            d = config.dnsbl
+            dnsbl = DnsblChecker(
+                d.zones,
+                dnspython_lookup(d.nameservers, d.port, d.timeout),
+                d.timeout,
+                d.cache_ttl,
+                d.cache_size,
+                clock=trio.current_time,
+            )
+        self.dnsbl = dnsbl
+        self._ids = itertools.count(1)
+        self._drain = trio.Event()
+        self.metrics_address: tuple[str, int] | None = None
+
+    # ------------------------------------------------------------ serving
+
+    def request_drain(self) -> None:
+        """Stop accepting; running sessions get ``shutdown_grace`` seconds to finish."""
+        self._drain.set()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind every listener (all or nothing), report started, serve until drained."""
+        sockets: list[tuple[ListenerRuntime, list[trio.SocketListener]]] = []
+        try:
+            for lr in self.listeners.values():
+                group = []
+                for host, port in lr.config.listen:
+                    try:
+                        group += await trio.open_tcp_listeners(port, host=host)
+                    except OSError as e:
+                        raise BindError(f"listener {lr.config.name}: cannot bind {host}:{port}: {e.strerror or e}") from None
+                lr.bound = [_addr(s.socket.getsockname()) for s in group]
+                sockets.append((lr, group))
+        except BaseException:
+            for _, group in sockets:
+                for s in group:
+                    await trio.aclose_forcefully(s)
+            raise
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                for lr, group in sockets:
+                    accepting.start_soon(
+                        partial(trio.serve_listeners, partial(self._handle, lr), group, handler_nursery=handlers)
+                    )
+                m = self.config.server.metrics_listen
+                if m is not None:
+                    ml = await accepting.start(serve_metrics, self.metrics, m[0], m[1])
+                    self.metrics_address = _addr(ml[0].socket.getsockname())
+                for lr in self.listeners.values():
+                    log.info("listener %s (%s) on %s → %s", lr.config.name, lr.config.kind,
+                             ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in lr.bound),
+                             "%s:%d" % lr.config.upstream)
+                task_status.started(self)
+                await self._drain.wait()
+                accepting.cancel_scope.cancel()
+            for _, group in sockets:
+                for s in group:
+                    await trio.aclose_forcefully(s)
+            grace = self.config.server.shutdown_grace
+            log.info("draining: %d active connections, %.0fs grace", self.global_cap.active, grace)
+            handlers.cancel_scope.deadline = trio.current_time() + grace
+        log.info("drained")
+
+    # ------------------------------------------------------------ one connection
+
+    async def _handle(self, lr: ListenerRuntime, stream: trio.SocketStream) -> None:
+        try:
+            peer = _addr(stream.socket.getpeername())
+            local = _addr(stream.socket.getsockname())
+        except OSError:  # reset between accept and here
+            await trio.aclose_forcefully(stream)
+            return
+        await self.handle_connection(lr.config.name, stream, peer, local)
+
+    async def handle_connection(
+        self, listener: str, client: trio.abc.HalfCloseableStream, peer: tuple[str, int], local: tuple[str, int]
+    ) -> None:
+        """Serve one accepted client stream to completion. Never raises (except cancellation)."""
+        lr = self.listeners[listener]
+        cfg = lr.config
+        conn = _Conn(next(self._ids), peer, local)
+        upstream: list[trio.abc.HalfCloseableStream] = []  # filled as soon as a dial succeeds
+        key = None
+        admitted = False
+        try:
+            key = client_key(peer[0])
+            reason = lr.admission.admit(key)
+            if reason is not None:
+                conn.outcome = OUT_REFUSED
+                self.metrics.refusals.labels(cfg.name, reason).inc()
+                if cfg.speaks_smtp_replies:
+                    template = edge.R421_TOO_FAST if reason == REFUSE_RATE else (
+                        edge.R421_TOO_MANY if reason != "global_cap" else edge.R421_BUSY)
+                    await self._reply_and_close(client, edge.reply(template, host=self.hostname))
+                log.info("conn=%d listener=%s client=%s refused: %s", conn.cid, cfg.name, _fmt(peer), reason)
+                return
+            admitted = True
+            self.metrics.active.labels(cfg.name).inc()
+            with trio.move_on_after(cfg.session_timeout) as session:
+                await self._session(lr, conn, client, upstream)
+            if session.cancelled_caught:
+                conn.outcome = OUT_SESSION
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            conn.outcome = OUT_RESET  # the client vanished while we wrote to it
+        except Exception:
+            conn.outcome = OUT_ERROR
+            log.exception("conn=%d listener=%s client=%s failed", conn.cid, cfg.name, _fmt(peer))
+        finally:
+            if conn.outcome is None:
+                conn.outcome = OUT_SHUTDOWN  # only cancellation from outside gets here
+            for s in upstream:
+                await trio.aclose_forcefully(s)
+            await trio.aclose_forcefully(client)
+            if admitted:
+                lr.admission.release(key)
+                self.metrics.active.labels(cfg.name).dec()
+            self.metrics.connections.labels(cfg.name, conn.outcome).inc()
+            if conn.outcome != OUT_REFUSED:
+                log.info(
+                    "conn=%d listener=%s client=%s outcome=%s up=%d down=%d duration=%.3fs",
+                    conn.cid, cfg.name, _fmt(peer), conn.outcome, conn.up, conn.down,
+                    trio.current_time() - conn.started,
+                )
+
+    async def _session(self, lr: ListenerRuntime, conn: _Conn, client, upstream: list) -> None:
+        cfg = lr.config
+        pending = b""
+        if cfg.speaks_smtp_replies and (cfg.greet_wait > 0 or (cfg.dnsbl and self.dnsbl is not None)):
+            result = await self._pregreet(lr, conn, client, upstream)
+            if result is None:
+                return
+            banner, pending = result
+            await client.send_all(banner)
+            conn.down += len(banner)
+            self.metrics.bytes.labels(cfg.name, "upstream_to_client").inc(len(banner))
+        else:
+            try:
+                upstream.append(await self._dial(lr, conn))
+            except UpstreamUnavailable as e:
+                conn.outcome = edge.OUT_UNAVAILABLE
+                log.warning("conn=%d listener=%s upstream unavailable: %s", conn.cid, cfg.name, e)
+                if cfg.speaks_smtp_replies:
+                    await self._reply_and_close(client, edge.reply(edge.R421_UNAVAILABLE, host=self.hostname))
+                return
+        if pending:
+            await upstream[0].send_all(pending)
+            conn.up += len(pending)
+        conn.outcome = await self._splice(cfg, conn, client, upstream[0])
+
+    async def _dial(self, lr: ListenerRuntime, conn: _Conn) -> trio.abc.HalfCloseableStream:
+        """Connect upstream and write the PROXY v2 header, within connect_timeout."""
+        cfg = lr.config
+        started = trio.current_time()
+        stream = None
+        try:
+            with trio.fail_after(cfg.connect_timeout):
+                stream = await self.connect(cfg.upstream)
+                if cfg.proxy_v2:
+                    await stream.send_all(encode_proxy_v2(conn.peer, conn.local))
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            self.metrics.upstream_up.labels(cfg.name).set(0)
+            if isinstance(e, trio.TooSlowError):
+                raise UpstreamUnavailable(f"connect to {cfg.upstream[0]}:{cfg.upstream[1]} timed out") from None
+            raise UpstreamUnavailable(f"connect to {cfg.upstream[0]}:{cfg.upstream[1]}: {e}") from None
+        self.metrics.upstream_up.labels(cfg.name).set(1)
+        self.metrics.connect_latency.labels(cfg.name).observe(trio.current_time() - started)
+        return stream
+
+    async def _pregreet(self, lr: ListenerRuntime, conn: _Conn, client, upstream: list):
+        """Hold the client silent (greet wait, DNSBL), then dial and read the banner while still
+        watching for early talk. Returns (banner, bytes the client sent after it) or None when the
+        connection ended here (conn.outcome set, reply sent)."""
+        cfg = lr.config
+        pg = edge.PreGreeting(self.hostname, conn.peer[0])
+        decision: edge.Decision | None = None
+        banner = b""
+        late = b""
+        dnsbl_done = trio.Event()
+
+        async def watch_client(cancel: trio.CancelScope) -> None:
+            nonlocal decision, late
+            data = await client.receive_some(cfg.buffer_size)
+            if pg.state == edge.PASSED:  # raced with the banner: the bytes are ordinary input
+                late = data
+                return
+            decision = pg.client_bytes(data) if data else pg.client_gone()
+            cancel.cancel()
+
+        async def check_dnsbl(cancel: trio.CancelScope) -> None:
+            nonlocal decision
+            zone = await self.dnsbl.listed_in(conn.peer[0])
+            self.metrics.checks.labels(cfg.name, "dnsbl", "listed" if zone else "clean").inc()
+            if zone is not None:
+                decision = pg.dnsbl_listed(zone)
+                cancel.cancel()
+            dnsbl_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_client, nursery.cancel_scope)
+            if cfg.dnsbl and self.dnsbl is not None:
+                nursery.start_soon(check_dnsbl, nursery.cancel_scope)
+            else:
+                dnsbl_done.set()
+            await trio.sleep(cfg.greet_wait)
+            await dnsbl_done.wait()  # bounded by the DNSBL timeout
+            pg.wait_over()
+            if cfg.greet_wait > 0:
+                self.metrics.checks.labels(cfg.name, "early_talker", "pass").inc()
+            try:
+                upstream.append(await self._dial(lr, conn))
+                with trio.fail_after(cfg.banner_timeout):
+                    banner = await upstream[0].receive_some(cfg.buffer_size)
+                if not banner:
+                    raise UpstreamUnavailable("upstream closed before its banner")
+            except (UpstreamUnavailable, trio.TooSlowError, trio.BrokenResourceError) as e:
+                log.warning("conn=%d listener=%s upstream unavailable: %s", conn.cid, cfg.name, e or "banner timeout")
+                decision = pg.upstream_failed()
+            else:
+                pg.banner()
+            nursery.cancel_scope.cancel()
+
+        if pg.state == edge.PASSED:
+            return banner, late
+        assert decision is not None
+        conn.outcome = decision.outcome
+        if decision.outcome == edge.OUT_EARLY_TALKER:
+            self.metrics.checks.labels(cfg.name, "early_talker", "fail").inc()
+        if decision.reply is not None:
+            await self._reply_and_close(client, decision.reply)
+        return None
+
+    async def _splice(self, cfg: ListenerConfig, conn: _Conn, client, upstream) -> str:
+        """Copy both ways until both sides have sent EOF; returns the outcome.
+
+        Backpressure: each direction holds at most one buffer_size chunk and does not read more
+        until send_all has handed it to the kernel. A FIN from one side becomes send_eof on the
+        other (half-close), and the session ends when both directions are finished. Any activity
+        in either direction pushes back the shared idle deadline.
+        """
+        idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
+        reset = False
+        up_bytes = self.metrics.bytes.labels(cfg.name, "client_to_upstream")
+        down_bytes = self.metrics.bytes.labels(cfg.name, "upstream_to_client")
+        size = cfg.buffer_size
+
+        async def pump(src, dst, upward: bool, nursery: trio.Nursery) -> None:
+            nonlocal reset
+            counter = up_bytes if upward else down_bytes
+            try:
+                while True:
+                    data = await src.receive_some(size)
+                    if not data:
+                        await dst.send_eof()
+                        return
+                    idle.deadline = trio.current_time() + cfg.idle_timeout
+                    await dst.send_all(data)
+                    idle.deadline = trio.current_time() + cfg.idle_timeout
+                    counter.inc(len(data))
+                    if upward:
+                        conn.up += len(data)
+                    else:
+                        conn.down += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # One side reset: nothing more can flow either way that anybody would read.
+                reset = True
+                nursery.cancel_scope.cancel()
+
+        with idle:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, upstream, client, False, nursery)
+                await pump(client, upstream, True, nursery)
+        if idle.cancelled_caught:
+            return OUT_IDLE
+        return OUT_RESET if reset else OUT_RELAYED
+
+    async def _reply_and_close(self, client, data: bytes) -> None:
+        """Write one reply, send FIN, and briefly drain the client so unread input does not turn
+        our close into a RST that destroys the reply before the client reads it."""
+        try:
+            with trio.move_on_after(REPLY_SEND_TIMEOUT):
+                await client.send_all(data)
+                await client.send_eof()
+            with trio.move_on_after(LINGER):
+                discarded = 0
+                while discarded < LINGER_DISCARD:
+                    chunk = await client.receive_some(4096)
+                    if not chunk:
+                        break
+                    discarded += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}"
+
+
+
+__all__ = ["Gateway", "BindError", "UpstreamUnavailable", "tcp_connect"]

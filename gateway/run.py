@@ -1,0 +1,50 @@
+"""The gateway's run loop: config → listeners → nursery → SIGTERM/SIGINT graceful drain, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+
+import trio
+
+from .config import GatewayConfig
+from .proxy import Gateway
+
+log = logging.getLogger("homemx.gateway")
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-files limit to the hard limit: every relayed session holds two
+    descriptors, and the default soft limit (1024) would cap the gateway near 500 sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def run_gateway(config: GatewayConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until SIGTERM or SIGINT, then drain within server.shutdown_grace."""
+    gateway = Gateway(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            task_status.started(gateway)
+            async for signum in signals:
+                log.info("%s: stopping new connections", signal.Signals(signum).name)
+                gateway.request_drain()
+                break
+
+
+def run(config: GatewayConfig) -> int:
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    raise_nofile_limit()
+    trio.run(run_gateway, config)
+    return 0
