@@ -1,0 +1,185 @@
+"""DKIM signing: fast RSA path equals dkimpy's own, both algorithms verify, canonical CRLF, key choice, keygen."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import dkim as dkimpy
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from backend import cmd_dkim, dkim
+from backend.dnscheck import parse_dkim_txt
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\n"
+    b"To: Bob <bob@remote.test>\n"
+    b"Cc: carol@remote.test\n"
+    b"Subject: quarterly figures\n"
+    b"Date: Mon, 03 Jun 2024 10:00:00 +0000\n"
+    b"Message-ID: <1@example.org>\n"
+    b"MIME-Version: 1.0\n"
+    b"Content-Type: text/plain; charset=utf-8\n"
+    b"Received: from lan by mail.example.org\n"
+    b"Bcc: secret@remote.test\n"
+    b"\n"
+    b"Hello Bob,\n.leading dot line\n\nregards\n"
+)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dkim")
+    out = {}
+    for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
+        g = dkim.generate_key("example.org", sel, alg, d)
+        out[alg] = (SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path), g.txt_value)
+    return out
+
+
+def dns_table(keys):
+    return {f"{k.selector}._domainkey.{k.domain}.".encode(): txt.encode() for k, txt in keys.values()}
+
+
+def verify_all(signed: bytes, keys) -> list[bool]:
+    """dkimpy's verifier on every signature (the independent verifiers run in test_dkim_verify)."""
+    table = dns_table(keys)
+    d = dkimpy.DKIM(signed)
+    n = len([1 for name, _ in d.headers if name.lower() == b"dkim-signature"])
+    results = []
+    for i in range(n):
+        try:
+            results.append(d.verify(idx=i, dnsfunc=lambda name, timeout=5: table.get(name)))
+        except dkimpy.ValidationError:  # dkimpy raises on a body hash mismatch
+            results.append(False)
+    return results
+
+
+def sig_tags(signed: bytes) -> list[dict[str, str]]:
+    unfolded = re.sub(rb"\r\n[ \t]", b" ", signed.partition(b"\r\n\r\n")[0]).decode()
+    out = []
+    for line in unfolded.split("\r\n"):
+        if line.lower().startswith("dkim-signature:"):
+            out.append({k.strip(): re.sub(r"\s+", "", v) for k, _, v in (t.partition("=") for t in line.split(":", 1)[1].split(";"))})
+    return out
+
+
+def test_both_signatures_verify_and_use_the_agreed_parameters(keys):
+    signed = dkim.sign_message(MESSAGE, [k for k, _ in keys.values()])
+    assert verify_all(signed, keys) == [True, True]
+    tags = sig_tags(signed)
+    assert sorted(t["a"] for t in tags) == ["ed25519-sha256", "rsa-sha256"]
+    for t in tags:
+        assert t["c"] == "relaxed/relaxed"
+        assert t["d"] == "example.org"
+        h = t["h"].split(":")
+        assert h.count("from") == 2  # oversigned
+        assert {"to", "cc", "subject", "date", "message-id", "mime-version", "content-type"} <= set(h)
+        assert "received" not in h and "bcc" not in h
+    assert dkim.signature_count_by_algorithm(signed) == {"rsa-sha256": 1, "ed25519-sha256": 1}
+
+
+def test_fast_rsa_signature_is_bit_identical_to_dkimpys_pure_python(keys):
+    rsa_key = [keys["rsa"][0]]
+    for _ in range(5):  # both within the same second (t= is part of the signed data)
+        fast = dkim.sign_message(MESSAGE, rsa_key)
+        pure = dkim.sign_message(MESSAGE, rsa_key, _fast_rsa=False)
+        if sig_tags(fast)[0]["t"] == sig_tags(pure)[0]["t"]:
+            break
+    assert fast == pure
+    assert verify_all(fast, keys) == [True]
+
+
+def test_body_is_crlf_canonical_and_tampering_is_detected(keys):
+    signed = dkim.sign_message(MESSAGE, [k for k, _ in keys.values()])
+    assert b"\n" not in signed.replace(b"\r\n", b"")
+    assert signed.endswith(b"\r\n")
+    tampered = signed.replace(b"Hello Bob", b"Hello Eve")
+    assert verify_all(tampered, keys) == [False, False]
+    # Downstream LF-only storage of the same message still verifies (the body hash is over CRLF lines).
+    assert verify_all(signed.replace(b"\r\n", b"\n"), keys) == [True, True]
+
+
+def test_keys_are_chosen_by_from_domain(keys):
+    allkeys = [k for k, _ in keys.values()]
+    other = MESSAGE.replace(b"alice@example.org", b"alice@elsewhere.test")
+    assert dkim.signature_count_by_algorithm(dkim.sign_message(other, allkeys)) == {}
+    sub = MESSAGE.replace(b"alice@example.org", b"alice@lists.example.org")
+    signed = dkim.sign_message(sub, allkeys)
+    assert len(sig_tags(signed)) == 2 and verify_all(signed, keys) == [True, True]
+    assert dkim.keys_for_domain("example.org.evil.test", allkeys) == []
+
+
+def test_no_from_header_is_refused(keys):
+    with pytest.raises(ValueError, match="From"):
+        dkim.sign_message(b"To: x@y.test\n\nbody\n", [keys["rsa"][0]], select_by_from=False)
+
+
+def test_concurrent_signing_from_threads(keys):
+    allkeys = [k for k, _ in keys.values()]
+    barrier = threading.Barrier(4)
+
+    def job(i: int) -> bytes:
+        if i < 4:
+            barrier.wait()
+        return dkim.sign_message(MESSAGE.replace(b"quarterly", f"q{i}".encode()), allkeys)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(job, range(24)))
+    assert all(verify_all(r, keys) == [True, True] for r in results)
+
+
+def test_ed25519_pem_key_is_accepted(tmp_path, keys):
+    k = ed25519.Ed25519PrivateKey.generate()
+    p = tmp_path / "ed.pem"
+    p.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    entry = SimpleNamespace(domain="example.org", selector="edpem", algorithm="ed25519", private_key=p)
+    txt = dkim.dkim_txt_record(p, "ed25519")
+    signed = dkim.sign_message(MESSAGE, [entry])
+    d = dkimpy.DKIM(signed)
+    assert d.verify(dnsfunc=lambda name, timeout=5: txt.encode())
+
+
+def test_wrong_algorithm_key_is_a_clear_error(keys):
+    with pytest.raises(dkim.DKIMKeyError, match="not an rsa key|not a readable rsa"):
+        dkim.load_private_key(keys["ed25519"][0].private_key, "rsa")
+
+
+def test_split_txt_keeps_strings_within_255_bytes(keys):
+    value = keys["rsa"][1]
+    parts = dkim.split_txt(value)
+    assert len(value) > 255 and all(len(p) <= 255 for p in parts) and "".join(parts) == value
+
+
+def _run_cli(argv):
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    cmd_dkim.register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
+    rc = _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["example.org.s1-ed25519.ed25519", "example.org.s1-rsa.rsa.pem"]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    for f, alg, sel in ((files[0], "ed25519", "s1-ed25519"), (files[1], "rsa", "s1-rsa")):
+        line = next(l for l in out.splitlines() if l.startswith(f"{sel}._domainkey.example.org."))
+        published = "".join(re.findall(r'"([^"]*)"', line))
+        rec = parse_dkim_txt(published)
+        assert rec.key_type == alg
+        assert rec.public_key == dkim.public_key_bytes(dkim.load_private_key(f, alg))
+        assert all(len(s) <= 255 for s in re.findall(r'"([^"]*)"', line))
+    assert f'private_key = "{files[1]}"' in out
+    # A second run with the same selector never overwrites a key.
+    assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
