@@ -1,0 +1,174 @@
+"""The DNS records a homemx installation needs, built from the backend config and rendered as zone-file lines.
+
+Pure: no lookups. ``dnscheck`` uses the same expectations (SPF mechanisms, DKIM values, MTA-STS
+policy) to check what is live, so what we tell the user to publish and what we check never drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from .config import BackendConfig
+from .dkim import dkim_txt_record, zone_txt_rdata
+
+DEFAULT_TTL = 3600
+MX_PREFERENCE = 10
+MTA_STS_MAX_AGE = 604800  # RFC 8461 3.2: one week is the common choice; the RFC advises weeks
+
+
+@dataclass(frozen=True)
+class Record:
+    """One resource record (absolute owner name) with an optional comment line above it."""
+
+    name: str
+    rtype: str
+    rdata: str
+    comment: str | None = None
+
+    def zone_line(self, ttl: int = DEFAULT_TTL) -> str:
+        return f"{self.name}\t{ttl}\tIN\t{self.rtype}\t{self.rdata}"
+
+
+def fqdn(name: str) -> str:
+    return name.rstrip(".").lower() + "."
+
+
+def txt(value: str) -> str:
+    return zone_txt_rdata(value)
+
+
+def spf_value(config: BackendConfig) -> str:
+    """The SPF policy for our domains and the mail host: the gateway's addresses, nothing else.
+
+    RFC 7208 5.6: ip4/ip6 cost no DNS lookup, so the record can never hit the 10-lookup limit.
+    Without configured gateway addresses it falls back to ``mx`` (one lookup).
+    """
+    mechs = [f"ip4:{a}" for a in config.gateway.public_ipv4] + [f"ip6:{a}" for a in config.gateway.public_ipv6]
+    if not mechs:
+        mechs = ["mx"]
+    return "v=spf1 " + " ".join(mechs) + " -all"
+
+
+def dmarc_rua(config: BackendConfig, domain: str) -> str:
+    # postmaster@ must exist anyway (RFC 5321 4.5.1), so it is a safe default report address.
+    return config.dns.dmarc_rua or f"postmaster@{domain}"
+
+
+def dmarc_value(config: BackendConfig, domain: str) -> str:
+    """RFC 7489 6.3. quarantine by default: strict enough to protect, forgiving while starting out."""
+    return f"v=DMARC1; p={config.dns.dmarc_policy}; rua=mailto:{dmarc_rua(config, domain)}"
+
+
+def mta_sts_policy(config: BackendConfig, domain: str) -> str:
+    """The policy file to serve at https://mta-sts.DOMAIN/.well-known/mta-sts.txt (RFC 8461 3.2, CRLF lines)."""
+    lines = [
+        "version: STSv1",
+        f"mode: {config.dns.mta_sts_mode or 'testing'}",
+        f"mx: {config.server.hostname}",
+        f"max_age: {MTA_STS_MAX_AGE}",
+    ]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def mta_sts_id(config: BackendConfig, domain: str) -> str:
+    """The id= of the _mta-sts record: the configured one, else derived from the policy text.
+
+    RFC 8461 3.1: senders refetch the policy when id changes; deriving it from the policy makes it
+    change exactly when the policy does. 1-32 alphanumerics.
+    """
+    if config.dns.mta_sts_id:
+        return config.dns.mta_sts_id
+    return hashlib.sha256(mta_sts_policy(config, domain).encode()).hexdigest()[:20]
+
+
+def tlsrpt_rua(config: BackendConfig) -> str | None:
+    rua = config.dns.tlsrpt_rua
+    if not rua:
+        return None
+    # RFC 8460 3: rua is a URI (mailto: or https:); accept a bare address for convenience.
+    return rua if rua.startswith(("mailto:", "https:")) else f"mailto:{rua}"
+
+
+def ptr_name(address: str) -> str:
+    return ipaddress.ip_address(address).reverse_pointer + "."
+
+
+def build_records(config: BackendConfig) -> list[Record]:
+    """Every forward record to publish, in the order an operator reads them."""
+    host = fqdn(config.server.hostname)
+    out: list[Record] = []
+    first = True
+    for a in config.gateway.public_ipv4:
+        out.append(Record(host, "A", a, "mail host = the gateway's public address" if first else None))
+        first = False
+    for a in config.gateway.public_ipv6:
+        out.append(Record(host, "AAAA", a, "mail host = the gateway's public address" if first else None))
+        first = False
+    out.append(Record(host, "TXT", txt(spf_value(config)), "SPF for the mail host's own name (HELO identity, RFC 7208 2.3)"))
+    for domain in sorted(config.domains):
+        d = fqdn(domain)
+        out.append(Record(d, "MX", f"{MX_PREFERENCE} {host}", f"--- {domain} ---"))
+        out.append(Record(d, "TXT", txt(spf_value(config)), "SPF: only the gateway may send for this domain"))
+        for key in config.dkim:
+            if key.domain != domain:
+                continue
+            value = dkim_txt_record(key.private_key, key.algorithm)
+            out.append(Record(f"{key.selector}._domainkey.{d}", "TXT", txt(value), f"DKIM {key.algorithm} selector {key.selector}"))
+        out.append(Record(f"_dmarc.{d}", "TXT", txt(dmarc_value(config, domain)), "DMARC"))
+        if config.dns.mta_sts_mode:
+            out.append(
+                Record(
+                    f"_mta-sts.{d}",
+                    "TXT",
+                    txt(f"v=STSv1; id={mta_sts_id(config, domain)}"),
+                    f"MTA-STS (RFC 8461): also serve the policy below at https://mta-sts.{domain}/.well-known/mta-sts.txt",
+                )
+            )
+        rua = tlsrpt_rua(config)
+        if rua:
+            out.append(Record(f"_smtp._tls.{d}", "TXT", txt(f"v=TLSRPTv1; rua={rua}"), "TLS-RPT (RFC 8460)"))
+    # DKIM keys for a domain that is not a [domain] (e.g. a sending-only subdomain).
+    for key in config.dkim:
+        if key.domain not in config.domains:
+            value = dkim_txt_record(key.private_key, key.algorithm)
+            out.append(Record(f"{key.selector}._domainkey.{fqdn(key.domain)}", "TXT", txt(value), f"DKIM {key.algorithm} selector {key.selector}"))
+    return out
+
+
+def build_ptr_records(config: BackendConfig) -> list[Record]:
+    """The reverse records the VPS provider must set (the address block's owner holds the zone)."""
+    host = fqdn(config.server.hostname)
+    return [Record(ptr_name(a), "PTR", host) for a in (*config.gateway.public_ipv4, *config.gateway.public_ipv6)]
+
+
+def render_records(config: BackendConfig, ttl: int = DEFAULT_TTL) -> str:
+    """The ``dns records`` output: forward zone lines (loadable as-is) and commented notes."""
+    lines = [
+        f"; homemx DNS records for {', '.join(sorted(config.domains))} — paste into the zone(s).",
+        "; Names are absolute (trailing dot), so each line works in any zone file.",
+    ]
+    for r in build_records(config):
+        if r.comment:
+            lines.append(f"; {r.comment}")
+        lines.append(r.zone_line(ttl))
+    if config.dns.mta_sts_mode:
+        for domain in sorted(config.domains):
+            lines.append(f"; MTA-STS policy for {domain}: serve over HTTPS (valid certificate for mta-sts.{domain})")
+            lines.append(f";   https://mta-sts.{domain}/.well-known/mta-sts.txt")
+            for pl in mta_sts_policy(config, domain).splitlines():
+                lines.append(f";     {pl}")
+    ptrs = build_ptr_records(config)
+    if ptrs:
+        lines.append("; PTR: ask your VPS provider to set the reverse DNS of the gateway's address(es) to")
+        lines.append(f"; {fqdn(config.server.hostname)} (receivers check it; it must match the A/AAAA above):")
+        for r in ptrs:
+            lines.append(f"; {r.zone_line(ttl)}")
+        lines.append("; (`homemx-backend dns records --ptr` prints these as reverse-zone lines)")
+    return "\n".join(lines) + "\n"
+
+
+def render_ptr_records(config: BackendConfig, ttl: int = DEFAULT_TTL) -> str:
+    """Reverse-zone lines only (``dns records --ptr``), for whoever holds the reverse zone."""
+    return "".join(r.zone_line(ttl) + "\n" for r in build_ptr_records(config))
