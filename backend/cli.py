@@ -11,6 +11,7 @@ import sys
 # listed does not exist as a command.
 COMMAND_MODULES = [
     "backend.cmd_run",  # run, demo, config check
+    "backend.cmd_admin",  # queue, users
     "backend.cmd_tunnel",  # tunnel up/down/status/keygen/config (wireguard/cli.py)
     "backend.cmd_dkim",  # dkim keygen
     "backend.cmd_dns",  # dns records, dns check

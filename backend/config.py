@@ -154,6 +154,7 @@ class ListenerConfig:
     timeout: float = 300.0
     auth_max_failures: int = 10  # per real client address per auth_failure_window
     auth_failure_window: float = 60.0
+    auth_failure_delay: float = 1.0  # after the n-th failure in the window, wait n × this before replying (≤ 10 s)
 
 
 @dataclass(frozen=True)
@@ -433,6 +434,7 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
             timeout=ls.get("timeout", parse_duration, 300.0),
             auth_max_failures=ls.get("auth_max_failures", _positive_int, 10),
             auth_failure_window=ls.get("auth_failure_window", parse_duration, 60.0),
+            auth_failure_delay=ls.get("auth_failure_delay", parse_duration, 1.0),
         )
         if lc.proxy_protocol and not lc.trusted_proxies:
             raise ls.error("trusted_proxies", "proxy_protocol = true needs at least one trusted proxy address")

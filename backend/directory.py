@@ -1,0 +1,67 @@
+"""Who lives here: local domains, mailboxes, aliases, catch-alls, and which addresses a user may send as."""
+
+from __future__ import annotations
+
+from backend.config import BackendConfig
+from backend.users import UserDB
+
+MAX_ALIAS_DEPTH = 8  # alias chains deeper than this are a configuration loop
+
+
+class Directory:
+    def __init__(self, config: BackendConfig, users: UserDB):
+        self.config = config
+        self.users = users
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.config.domains
+
+    @staticmethod
+    def _base(address: str) -> str:
+        """``user+tag@d`` → ``user@d`` (sub-addressing, RFC 5233 style)."""
+        local, _, domain = address.rpartition("@")
+        if "+" in local:
+            local = local.split("+", 1)[0]
+        return f"{local}@{domain}"
+
+    def resolve(self, address: str, _depth: int = 0) -> list[str] | None:
+        """Final destinations of a local-domain address: mailboxes here and/or remote addresses.
+        None if nobody receives it (the caller answers 550 5.1.1 at RCPT)."""
+        address = address.lower()
+        local, _, domain = address.rpartition("@")
+        dom = self.config.domains.get(domain)
+        if dom is None:
+            return [address]  # not ours: a remote address
+        if _depth > MAX_ALIAS_DEPTH:
+            return None
+        for candidate in dict.fromkeys([address, self._base(address)]):
+            if self.users.exists(candidate):
+                return [candidate]
+            cl = candidate.rpartition("@")[0]
+            if cl in dom.aliases:
+                out: list[str] = []
+                for target in dom.aliases[cl]:
+                    r = self.resolve(target, _depth + 1)
+                    if r is None:
+                        continue
+                    out.extend(x for x in r if x not in out)
+                return out or None
+        if dom.catch_all and dom.catch_all != address:
+            return self.resolve(dom.catch_all, _depth + 1)
+        return None
+
+    def is_mailbox(self, address: str) -> bool:
+        return self.users.exists(address)
+
+    def owns(self, user: str, address: str) -> bool:
+        """May ``user`` (an authenticated login) use ``address`` as envelope sender or From?
+        Its own address, its own sub-addresses, and aliases that deliver to it."""
+        user = user.lower()
+        address = address.lower()
+        if address == user or self._base(address) == user:
+            return True
+        local, _, domain = self._base(address).rpartition("@")
+        dom = self.config.domains.get(domain)
+        if dom is None or local not in dom.aliases:
+            return False
+        return user in (self.resolve(f"{local}@{domain}") or [])

@@ -1,0 +1,73 @@
+"""Local delivery into Maildir: write to tmp/, fsync, rename into new/, fsync the directory.
+
+The layout is the one Dovecot reads as-is (``mail_location = maildir:<maildir_root>/%d/%n/Maildir``).
+Files use LF line endings like every Unix MDA; Dovecot handles them (and adds CR when serving IMAP).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def already_delivered(maildir: Path, unique: str) -> bool:
+    """True if a file for this (message, recipient) exists in new/ or cur/ (an IMAP server may have
+    moved it to cur/ and appended flags). Makes re-delivery after a crash between the rename and
+    the queue update idempotent."""
+    for sub in ("new", "cur"):
+        d = maildir / sub
+        try:
+            for name in os.listdir(d):
+                if name.startswith(unique):
+                    return True
+        except FileNotFoundError:
+            pass
+    return False
+
+
+def deliver(maildir: Path, message: bytes, unique: str, header_prefix: bytes = b"") -> Path:
+    """Deliver ``header_prefix + message`` (CRLF or LF) into ``maildir``; returns the file in new/.
+
+    ``unique`` must be unique per (message, recipient); it starts the file name, which makes a
+    repeated delivery of the same pair a no-op. Blocking: call from a worker thread.
+    """
+    ensure_maildir(maildir)
+    if already_delivered(maildir, unique):
+        return maildir / "new" / unique
+    data = (header_prefix + message).replace(b"\r\n", b"\n")
+    # Maildir file name: time.unique.host (cr.yp.to/proto/maildir.html); ,S= lets Dovecot skip a stat.
+    name = f"{unique}.{int(time.time())}.{_HOST},S={len(data)}"
+    tmp = maildir / "tmp" / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        final = maildir / "new" / name
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(maildir / "new")
+    return final

@@ -1,0 +1,458 @@
+"""Durable mail queue: enqueue with group commit, per-recipient state, scheduling, and admin operations.
+
+Storage choice: one SQLite database in WAL mode with ``synchronous=FULL``, message bodies stored as
+BLOBs next to their recipient rows. A commit is then a single append to the WAL plus one fsync, and
+the message and its queue record become durable *atomically* — there is no window where a spool file
+exists without its record or the reverse (the file + rename + directory fsync design needs a second
+fsync and a clean-up pass for orphans). It also makes group commit trivial: every message that
+finished DATA while the previous commit was syncing goes into the next transaction, so N concurrent
+sessions cost one fsync, not N (Postfix pays one fsync per message).
+
+Every method is blocking; the daemon calls them from worker threads, never on the event loop.
+The queue CLI opens the same database from another process while the daemon runs (WAL allows
+readers beside the writer; writers wait on ``busy_timeout``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue as stdqueue
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+log = logging.getLogger("homemx.queue")
+
+QUEUED, DEFERRED, DELIVERED, BOUNCED, HELD = "queued", "deferred", "delivered", "bounced", "held"
+ACTIVE_STATES = (QUEUED, DEFERRED)
+FINAL_STATES = (DELIVERED, BOUNCED)
+STATES = (QUEUED, DEFERRED, DELIVERED, BOUNCED, HELD)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id          TEXT PRIMARY KEY,
+    created     REAL NOT NULL,
+    sender      TEXT NOT NULL,            -- '' is the null reverse-path <>
+    listener    TEXT NOT NULL,
+    client_addr TEXT,
+    auth_user   TEXT,
+    size        INTEGER NOT NULL,
+    content     BLOB NOT NULL,            -- CRLF-canonical, Received (and DKIM) headers included
+    delay_dsn_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS recipient (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id   TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+    address      TEXT NOT NULL,           -- where it goes (after alias expansion)
+    orig_address TEXT NOT NULL,           -- the RCPT TO the sender gave (DSN Original-Recipient)
+    domain       TEXT NOT NULL,
+    local        INTEGER NOT NULL,        -- 1: a Maildir on this host
+    state        TEXT NOT NULL,
+    held_from    TEXT,                    -- state to return to on release
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_attempt REAL,
+    last_reply   TEXT,
+    updated      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, next_attempt);
+CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+"""
+
+
+class QueueError(Exception):
+    """A queue operation that cannot be done (unknown id, wrong state); the message says why."""
+
+
+@dataclass(frozen=True)
+class NewRecipient:
+    address: str
+    orig_address: str
+    local: bool
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    sender: str  # '' for <>
+    recipients: tuple[NewRecipient, ...]
+    content: bytes
+    listener: str
+    client_addr: str | None = None
+    auth_user: str | None = None
+    id: str | None = None  # pre-assigned queue id (the Received header names it); None: assign one
+
+
+@dataclass(frozen=True)
+class Recipient:
+    id: int
+    message_id: str
+    address: str
+    orig_address: str
+    domain: str
+    local: bool
+    state: str
+    attempts: int
+    next_attempt: float
+    last_attempt: float | None
+    last_reply: str | None
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    id: str
+    created: float
+    sender: str
+    listener: str
+    client_addr: str | None
+    auth_user: str | None
+    size: int
+    recipients: tuple[Recipient, ...] = field(default=())
+    delay_dsn_sent: bool = False
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "created": self.created,
+            "sender": self.sender,
+            "listener": self.listener,
+            "client_addr": self.client_addr,
+            "auth_user": self.auth_user,
+            "size": self.size,
+            "recipients": [
+                {
+                    "id": r.id,
+                    "address": r.address,
+                    "orig_address": r.orig_address,
+                    "state": r.state,
+                    "attempts": r.attempts,
+                    "next_attempt": r.next_attempt,
+                    "last_attempt": r.last_attempt,
+                    "last_reply": r.last_reply,
+                }
+                for r in self.recipients
+            ],
+        }
+
+
+def new_queue_id(now: float) -> str:
+    """Sortable by arrival (millisecond hex time) and unique (random suffix)."""
+    return f"{int(now * 1000):011X}{secrets.token_hex(3).upper()}"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every commit, so a commit that returned survives power loss.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Queue:
+    """The queue database. Thread-safe; all methods block (call them from worker threads)."""
+
+    def __init__(self, path: str | Path, now: Callable[[], float] = time.time, group_commit: bool = True):
+        self.path = Path(path)
+        self.now = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.executescript(SCHEMA)
+        self._pending: stdqueue.Queue = stdqueue.Queue()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        if group_commit:
+            self._writer = threading.Thread(target=self._writer_loop, name="queue-writer", daemon=True)
+            self._writer.start()
+        # Listeners get told when new work is queued (the runner wakes up instead of polling).
+        self.on_enqueued: Callable[[], None] | None = None
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = _connect(self.path)
+        return conn
+
+    def close(self) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._pending.put(None)
+            self._writer.join(timeout=10)
+
+    # -- enqueue (group commit) ----------------------------------------------------------------
+
+    def enqueue(self, msg: NewMessage) -> str:
+        """Store a message durably and return its queue id. Returns only after the fsync."""
+        if self._writer is None:
+            (qid,) = self._commit_batch([msg])
+            return qid
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._pending.put((msg, fut))
+        return fut.result()
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._pending.get()
+            if item is None:
+                return
+            batch = [item]
+            # Everything that arrived while the previous commit was syncing rides in this one.
+            while len(batch) < 256:
+                try:
+                    nxt = self._pending.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if nxt is None:
+                    self._pending.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                ids = self._commit_batch([m for m, _ in batch])
+            except Exception as e:  # noqa: BLE001 - reported to each waiting session
+                if len(batch) == 1:
+                    batch[0][1].set_exception(e)
+                    continue
+                # One bad message (say, too big for the remaining disk) must not fail its neighbours.
+                for m, fut in batch:
+                    try:
+                        fut.set_result(self._commit_batch([m])[0])
+                    except Exception as e1:  # noqa: BLE001
+                        fut.set_exception(e1)
+                continue
+            for (_, fut), qid in zip(batch, ids):
+                fut.set_result(qid)
+            if self.on_enqueued is not None:
+                try:
+                    self.on_enqueued()
+                except Exception:  # noqa: BLE001
+                    log.exception("on_enqueued callback failed")
+
+    def _commit_batch(self, msgs: list[NewMessage]) -> list[str]:
+        conn = self._conn()
+        now = self.now()
+        ids = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for m in msgs:
+                qid = m.id or new_queue_id(now)
+                conn.execute(
+                    "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (qid, now, m.sender, m.listener, m.client_addr, m.auth_user, len(m.content), m.content),
+                )
+                conn.executemany(
+                    "INSERT INTO recipient (message_id, address, orig_address, domain, local, state,"
+                    " next_attempt, updated) VALUES (?,?,?,?,?,?,?,?)",
+                    [
+                        (qid, r.address, r.orig_address, r.address.rpartition("@")[2].lower(), int(r.local), QUEUED, now, now)
+                        for r in m.recipients
+                    ],
+                )
+                ids.append(qid)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return ids
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def claim_due(self, limit: int, retry_delay: Callable[[int], float], local: bool | None = None) -> list[Recipient]:
+        """Pick up to ``limit`` recipients whose next attempt is due, and move their next attempt
+        forward *before* the attempt is made, so a crash mid-delivery never re-hammers the
+        destination on restart (mox does the same). ``retry_delay(attempts_so_far)`` gives the
+        back-off. Returns the claimed recipients with their attempt count already incremented."""
+        conn = self._conn()
+        now = self.now()
+        where = "state IN ('queued','deferred') AND next_attempt <= ?"
+        args: list = [now]
+        if local is not None:
+            where += " AND local = ?"
+            args.append(int(local))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rows = conn.execute(
+                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?", (*args, limit)
+            ).fetchall()
+            for rid, attempts in rows:
+                conn.execute(
+                    "UPDATE recipient SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, updated = ?"
+                    " WHERE id = ?",
+                    (now, now + retry_delay(attempts), now, rid),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return self._recipients_by_ids([r[0] for r in rows])
+
+    def next_due_time(self) -> float | None:
+        row = self._conn().execute(
+            "SELECT MIN(next_attempt) FROM recipient WHERE state IN ('queued','deferred')"
+        ).fetchone()
+        return row[0]
+
+    def _recipients_by_ids(self, ids: Iterable[int]) -> list[Recipient]:
+        ids = list(ids)
+        if not ids:
+            return []
+        q = ",".join("?" * len(ids))
+        rows = self._conn().execute(
+            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
+            f" last_attempt, last_reply FROM recipient WHERE id IN ({q}) ORDER BY id",
+            ids,
+        ).fetchall()
+        return [_recipient(r) for r in rows]
+
+    def set_result(self, rcpt_id: int, state: str, reply: str | None, next_attempt: float | None = None) -> None:
+        """Record the outcome of an attempt: delivered, deferred (with its next attempt) or bounced."""
+        if state not in STATES:
+            raise ValueError(state)
+        conn = self._conn()
+        now = self.now()
+        if next_attempt is None:
+            conn.execute(
+                "UPDATE recipient SET state = ?, last_reply = ?, updated = ? WHERE id = ? AND state != 'held'",
+                (state, reply, now, rcpt_id),
+            )
+        else:
+            conn.execute(
+                "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = ?, updated = ?"
+                " WHERE id = ? AND state != 'held'",
+                (state, reply, next_attempt, now, rcpt_id),
+            )
+
+    def content(self, message_id: str) -> bytes:
+        row = self._conn().execute("SELECT content FROM message WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            raise QueueError(f"no message {message_id}")
+        return bytes(row[0])
+
+    def mark_delay_dsn_sent(self, message_id: str) -> None:
+        self._conn().execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (message_id,))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, message_id: str) -> QueueEntry:
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent FROM message"
+            " WHERE id = ?",
+            (message_id,),
+        ).fetchone()
+        if row is None:
+            raise QueueError(f"no message {message_id} in the queue")
+        rcpts = conn.execute(
+            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
+            " last_attempt, last_reply FROM recipient WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        ).fetchall()
+        return _entry(row, [_recipient(r) for r in rcpts])
+
+    def list(self, states: Iterable[str] | None = None) -> list[QueueEntry]:
+        conn = self._conn()
+        rows = conn.execute(
+            "SELECT id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent FROM message"
+            " ORDER BY created, id"
+        ).fetchall()
+        rcpts = conn.execute(
+            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
+            " last_attempt, last_reply FROM recipient ORDER BY id"
+        ).fetchall()
+        by_msg: dict[str, list[Recipient]] = {}
+        for r in rcpts:
+            by_msg.setdefault(r[1], []).append(_recipient(r))
+        wanted = set(states) if states else None
+        out = []
+        for row in rows:
+            rs = by_msg.get(row[0], [])
+            if wanted is None or any(r.state in wanted for r in rs):
+                out.append(_entry(row, rs))
+        return out
+
+    def stats(self) -> tuple[dict[str, int], float | None]:
+        """(recipient count by state, creation time of the oldest message with unfinished recipients)."""
+        conn = self._conn()
+        counts = {s: 0 for s in STATES}
+        for state, n in conn.execute("SELECT state, COUNT(*) FROM recipient GROUP BY state"):
+            counts[state] = n
+        row = conn.execute(
+            "SELECT MIN(m.created) FROM message m JOIN recipient r ON r.message_id = m.id"
+            " WHERE r.state IN ('queued','deferred','held')"
+        ).fetchone()
+        return counts, row[0]
+
+    # -- admin (postsuper-like) ----------------------------------------------------------------
+
+    def _ids_for(self, message_id: str | None) -> str:
+        if message_id is not None:
+            self.get(message_id)  # raises QueueError naming the id
+        return message_id or ""
+
+    def retry(self, message_id: str | None = None) -> int:
+        """Make queued/deferred recipients due now (all messages, or one). Returns how many."""
+        self._ids_for(message_id)
+        now = self.now()
+        sql = "UPDATE recipient SET next_attempt = ?, updated = ? WHERE state IN ('queued','deferred')"
+        args: tuple = (now, now)
+        if message_id:
+            sql += " AND message_id = ?"
+            args += (message_id,)
+        cur = self._conn().execute(sql, args)
+        self._notify()
+        return cur.rowcount
+
+    def hold(self, message_id: str) -> int:
+        self._ids_for(message_id)
+        now = self.now()
+        cur = self._conn().execute(
+            "UPDATE recipient SET held_from = state, state = 'held', updated = ?"
+            " WHERE message_id = ? AND state IN ('queued','deferred')",
+            (now, message_id),
+        )
+        return cur.rowcount
+
+    def release(self, message_id: str) -> int:
+        self._ids_for(message_id)
+        now = self.now()
+        cur = self._conn().execute(
+            "UPDATE recipient SET state = COALESCE(held_from, 'queued'), held_from = NULL, next_attempt = ?,"
+            " updated = ? WHERE message_id = ? AND state = 'held'",
+            (now, now, message_id),
+        )
+        self._notify()
+        return cur.rowcount
+
+    def delete(self, message_id: str) -> None:
+        self._ids_for(message_id)
+        self._conn().execute("DELETE FROM message WHERE id = ?", (message_id,))
+
+    def purge_final(self, keep_for: float) -> int:
+        """Remove messages whose recipients are all final (delivered/bounced) for longer than keep_for."""
+        cutoff = self.now() - keep_for
+        cur = self._conn().execute(
+            "DELETE FROM message WHERE id IN (SELECT message_id FROM recipient GROUP BY message_id"
+            " HAVING SUM(state NOT IN ('delivered','bounced')) = 0 AND MAX(updated) < ?)",
+            (cutoff,),
+        )
+        return cur.rowcount
+
+    def _notify(self) -> None:
+        if self.on_enqueued is not None:
+            self.on_enqueued()
+
+
+def _recipient(r) -> Recipient:
+    return Recipient(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10])
+
+
+def _entry(row, rcpts: list[Recipient]) -> QueueEntry:
+    return QueueEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tuple(rcpts), bool(row[7]))

@@ -1,0 +1,131 @@
+"""The backend daemon's run loop: config → queue/users/metrics → listeners → queue runner → signals."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import signal
+import ssl
+
+from backend.config import BackendConfig
+from backend.directory import Directory
+from backend.metrics import BackendMetrics
+from backend.queue import Queue
+from backend.runner import QueueRunner
+from backend.smtpd import AuthLimiter, ListenerContext, make_tls_context, protocol_factory
+from backend.users import UserDB
+
+log = logging.getLogger("homemx.backend")
+
+SHUTDOWN_GRACE = 10.0
+
+
+class Backend:
+    """One running backend. ``start`` binds every listener; ``stop`` closes them and drains."""
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.metrics = BackendMetrics()
+        # SQLite commits, bcrypt and signing run here; a few threads are plenty on a home box.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend-io")
+        self.queue: Queue | None = None
+        self.servers: list[asyncio.base_events.Server] = []
+        self.runner: QueueRunner | None = None
+        self._runner_task: asyncio.Task | None = None
+        self.metrics_server = None
+        self.signer = None
+        self.remote = None
+
+    async def run_blocking(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    def _plugins(self) -> None:
+        """Optional parts (DKIM signing, outbound delivery) hooked in when their modules exist."""
+        try:
+            from backend import outbound  # backend part 2
+        except ImportError:
+            outbound = None
+        if outbound is not None:
+            self.signer, self.remote = outbound.build(self)
+
+    async def start(self) -> None:
+        cfg = self.config
+        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = await self.run_blocking(Queue, cfg.queue_db)
+        users = UserDB(cfg.passwd_file)
+        directory = Directory(cfg, users)
+        tls = make_tls_context(cfg)
+        self.metrics.watch_queue(self.queue.stats)
+        self._plugins()
+        loop = asyncio.get_running_loop()
+        try:
+            for lc in cfg.listeners:
+                ctx = ListenerContext(
+                    config=cfg,
+                    listener=lc,
+                    directory=directory,
+                    users=users,
+                    queue=self.queue,
+                    metrics=self.metrics,
+                    tls_context=tls,
+                    auth_limiter=AuthLimiter(lc.auth_max_failures, lc.auth_failure_window),
+                    signer=self.signer,
+                    run_blocking=self.run_blocking,
+                )
+                server_ssl: ssl.SSLContext | None = tls if lc.kind == "submissions" else None
+                host, port = lc.listen
+                server = await loop.create_server(protocol_factory(ctx), host, port, ssl=server_ssl, reuse_address=True)
+                self.servers.append(server)
+                bound = server.sockets[0].getsockname()
+                log.info("listener %s (%s) on %s port %d", lc.name, lc.kind, bound[0], bound[1])
+        except OSError:
+            await self.stop()
+            raise
+        if cfg.server.metrics_listen:
+            h, p = cfg.server.metrics_listen
+            self.metrics_server = self.metrics.serve(h, p)
+            log.info("metrics on http://%s:%d/metrics", h, self.metrics_server[0].server_port)
+        self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
+        self._runner_task = asyncio.create_task(self.runner.run())
+
+    def bound_port(self, name: str) -> int:
+        for lc, server in zip(self.config.listeners, self.servers):
+            if lc.name == name:
+                return server.sockets[0].getsockname()[1]
+        raise KeyError(name)
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.close()
+        if self._runner_task is not None:
+            self._runner_task.cancel()
+            try:
+                await self._runner_task
+            except asyncio.CancelledError:
+                pass
+        if self.runner is not None:
+            await self.runner.drain(SHUTDOWN_GRACE)
+        if self.metrics_server is not None:
+            self.metrics_server[0].shutdown()
+        if self.queue is not None:
+            await self.run_blocking(self.queue.close)
+        self.executor.shutdown(wait=False)
+
+
+async def serve(config: BackendConfig, ready=None) -> None:
+    """Run until SIGTERM/SIGINT. Sessions in progress get SHUTDOWN_GRACE seconds."""
+    backend = Backend(config)
+    await backend.start()
+    if ready is not None:
+        ready(backend)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("homemx-backend %s ready", config.server.hostname)
+    await stop.wait()
+    log.info("shutting down")
+    await backend.stop()

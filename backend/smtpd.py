@@ -1,0 +1,560 @@
+"""SMTP reception on the backend's listeners (mx, submission, submissions, lan) on top of aiosmtpd.
+
+Theory of operation. aiosmtpd owns the wire protocol (command loop, DATA reading, dot-unstuffing,
+STARTTLS, SIZE); this module adds what a mail server on the internet needs on top of it:
+
+- PROXY v2 on the mx listener: aiosmtpd reads the header before the banner (``proxy_protocol_timeout``);
+  we close untrusted peers before anything is read, and refuse v1, LOCAL, and non-TCP headers.
+- The real client address is kept on the protocol object (``HomeSMTP.client``), because aiosmtpd
+  replaces ``session`` after STARTTLS (RFC 3207 4.2 reset) and the new session's peer is the gateway.
+- Strict path parsing (backend.addresses) before aiosmtpd's lenient one, so relay disguises get 5xx.
+- AUTH PLAIN/LOGIN checked against the passwd-file in a worker thread (bcrypt is slow on purpose),
+  with a per-client failure limiter.
+- Line endings: aiosmtpd ends DATA only on <CRLF>.<CRLF> and splits lines on CRLF, so <LF>.<CR><LF>,
+  <LF>.<LF> and <CR>.<CR> are plain content. Our one policy: a lone CR or LF in DATA is normalised to
+  CRLF when the message is stored (and the end of DATA is never affected by it). Commands may end in
+  LF or CRLF (like Postfix); a CR inside a command line is a syntax error.
+- Every reply carries an enhanced status code (aiosmtpd's own replies are rewritten in ``push``).
+- Any local fault while accepting a message → 451 4.3.0 and a reset envelope; the session goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import email.utils
+import ipaddress
+import itertools
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.parser import BytesHeaderParser
+from typing import Awaitable, Callable
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from backend import replies as R
+from backend.addresses import Address, PathError, parse_address, parse_path, split_path_and_params
+from backend.config import BackendConfig, ListenerConfig
+from backend.directory import Directory
+from backend.metrics import BackendMetrics
+from backend.queue import NewMessage, NewRecipient, Queue, new_queue_id
+from backend.users import UserDB
+
+log = logging.getLogger("homemx.smtp")
+
+PROXY_TIMEOUT = 10.0  # the gateway sends the header at once; anything slower is not the gateway
+_conn_ids = itertools.count(1)
+_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Every lone CR, lone LF and CRLF becomes CRLF (stored messages are CRLF-canonical)."""
+    out = _LINE_END_RE.sub(b"\r\n", data)
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+def split_header(message: bytes) -> tuple[bytes, bytes]:
+    """(header block incl. the blank line, body) of a CRLF message."""
+    i = message.find(b"\r\n\r\n")
+    if i < 0:
+        return message, b""
+    return message[: i + 4], message[i + 4 :]
+
+
+def count_received(header: bytes) -> int:
+    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
+def from_addresses(header: bytes) -> list[str] | None:
+    """Addresses in the From header(s); None if the header is missing or unparsable."""
+    msg = BytesHeaderParser(policy=email_policy.compat32).parsebytes(header)
+    values = msg.get_all("From")
+    if not values:
+        return None
+    addrs = [a for _, a in email.utils.getaddresses(values) if a]
+    return addrs or None
+
+
+@dataclass
+class AuthLimiter:
+    """Failed AUTH attempts per real client address in a sliding window (Postfix's anvil, smaller)."""
+
+    max_failures: int
+    window: float
+    now: Callable[[], float] = time.monotonic
+    _failures: dict[str, collections.deque] = field(default_factory=dict)
+
+    def _recent(self, client: str) -> collections.deque:
+        dq = self._failures.setdefault(client, collections.deque())
+        cutoff = self.now() - self.window
+        while dq and dq[0] < cutoff:
+            dq.popleft()
+        if not dq:
+            self._failures.pop(client, None)
+        return dq
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client)) >= self.max_failures
+
+    def failed(self, client: str) -> int:
+        dq = self._recent(client)
+        dq.append(self.now())
+        self._failures[client] = dq
+        return len(dq)
+
+
+@dataclass
+class ListenerContext:
+    """Everything a listener's sessions share."""
+
+    config: BackendConfig
+    listener: ListenerConfig
+    directory: Directory
+    users: UserDB
+    queue: Queue
+    metrics: BackendMetrics
+    tls_context: ssl.SSLContext | None
+    auth_limiter: AuthLimiter
+    # DKIM signing hook (backend part 2): (message bytes, envelope sender) -> signed bytes. Blocking.
+    signer: Callable[[bytes, str], bytes] | None = None
+    # Runs blocking work (queue, bcrypt, signing) off the event loop.
+    run_blocking: Callable[..., Awaitable] | None = None
+
+    def trusted_proxy(self, host: str) -> bool:
+        return _in_networks(host, self.listener.trusted_proxies)
+
+    def trusted_network(self, host: str) -> bool:
+        return _in_networks(host, self.listener.trusted_networks)
+
+
+def _in_networks(host: str, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in n for n in networks)
+
+
+class HomeSMTP(SMTP):
+    """One SMTP session (aiosmtpd creates one protocol object per connection)."""
+
+    def __init__(self, handler: "Handler", ctx: ListenerContext, **kwargs):
+        self.ctx = ctx
+        self.conn_id = f"{ctx.listener.name}-{next(_conn_ids)}"
+        self.client: tuple[str, int] | None = None  # the real client (after PROXY), kept across STARTTLS
+        self.started = time.monotonic()
+        self.accepted = 0
+        self.outcome = "closed"
+        self.auth_user: str | None = None  # survives STARTTLS too (AUTH is only allowed after it anyway)
+        super().__init__(handler, **kwargs)
+
+    # -- connection lifecycle ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls = self._original_transport is not None
+        old_session = self.session
+        super().connection_made(transport)
+        if starttls:
+            # aiosmtpd made a fresh Session; its peer is the TCP peer (the gateway). Carry over
+            # what belongs to the client, not to the TLS layer.
+            assert self.session is not None
+            if old_session is not None:
+                self.session.proxy_data = old_session.proxy_data
+            return
+        peer = transport.get_extra_info("peername")
+        self.client = (peer[0], peer[1]) if peer else ("unknown", 0)
+        if self.ctx.listener.proxy_protocol and not self.ctx.trusted_proxy(self.client[0]):
+            # Only the gateway may speak PROXY to us; anyone else is closed before any byte.
+            self.outcome = "untrusted-peer"
+            self.ctx.metrics.rejections.labels(self.ctx.listener.name, "untrusted_proxy_peer").inc()
+            transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        log.info(
+            "conn=%s listener=%s client=%s outcome=%s accepted=%d duration=%.3fs",
+            self.conn_id,
+            self.ctx.listener.name,
+            self.client_host,
+            self.outcome,
+            self.accepted,
+            time.monotonic() - self.started,
+        )
+        self.ctx.metrics.connections.labels(self.ctx.listener.name, self.outcome).inc()
+        super().connection_lost(error)
+
+    @property
+    def client_host(self) -> str:
+        return self.client[0] if self.client else "unknown"
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_protocol is not None or self.ctx.listener.kind == "submissions"
+
+    async def push(self, status) -> None:
+        if isinstance(status, str):
+            status = R.enhance(status)
+            if status.startswith("421"):
+                self.outcome = "421"
+        await super().push(status)
+
+    def _timeout_cb(self):
+        self.outcome = "timeout"
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write((R.R421_TIMEOUT + "\r\n").encode())
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        super()._timeout_cb()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str):
+        if hostname and "\r" in hostname:
+            await self.push(R.R501_BARE_CR)
+            return
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname: str):
+        if hostname and "\r" in hostname:
+            await self.push(R.R501_BARE_CR)
+            return
+        await super().smtp_HELO(hostname)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg is not None and self.session is not None and self.session.host_name:
+            stripped = self._strip_command_keyword("FROM:", arg)
+            if stripped is not None and not (self._auth_required and not self.session.authenticated):
+                try:
+                    path, _ = split_path_and_params(stripped)
+                    parse_path(path, allow_null=True)
+                except PathError as e:
+                    self._reject("bad_path")
+                    await self.push(e.reply)
+                    return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg is not None and self.envelope is not None and self.envelope.mail_from is not None:
+            stripped = self._strip_command_keyword("TO:", arg)
+            if stripped is not None:
+                try:
+                    path, _ = split_path_and_params(stripped)
+                    parse_path(path)
+                except PathError as e:
+                    self._reject("bad_path")
+                    await self.push(e.reply)
+                    return
+        await super().smtp_RCPT(arg)
+
+    def _reject(self, reason: str) -> None:
+        self.ctx.metrics.rejections.labels(self.ctx.listener.name, reason).inc()
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        # lan: trusted networks submit without AUTH; everyone else must authenticate.
+        if self.ctx.listener.kind == "lan" and not self.ctx.trusted_network(self.client_host):
+            if not (self.session and self.session.authenticated):
+                self._reject("auth_required")
+                await self.push(R.R530_AUTH_REQUIRED)
+                return True
+            return False
+        return await super().check_auth_needed(caller_method)
+
+    # -- AUTH (RFC 4954) -----------------------------------------------------------------------
+    # aiosmtpd's built-in mechanisms call a synchronous authenticator; bcrypt must not run on the
+    # event loop, so PLAIN and LOGIN are re-implemented here with an awaited check.
+
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        if await self._auth_blocked():
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = self._b64(args[1])
+            if blob is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # RFC 4616: acting as another identity is not supported.
+            return await self._auth_failed()
+        return await self._auth_check(login, password)
+
+    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
+        if await self._auth_blocked():
+            return AuthResult(success=False, handled=True)
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = self._b64(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._auth_check(login, password)
+
+    @staticmethod
+    def _b64(text: str) -> bytes | None:
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(text.encode(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    async def _auth_blocked(self) -> bool:
+        if self.ctx.auth_limiter.blocked(self.client_host):
+            self._reject("auth_lockout")
+            await self.push(R.R421_AUTH_LOCKOUT)
+            if self.transport is not None:
+                self.transport.close()
+            return True
+        return False
+
+    async def _auth_check(self, login: bytes, password: bytes) -> AuthResult:
+        try:
+            user = await self.ctx.run_blocking(self.ctx.users.authenticate, login, password)
+        except Exception:  # noqa: BLE001 - unreadable passwd-file and the like: temporary
+            log.exception("conn=%s AUTH check failed", self.conn_id)
+            await self.push(R.R454_AUTH_TEMP)
+            return AuthResult(success=False, handled=True)
+        if user is None:
+            return await self._auth_failed()
+        self.auth_user = user
+        log.info("conn=%s client=%s authenticated as %s", self.conn_id, self.client_host, user)
+        return AuthResult(success=True, auth_data=user, message=R.R235_AUTH_OK)
+
+    async def _auth_failed(self) -> AuthResult:
+        n = self.ctx.auth_limiter.failed(self.client_host)
+        self.ctx.metrics.auth_failures.labels(self.ctx.listener.name).inc()
+        log.info("conn=%s client=%s AUTH failed (%d in window)", self.conn_id, self.client_host, n)
+        # Growing delay: cheap for a user who mistyped once, slow for a guesser.
+        delay = min(n * self.ctx.listener.auth_failure_delay, 10.0)
+        if delay:
+            await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False, message=R.R535_AUTH_FAILED)
+
+
+class Handler:
+    """aiosmtpd hooks: thin, calling policy and the queue, replying only after the queue commit."""
+
+    def __init__(self, ctx: ListenerContext):
+        self.ctx = ctx
+        self.kind = ctx.listener.kind
+
+    # PROXY v2 (HAProxy spec 2.2): only v2, only the PROXY command, only TCP over IPv4/IPv6.
+    async def handle_PROXY(self, server: HomeSMTP, session: Session, envelope: Envelope, proxy_data) -> bool:
+        ok = (
+            server.ctx.trusted_proxy(server.client_host)
+            and proxy_data.version == 2
+            and proxy_data.command == 1
+            and proxy_data.family in (1, 2)
+            and proxy_data.protocol == 1
+            and proxy_data.src_addr is not None
+        )
+        if not ok:
+            server.outcome = "bad-proxy-header"
+            server._reject("bad_proxy_header")
+            log.info("conn=%s peer=%s refused PROXY header %r", server.conn_id, server.client_host, proxy_data)
+            return False
+        server.client = (str(proxy_data.src_addr), int(proxy_data.src_port or 0))
+        return True
+
+    async def handle_EHLO(self, server: HomeSMTP, session: Session, envelope: Envelope, hostname: str, responses):
+        session.host_name = hostname
+        out = []
+        for line in responses:
+            if self.kind == "mx" and line[4:].startswith("AUTH"):
+                continue  # no AUTH on the MX: users submit on 587/465
+            out.append(line)
+        # RFC 2034: we send enhanced status codes, so say so.
+        out.insert(-1, "250-ENHANCEDSTATUSCODES")
+        return out
+
+    async def handle_MAIL(self, server: HomeSMTP, session: Session, envelope: Envelope, address: str, options):
+        sender = address if address != "<>" else ""
+        if self.kind != "mx":
+            reply = self._check_sender(server, session, sender)
+            if reply:
+                server._reject("sender_not_allowed")
+                return reply
+        envelope.mail_from = sender or "<>"
+        envelope.mail_options.extend(options)
+        envelope.resolved = []  # type: ignore[attr-defined]
+        return R.R250_OK
+
+    def _check_sender(self, server: HomeSMTP, session: Session, sender: str) -> str | None:
+        d = self.ctx.directory
+        if session.authenticated:
+            if not sender:
+                return R.R553_NULL_SENDER
+            return None if d.owns(server.auth_user or "", sender) else R.R553_NOT_OWNER
+        # lan, trusted network, no AUTH: any address of ours, nothing else (we sign for our domains only).
+        if not sender:
+            return R.R553_NULL_SENDER
+        return None if d.is_local_domain(sender.rpartition("@")[2]) else R.R553_SENDER_DOMAIN
+
+    async def handle_RCPT(self, server: HomeSMTP, session: Session, envelope: Envelope, address: str, options):
+        resolved: list[NewRecipient] = getattr(envelope, "resolved", [])
+        if len(envelope.rcpt_tos) >= self.ctx.listener.max_recipients:
+            server._reject("too_many_recipients")
+            return R.R452_TOO_MANY_RCPTS
+        try:
+            addr: Address = parse_address(address)
+        except PathError as e:
+            server._reject("bad_path")
+            return e.reply
+        d = self.ctx.directory
+        local = d.is_local_domain(addr.domain)
+        if self.kind == "mx" and not local:
+            server._reject("relay_denied")
+            return R.R554_RELAY_DENIED
+        if local:
+            targets = d.resolve(str(addr))
+            if targets is None:
+                server._reject("unknown_user")
+                return R.R550_NO_SUCH_USER
+        else:
+            targets = [str(addr)]
+        for t in targets:
+            resolved.append(NewRecipient(address=t, orig_address=str(addr), local=d.is_mailbox(t)))
+        envelope.resolved = resolved  # type: ignore[attr-defined]
+        envelope.rcpt_tos.append(str(addr))
+        envelope.rcpt_options.extend(options)
+        return R.R250_OK
+
+    async def handle_DATA(self, server: HomeSMTP, session: Session, envelope: Envelope) -> str:
+        listener = self.ctx.listener.name
+        try:
+            content = normalize_line_endings(envelope.original_content or b"")
+            header, _ = split_header(content)
+            if count_received(header) >= self.ctx.listener.max_received_headers:
+                server._reject("mail_loop")
+                self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
+                return R.R554_LOOP
+            if self.kind != "mx":
+                reply = self._check_from_header(server, session, header)
+                if reply:
+                    server._reject("from_not_allowed")
+                    self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
+                    return reply
+            qid = new_queue_id(time.time())
+            content = self._received_header(server, session, envelope, qid) + content
+            if self.ctx.signer is not None and self.kind != "mx":
+                content = await self.ctx.run_blocking(self.ctx.signer, content, envelope.mail_from)
+            msg = NewMessage(
+                sender="" if envelope.mail_from == "<>" else envelope.mail_from,
+                recipients=tuple(getattr(envelope, "resolved", [])),
+                content=content,
+                listener=listener,
+                client_addr=server.client_host,
+                auth_user=server.auth_user if session.authenticated else None,
+                id=qid,
+            )
+            await self.ctx.run_blocking(self.ctx.queue.enqueue, msg)
+        except Exception:  # noqa: BLE001 - any local fault: 451, never 5xx, never a traceback
+            log.exception("conn=%s could not queue message", server.conn_id)
+            self.ctx.metrics.messages_received.labels(listener, "error").inc()
+            return R.R451_LOCAL_ERROR
+        server.accepted += 1
+        server.outcome = "accepted"
+        self.ctx.metrics.messages_received.labels(listener, "accepted").inc()
+        log.info(
+            "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d",
+            server.conn_id, server.client_host, qid, msg.sender, len(msg.recipients), len(content),
+        )
+        return R.queued(qid)
+
+    def _check_from_header(self, server: HomeSMTP, session: Session, header: bytes) -> str | None:
+        addrs = from_addresses(header)
+        if addrs is None:
+            return R.R550_NO_FROM
+        d = self.ctx.directory
+        for a in addrs:
+            if session.authenticated:
+                if not d.owns(server.auth_user or "", a):
+                    return R.R553_FROM_NOT_OWNER
+            elif not d.is_local_domain(a.rpartition("@")[2]):
+                return R.R553_SENDER_DOMAIN
+        return None
+
+    def _received_header(self, server: HomeSMTP, session: Session, envelope: Envelope, qid: str) -> bytes:
+        # RFC 5321 4.4 trace information; RFC 3848 protocol names.
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if server.tls_active:
+            proto += "S"
+        if session.authenticated:
+            proto += "A"
+        helo = re.sub(r"[^\x21-\x7e]", "?", session.host_name or "unknown")[:255]
+        ip = server.client_host
+        lit = f"IPv6:{ip}" if ":" in ip else ip
+        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        date = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc))
+        line = (
+            f"Received: from {helo} ([{lit}])\r\n\tby {self.ctx.config.server.hostname} (homemx) with {proto}"
+            f" id {qid}{rcpt};\r\n\t{date}\r\n"
+        )
+        return line.encode("utf-8", "surrogateescape")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %r", error)
+        return R.R451_LOCAL_ERROR
+
+
+def make_tls_context(config: BackendConfig) -> ssl.SSLContext | None:
+    if config.tls.cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def protocol_factory(ctx: ListenerContext) -> Callable[[], HomeSMTP]:
+    """The aiosmtpd protocol factory for one listener, with that listener's policy."""
+    lc = ctx.listener
+    handler = Handler(ctx)
+    kind = lc.kind
+    # RFC 5321 4.5.3.1: generous call limits, with "*" so that unlisted commands are not capped at
+    # aiosmtpd's default of 20 (a known trap).
+    call_limit = {"*": 200, "RCPT": lc.max_recipients + 50, "AUTH": lc.auth_max_failures + 2, "NOOP": 50}
+
+    def factory() -> HomeSMTP:
+        return HomeSMTP(
+            handler,
+            ctx,
+            hostname=ctx.config.server.hostname,
+            ident="homemx",
+            data_size_limit=lc.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=ctx.tls_context if kind != "submissions" else None,
+            require_starttls=False,
+            timeout=lc.timeout,
+            auth_required=kind in ("submission", "submissions"),
+            # submissions is TLS from the first byte; aiosmtpd only knows about STARTTLS.
+            auth_require_tls=kind != "submissions",
+            command_call_limit=call_limit,
+            proxy_protocol_timeout=PROXY_TIMEOUT if lc.proxy_protocol else None,
+        )
+
+    return factory

@@ -1,0 +1,162 @@
+"""Mail users in a Dovecot-compatible passwd-file: lookup, password check, add/passwd/delete.
+
+Format (Dovecot "passwd-file" driver): ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra`` with the
+full address as the user name and ``{BLF-CRYPT}`` bcrypt hashes, so Dovecot can authenticate IMAP
+against the very same file (``passdb { driver = passwd-file args = scheme=BLF-CRYPT /etc/homemx/passwd }``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+
+SCHEME = "{BLF-CRYPT}"
+BCRYPT_ROUNDS = 12  # ~250 ms on a small box: cheap for a login, expensive for a guesser
+
+
+class UserError(Exception):
+    """A user-management problem with a message fit for the CLI."""
+
+
+@dataclass(frozen=True)
+class User:
+    address: str  # lower-cased user@domain
+    password_hash: str  # with scheme prefix
+
+
+def hash_password(password: str, rounds: int = BCRYPT_ROUNDS) -> str:
+    # Dovecot's BLF-CRYPT accepts $2y$ (and $2b$); bcrypt produces $2b$.
+    return SCHEME + bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def verify_password(password: bytes, stored: str) -> bool:
+    """Constant-time check of a password against a ``{BLF-CRYPT}`` hash. Other schemes never match."""
+    if not stored.startswith(SCHEME):
+        return False
+    h = stored[len(SCHEME) :].encode("ascii")
+    if h.startswith(b"$2y$"):
+        h = b"$2b$" + h[4:]
+    try:
+        return bcrypt.checkpw(password, h)
+    except ValueError:
+        return False
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    # Checked when the user does not exist, so a missing user costs the same time as a wrong
+    # password (no user enumeration through timing).
+    return hash_password("homemx-dummy-password", rounds=BCRYPT_ROUNDS)
+
+
+def parse_passwd(text: str, source: str = "passwd-file") -> dict[str, User]:
+    users: dict[str, User] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) < 2 or "@" not in fields[0]:
+            raise UserError(f"{source}:{lineno}: expected 'user@domain:{{SCHEME}}hash:...'")
+        addr = fields[0].strip().lower()
+        users[addr] = User(addr, fields[1])
+    return users
+
+
+class UserDB:
+    """The passwd-file, re-read when it changes on disk (the CLI edits it while the daemon runs)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._users: dict[str, User] = {}
+
+    def _reload(self) -> dict[str, User]:
+        with self._lock:
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                self._users, self._stamp = {}, None
+                return self._users
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                self._users = parse_passwd(self.path.read_text(encoding="utf-8"), str(self.path))
+                self._stamp = stamp
+            return self._users
+
+    def get(self, address: str) -> User | None:
+        return self._reload().get(address.lower())
+
+    def exists(self, address: str) -> bool:
+        return self.get(address) is not None
+
+    def all(self) -> list[User]:
+        return sorted(self._reload().values(), key=lambda u: u.address)
+
+    def authenticate(self, login: bytes, password: bytes) -> str | None:
+        """Blocking (bcrypt): run in a worker thread. Returns the user's address or None."""
+        try:
+            address = login.decode("utf-8").strip().lower()
+        except UnicodeDecodeError:
+            address = ""
+        user = self.get(address) if address else None
+        if user is None:
+            verify_password(password, _dummy_hash())
+            return None
+        return user.address if verify_password(password, user.password_hash) else None
+
+    # -- editing (CLI) ------------------------------------------------------------------------
+
+    def _write(self, users: dict[str, User]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"{u.address}:{u.password_hash}::::::\n" for u in sorted(users.values(), key=lambda u: u.address)]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".passwd.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            # Keep ownership/mode of an existing file (root:dovecot 0640 in a provisioned system).
+            try:
+                st = self.path.stat()
+                os.chmod(tmp, st.st_mode & 0o777)
+                os.chown(tmp, st.st_uid, st.st_gid)
+            except FileNotFoundError:
+                os.chmod(tmp, 0o640)
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def add(self, address: str, password: str) -> None:
+        users = dict(self._reload())
+        address = address.lower()
+        if address in users:
+            raise UserError(f"{self.path}: user {address} already exists (use 'users passwd')")
+        users[address] = User(address, hash_password(password))
+        self._write(users)
+
+    def set_password(self, address: str, password: str) -> None:
+        users = dict(self._reload())
+        address = address.lower()
+        if address not in users:
+            raise UserError(f"{self.path}: no user {address}")
+        users[address] = User(address, hash_password(password))
+        self._write(users)
+
+    def delete(self, address: str) -> None:
+        users = dict(self._reload())
+        address = address.lower()
+        if address not in users:
+            raise UserError(f"{self.path}: no user {address}")
+        del users[address]
+        self._write(users)
