@@ -409,7 +409,8 @@ def up(cfg: TunnelConfig, ifname: str, role: str, *, egress_spec: EgressSpec | N
                     for net in p.allowed_ips:
                         if _has_route(ipr, index, net, table):
                             continue
-                        ipr.route("add", dst=str(net), oif=index, table=table)
+                        # scope link: a device route with no gateway, as `ip route add ... dev` makes it
+                        ipr.route("add", dst=str(net), oif=index, table=table, scope=253)
                         state["routes"].append(_route_key(str(net), table))
             _save_state(ifname, state)
 
