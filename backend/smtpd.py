@@ -30,6 +30,7 @@ import logging
 import re
 import ssl
 import time
+import warnings
 from dataclasses import dataclass, field
 from email import policy as email_policy
 from email.parser import BytesHeaderParser
@@ -46,6 +47,10 @@ from backend.queue import NewMessage, NewRecipient, Queue, new_queue_id
 from backend.users import UserDB
 
 log = logging.getLogger("homemx.smtp")
+
+# aiosmtpd warns when AUTH is allowed without STARTTLS; on the submissions listener the socket is
+# TLS from the first byte (implicit TLS, RFC 8314), which aiosmtpd cannot see.
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 PROXY_TIMEOUT = 10.0  # the gateway sends the header at once; anything slower is not the gateway
 _conn_ids = itertools.count(1)
