@@ -222,9 +222,12 @@ class Gateway:
         finally:
             if conn.outcome is None:
                 conn.outcome = OUT_SHUTDOWN  # only cancellation from outside gets here
-            for s in upstream:
-                await trio.aclose_forcefully(s)
-            await trio.aclose_forcefully(client)
+            # Under cancellation (drain deadline) an unshielded await here would re-raise
+            # Cancelled and skip the bookkeeping below; aclose_forcefully never blocks anyway.
+            with trio.CancelScope(shield=True):
+                for s in upstream:
+                    await trio.aclose_forcefully(s)
+                await trio.aclose_forcefully(client)
             if admitted:
                 lr.admission.release(key)
                 self.metrics.active.labels(cfg.name).dec()

@@ -1,0 +1,267 @@
+"""The gateway on real loopback sockets with real clients (smtplib, swaks) and real peers (HAProxy, Dovecot, Postfix smtp-sink)."""
+
+from __future__ import annotations
+
+import datetime
+import imaplib
+import smtplib
+import socket
+import ssl
+import subprocess
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.config import config_from_dict
+from gateway.proxy import Gateway, tcp_connect
+from tests.conftest import require_tool
+from tests.gateway.peers import dovecot, free_port, haproxy, sink_messages, smtp_sink, wait_for_text
+
+HOST = "mx.example.org"
+
+
+def gateway_config(*listeners, **server):
+    raw = {"server": {"hostname": HOST, "shutdown_grace": "1s", **server}, "listener": list(listeners)}
+    return config_from_dict(raw, Path("integration.toml"))
+
+
+@asynccontextmanager
+async def running(config, **kwargs):
+    gw = Gateway(config, **kwargs)
+    async with trio.open_nursery() as n:
+        await n.start(gw.serve)
+        yield gw
+        gw.request_drain()
+        n.cancel_scope.cancel()
+
+
+def bound(gw, name, family=socket.AF_INET):
+    for host, port in gw.listeners[name].bound:
+        if (":" in host) == (family == socket.AF_INET6):
+            return host, port
+    raise LookupError(name)
+
+
+def smtplib_send(host, port, source, marker):
+    with smtplib.SMTP(host, port, timeout=20, source_address=(source, 0)) as s:
+        client_port = s.sock.getsockname()[1]
+        s.sendmail("alice@sender.example", ["bob@example.org"], f"Subject: {marker}\r\n\r\n{marker}\r\n")
+    return client_port
+
+
+@pytest.mark.trio
+async def test_smtplib_and_swaks_through_gateway_reach_real_peers_with_real_address(tmp_path):
+    """smtplib (IPv4 and ::1) and swaks → gateway (greet wait on) → HAProxy accept-proxy → smtp-sink.
+
+    HAProxy logs the client address it read from our PROXY v2 header: the client's own source
+    address and port, not the gateway's 127.0.0.1."""
+    require_tool("haproxy", "smtp-sink", "swaks")
+    with smtp_sink(tmp_path) as sink, haproxy(tmp_path, ("127.0.0.1", sink.port), accept_proxy=True) as hap:
+        cfg = gateway_config({
+            "name": "mx", "kind": "smtp", "listen": ["127.0.0.1:0", "[::1]:0"],
+            "upstream": f"127.0.0.1:{hap.port}", "greet_wait": "300ms",
+        })
+        async with running(cfg) as gw:
+            _, p4 = bound(gw, "mx")
+            _, p6 = bound(gw, "mx", socket.AF_INET6)
+            cport4 = await trio.to_thread.run_sync(smtplib_send, "127.0.0.1", p4, "127.0.0.5", "via-ipv4")
+            cport6 = await trio.to_thread.run_sync(smtplib_send, "::1", p6, "::1", "via-ipv6")
+            swaks = await trio.run_process(
+                ["swaks", "--server", "127.0.0.1", "--port", str(p4), "--local-interface", "127.0.0.6",
+                 "--from", "carol@sender.example", "--to", "bob@example.org", "--header", "Subject: via-swaks",
+                 "--body", "via-swaks", "--timeout", "20"],
+                capture_stdout=True, capture_stderr=True, check=False)
+            assert swaks.returncode == 0, swaks.stdout.decode() + swaks.stderr.decode()
+            assert b"<-  250" in swaks.stdout
+        log = wait_for_text(hap.log, "client=127.0.0.6:")
+        assert f"client=127.0.0.5:{cport4} frontend=127.0.0.1:{p4}" in log
+        assert f"client=::1:{cport6} frontend=::1:{p6}" in log
+        bodies = b"\n".join(sink_messages(sink))
+        for marker in (b"via-ipv4", b"via-ipv6", b"via-swaks"):
+            assert marker in bodies
+
+
+@pytest.mark.trio
+async def test_early_talker_over_real_socket(tmp_path):
+    require_tool("smtp-sink")
+    with smtp_sink(tmp_path, dump=False) as sink:
+        cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                              "upstream": f"127.0.0.1:{sink.port}", "proxy_v2": False, "greet_wait": "1s"})
+        async with running(cfg) as gw:
+            s = trio.socket.socket()
+            await s.connect(bound(gw, "mx"))
+            await s.send(b"EHLO spambot.example\r\n")
+            reply = b""
+            while chunk := await s.recv(4096):
+                reply += chunk
+            s.close()
+    assert reply.startswith(b"554 5.5.0 mx.example.org ")
+    assert gw.metrics.connections.labels("mx", "early_talker")._value.get() == 1
+
+
+def imap_login(port):
+    with imaplib.IMAP4("127.0.0.1", port, timeout=20) as m:
+        typ, _ = m.login("alice", "secret")
+        caps = m.capabilities
+        m.logout()
+    return typ, caps
+
+
+@pytest.mark.trio
+async def test_dovecot_accepts_proxy_v2_and_logs_real_address(tmp_path):
+    """A tcp listener in front of Dovecot's `haproxy = yes` IMAP listener: login works (Dovecot
+    rejects connections without a valid header) and Dovecot logs the client's real address."""
+    require_tool("dovecot")
+    with dovecot(tmp_path) as dc:
+        cfg = gateway_config({"name": "imap", "kind": "tcp", "listen": ["127.0.0.1:0", "[::1]:0"],
+                              "upstream": f"127.0.0.1:{dc.port}"})
+        async with running(cfg) as gw:
+            typ, _ = await trio.to_thread.run_sync(imap_login, bound(gw, "imap")[1])
+            assert typ == "OK"
+
+            def login6(port):
+                with imaplib.IMAP4("::1", port, timeout=20) as m:
+                    return m.login("alice", "secret")[0]
+
+            assert await trio.to_thread.run_sync(login6, bound(gw, "imap", socket.AF_INET6)[1]) == "OK"
+        log = wait_for_text(dc.log, "rip=::1")
+        assert "Login: user=<alice>" in log and "rip=127.0.0.1" in log
+
+
+def make_cert(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imap.example.org")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("imap.example.org")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class RecordingStream(trio.abc.HalfCloseableStream):
+    """Wraps the gateway's upstream stream and keeps every byte the gateway handled."""
+
+    def __init__(self, inner, seen: bytearray):
+        self.inner, self.seen = inner, seen
+
+    async def send_all(self, data):
+        self.seen += data
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self):
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None):
+        data = await self.inner.receive_some(max_bytes)
+        self.seen += data
+        return data
+
+    async def send_eof(self):
+        await self.inner.send_eof()
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+@pytest.mark.trio
+async def test_tls_session_passes_end_to_end_as_ciphertext(tmp_path):
+    cert, key = make_cert(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    secret = b"A001 LOGIN alice correct-horse-battery-staple\r\n"
+
+    async def tls_server(stream):
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        await tls.send_all(b"* OK IMAP ready\r\n")
+        got = await tls.receive_some(4096)
+        await tls.send_all(b"echo " + got)
+        await tls.aclose()
+
+    seen = bytearray()
+
+    async def recording_connect(address):
+        return RecordingStream(await tcp_connect(address), seen)
+
+    async with trio.open_nursery() as n:
+        upstream = await n.start(partial(trio.serve_tcp, tls_server, 0, host="127.0.0.1"))
+        up_port = upstream[0].socket.getsockname()[1]
+        cfg = gateway_config({"name": "imaps", "kind": "tcp", "listen": "127.0.0.1:0",
+                              "upstream": f"127.0.0.1:{up_port}", "proxy_v2": False})
+        async with running(cfg, connect=recording_connect) as gw:
+            raw = await trio.open_tcp_stream(*bound(gw, "imaps"))
+            tls = trio.SSLStream(raw, client_ctx, server_hostname="imap.example.org")
+            assert await tls.receive_some(4096) == b"* OK IMAP ready\r\n"
+            await tls.send_all(secret)
+            assert await tls.receive_some(4096) == b"echo " + secret
+            await tls.aclose()
+        n.cancel_scope.cancel()
+    assert seen[:1] == b"\x16"  # a TLS handshake record: the ClientHello, straight from the client
+    assert len(seen) > 500
+    assert b"correct-horse" not in seen and b"IMAP ready" not in seen
+
+
+def smtp_banner(host, port):
+    with socket.create_connection((host, port), timeout=20) as s:
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+@pytest.mark.trio
+async def test_upstream_stopped_gives_421_and_recovers_without_restart(tmp_path):
+    require_tool("smtp-sink")
+    port = free_port()
+    cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": ["127.0.0.1:0", "[::1]:0"],
+                          "upstream": f"127.0.0.1:{port}", "proxy_v2": False, "connect_timeout": "3s"})
+    async with running(cfg) as gw:
+        addr = bound(gw, "mx")
+        with smtp_sink(tmp_path, port=port, dump=False):
+            assert (await trio.to_thread.run_sync(smtp_banner, *addr)).startswith(b"220 ")
+        # The real MTA is gone: connection refused at the gateway's dial.
+        reply = await trio.to_thread.run_sync(smtp_banner, *addr)
+        assert reply == b"421 4.3.2 mx.example.org Service not available, try again later\r\n"
+        reply6 = await trio.to_thread.run_sync(smtp_banner, *bound(gw, "mx", socket.AF_INET6))
+        assert reply6.startswith(b"421 4.3.2 ")
+        assert gw.metrics.upstream_up.labels("mx")._value.get() == 0
+        with smtp_sink(tmp_path, port=port, dump=False):
+            assert (await trio.to_thread.run_sync(smtp_banner, *addr)).startswith(b"220 ")
+        assert gw.metrics.upstream_up.labels("mx")._value.get() == 1
+
+
+@pytest.mark.trio
+async def test_metrics_endpoint_serves_prometheus_text(tmp_path):
+    cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                          "upstream": f"127.0.0.1:{free_port()}", "connect_timeout": "2s"},
+                         metrics_listen="127.0.0.1:0", tunnel_interface="hmxnonexistent0")
+    async with running(cfg) as gw:
+        await trio.to_thread.run_sync(smtp_banner, *bound(gw, "mx"))
+        s = await trio.open_tcp_stream(*gw.metrics_address)
+        await s.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b""
+        while chunk := await s.receive_some(65536):
+            body += chunk
+    text = body.decode()
+    assert text.startswith("HTTP/1.0 200 OK")
+    assert 'homemx_gateway_connections_total{listener="mx",outcome="upstream_unavailable"} 1.0' in text
+    assert 'homemx_gateway_upstream_up{listener="mx"} 0.0' in text
+    assert "homemx_gateway_tunnel_handshake_age_seconds" not in text  # no such interface: series absent
