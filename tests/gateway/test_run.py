@@ -1,0 +1,102 @@
+"""`homemx-gateway run` as a process: binds from the config, drains on SIGTERM (stop accepting, let sessions finish, cut them at the grace deadline)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.gateway.peers import smtp_sink, stop, wait_for_text
+
+GATEWAY = [sys.executable, "-m", "gateway.cli"]
+
+
+def start_gateway(tmp_path: Path, upstream_port: int, grace: str):
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"""
+[server]
+hostname = "mx.example.org"
+shutdown_grace = "{grace}"
+[[listener]]
+name = "mx"
+kind = "smtp"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:{upstream_port}"
+proxy_v2 = false
+""")
+    log = tmp_path / "gateway.log"
+    proc = subprocess.Popen(GATEWAY + ["run", "-c", str(cfg)], stderr=open(log, "wb"), cwd=Path(__file__).parents[2])
+    text = wait_for_text(log, "listener mx (smtp) on ")
+    port = int(re.search(r"listener mx \(smtp\) on 127\.0\.0\.1:(\d+)", text).group(1))
+    return proc, log, port
+
+
+def read_line(s: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_sigterm_drains_sessions(tmp_path):
+    require_tool("smtp-sink")
+    with smtp_sink(tmp_path, dump=False) as sink:
+        proc, log, port = start_gateway(tmp_path, sink.port, "20s")
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(s).startswith(b"220 ")
+            proc.send_signal(signal.SIGTERM)
+            wait_for_text(log, "draining: 1 active connections")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"HELO client.example\r\n")  # the open session still works
+            assert read_line(s).startswith(b"250 ")
+            s.sendall(b"QUIT\r\n")
+            assert read_line(s).startswith(b"221 ")
+            s.close()
+            assert proc.wait(15) == 0
+        finally:
+            stop(proc)
+    text = log.read_text()
+    assert "outcome=relayed" in text and "drained" in text
+
+
+def test_sigterm_grace_deadline_cuts_idle_sessions(tmp_path):
+    require_tool("smtp-sink")
+    with smtp_sink(tmp_path, dump=False) as sink:
+        proc, log, port = start_gateway(tmp_path, sink.port, "1s")
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(s).startswith(b"220 ")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+            assert s.recv(4096) == b""  # cut at the deadline
+            s.close()
+        finally:
+            stop(proc)
+    assert "outcome=shutdown" in log.read_text()
+
+
+def test_bind_error_is_reported(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cfg = tmp_path / "gateway.toml"
+    port = busy.getsockname()[1]
+    cfg.write_text(f'[server]\nhostname = "mx.example.org"\n[[listener]]\nname = "mx"\nkind = "smtp"\n'
+                   f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:1"\n')
+    r = subprocess.run(GATEWAY + ["run", "-c", str(cfg)], capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).parents[2])
+    busy.close()
+    assert r.returncode == 1
+    assert f"listener mx: cannot bind 127.0.0.1:{port}" in r.stderr
