@@ -9,7 +9,7 @@ Reusable by every lab test and benchmark:
         topo.home.etc_file("resolv.conf", "nameserver 198.51.100.1\n")
 
 Names: every namespace, /etc/netns dir, wireguard-go socket and work dir of one Lab starts with its
-prefix ("hx" + pid and a counter in base 36), so concurrent test runs never collide and a
+prefix ("hx" + pid and a counter in fixed-width base 36, 9 characters), so concurrent test runs never collide and a
 teardown removes only its own things. Interface names stay below IFNAMSIZ (15 characters).
 Teardown (``close``; also from ``with``, atexit and SIGTERM/SIGHUP): kill everything still running
 in the namespaces (``ip netns pids``), delete them, remove their /etc/netns dirs, wireguard-go
@@ -42,20 +42,23 @@ _lock = threading.Lock()
 _handlers_installed = False
 
 
-def _b36(n: int) -> str:
+def _b36(n: int, width: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
-    while True:
+    for _ in range(width):
         n, r = divmod(n, 36)
         out = digits[r] + out
-        if n == 0:
-            return out
+    return out
 
 
 def unique_prefix(tag: str = "hx") -> str:
-    """A prefix no other live Lab (in this or another process) uses: tag + pid + counter, base 36."""
+    """A prefix no other live Lab (in this or another process) uses: tag + pid + counter, base 36.
+
+    Fixed widths (pid_max 4194304 < 36**5) so no prefix is the start of another: a teardown that
+    globs ``prefix*`` can only ever match its own lab's names.
+    """
     while True:
-        prefix = f"{tag}{_b36(os.getpid())}{_b36(next(_counter))}"
+        prefix = f"{tag}{_b36(os.getpid(), 5)}{_b36(next(_counter) % 36**2, 2)}"
         if not any(p.name.startswith(prefix) for p in (NETNS_RUN.iterdir() if NETNS_RUN.exists() else [])):
             return prefix
 
