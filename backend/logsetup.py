@@ -13,4 +13,11 @@ def setup_logging(level: str = "info") -> None:
         force=True,
     )
     # aiosmtpd logs every command line at INFO ("mail.log"): that is a transcript, so DEBUG only.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.WARNING)
+    aiosmtpd_log = logging.getLogger("mail.log")
+    aiosmtpd_log.setLevel(logging.DEBUG if lvl <= logging.DEBUG else logging.WARNING)
+    aiosmtpd_log.addFilter(_no_bodies)
+
+
+def _no_bodies(record: logging.LogRecord) -> bool:
+    # Even at DEBUG, message bodies are never logged: aiosmtpd logs each DATA line.
+    return not str(record.msg).startswith("DATA readline")
