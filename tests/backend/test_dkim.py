@@ -183,3 +183,13 @@ def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
     assert f'private_key = "{files[1]}"' in out
     # A second run with the same selector never overwrites a key.
     assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
+
+
+def test_faster_whitespace_compression_is_byte_identical_to_dkimpys():
+    import random
+
+    rng = random.Random(7)
+    alphabet = [b" ", b"\t", b"a", b"\r\n", b"  ", b"\t "]
+    for _ in range(2000):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert dkim._compress_whitespace(data) == dkim._dkimpy_compress_whitespace(data)

@@ -1,0 +1,36 @@
+"""Benchmark dispatcher: `python -m tests.bench [NAME [ARGS...]]` runs one benchmark, or all of them in order.
+
+Add a benchmark by adding NAME → module to BENCHMARKS; the module exposes main(argv: list[str]) -> int.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS: dict[str, str] = {
+    "dkim": "tests.bench.dkim_bench",  # DKIM signs/s per algorithm and size, beside openssl speed
+    "gateway": "tests.bench.gateway_bench",  # homemx-gateway vs HAProxy send-proxy-v2: latency, msgs/s, bulk, KiB/idle conn
+}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("benchmarks: " + ", ".join(BENCHMARKS))
+        return 0
+    if argv:
+        name, rest = argv[0], argv[1:]
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+            return 2
+        return importlib.import_module(BENCHMARKS[name]).main(rest)
+    rc = 0
+    for name, module in BENCHMARKS.items():
+        print(f"== {name}", flush=True)
+        rc |= importlib.import_module(module).main([])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
