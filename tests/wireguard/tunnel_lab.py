@@ -39,9 +39,9 @@ class TunnelLab:
     env: dict
 
     def cli(self, ns: Namespace, role: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        """The real tunnel command, run as a user would: inside the namespace, as root."""
-        r = ns.run([sys.executable, "-m", "wireguard.cli", role, "tunnel", *argv], check=False, env=self.env,
-                   timeout=60)
+        """The real `homemx-gateway`/`homemx-backend tunnel` command, run as a user would: in the namespace, as root."""
+        exe = Path(sys.executable).parent / f"homemx-{role}"
+        r = ns.run([str(exe), "tunnel", *argv], check=False, env=self.env, timeout=60)
         if check and r.returncode != 0:
             raise AssertionError(f"tunnel {' '.join(argv)} in {ns.name} failed: {r.stderr}{r.stdout}")
         return r
