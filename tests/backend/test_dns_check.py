@@ -238,3 +238,19 @@ def run_cli(argv):
     cmd_dns.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def test_nsd_fixture_leaves_nothing_behind():
+    require_tool("/usr/sbin/nsd", "/usr/sbin/nsd-checkzone", "dig")
+    import os
+    import subprocess
+
+    with NSD({"example.org": zone_text("example.org", "www IN A 192.0.2.1\n")}, address="127.0.0.77") as ns:
+        pid, workdir, port = ns.proc.pid, ns.workdir, ns.port
+        assert ns.resolver().resolve("www.example.org", "A")[0].address == "192.0.2.1"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not workdir.exists()
+    # Nothing answers on that address and port any more.
+    r = subprocess.run(["dig", "+time=1", "+tries=1", "-p", str(port), "@127.0.0.77", "example.org", "SOA"], capture_output=True)
+    assert r.returncode != 0
