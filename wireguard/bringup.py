@@ -378,6 +378,7 @@ def up(cfg: TunnelConfig, ifname: str, role: str, *, egress_spec: EgressSpec | N
                         if e.code not in (95, 93, 19):
                             raise
                 if not made:
+                    state["created_link"] = True
                     _save_state(ifname, state)  # so a failed start is still cleaned by `down`
                     state["pid"] = _start_wireguard_go(ifname)
                     state["implementation"] = "userspace"

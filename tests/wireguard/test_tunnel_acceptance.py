@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_gateway_reaches_home_over_the_tunnel(tunnel):
         "import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
         f"s.bind(('{HOME_TUN}', 2525)); s.listen(); print('ready', flush=True);"
         "c,a=s.accept(); c.sendall(('220 from ' + a[0] + chr(13) + chr(10)).encode()); c.close()")],
-        stdout=__import__("subprocess").PIPE, text=True)
+        stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "ready"
     assert connect(t.topo.gateway, HOME_TUN, 2525) == f"OK 220 from {GW_TUN}"
     server.wait(timeout=5)
