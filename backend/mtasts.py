@@ -1,0 +1,235 @@
+"""MTA-STS (RFC 8461): discover a destination's policy (TXT + HTTPS), cache it, and say which MX hosts it allows.
+
+Pure parsing (``parse_txt``, ``parse_policy``, ``mx_matches``) sits apart from the lookups
+(``MTASTS.policy``). The policy fetcher is injectable, and the default one takes the HTTPS port and
+CA file as parameters, so tests can serve a policy from a loopback HTTPS server with their own CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+log = logging.getLogger("homemx.mtasts")
+
+MODES = ("enforce", "testing", "none")
+MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may limit the policy size; 64 KiB as in mox
+MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: max_age is at most one year
+FETCH_TIMEOUT = 60.0  # RFC 8461 3.3 suggests a timeout of one minute or more
+POLICY_PATH = "/.well-known/mta-sts.txt"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+class MTASTSError(Exception):
+    """A policy that could not be fetched or parsed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One domain's MTA-STS policy as fetched (RFC 8461 3.2)."""
+
+    mode: str  # enforce | testing | none
+    mx: tuple[str, ...]  # patterns: "mx.example.net" or "*.example.net"
+    max_age: int
+    id: str | None = None  # the TXT id it was fetched under
+    fetched: float = 0.0
+
+    def expires(self) -> float:
+        return self.fetched + self.max_age
+
+    def allows(self, mx_host: str) -> bool:
+        return any(mx_matches(p, mx_host) for p in self.mx)
+
+
+def parse_txt(records: list[str]) -> str | None:
+    """The policy id from the ``_mta-sts`` TXT records, or None when there is no valid one.
+
+    RFC 8461 3.1: records not starting with ``v=STSv1`` are ignored; more than one STS record
+    means no policy; the id is 1-32 alphanumerics.
+    """
+    sts = [r for r in records if re.match(r"^v=STSv1\s*(;|$)", r)]
+    if len(sts) != 1:
+        return None
+    fields = {}
+    for part in sts[0].split(";"):
+        k, eq, v = part.strip().partition("=")
+        if eq:
+            fields.setdefault(k.strip(), v.strip())
+    pid = fields.get("id")
+    return pid if pid and _ID_RE.match(pid) else None
+
+
+def parse_policy(text: str, policy_id: str | None = None, fetched: float = 0.0) -> Policy:
+    """Parse a policy body (RFC 8461 3.2). Raises MTASTSError naming the problem."""
+    fields: dict[str, list[str]] = {}
+    for line in re.split(r"\r?\n", text):
+        if not line.strip():
+            continue
+        k, colon, v = line.partition(":")
+        if not colon:
+            raise MTASTSError(f"policy line without ':': {line[:80]!r}")
+        fields.setdefault(k.strip(), []).append(v.strip())
+    if fields.get("version") != ["STSv1"]:
+        raise MTASTSError(f"policy version is {fields.get('version')!r}, not STSv1")
+    mode = (fields.get("mode") or [""])[0]
+    if mode not in MODES:
+        raise MTASTSError(f"policy mode {mode!r} is not one of {', '.join(MODES)}")
+    raw_age = (fields.get("max_age") or [""])[0]
+    if not raw_age.isdigit() or len(raw_age) > 10:
+        raise MTASTSError(f"policy max_age {raw_age!r} is not a number of seconds")
+    max_age = min(int(raw_age), MAX_AGE_LIMIT)
+    mx = tuple(m.lower().rstrip(".") for m in fields.get("mx", []))
+    if mode != "none" and not mx:
+        raise MTASTSError("policy names no mx")
+    return Policy(mode=mode, mx=mx, max_age=max_age, id=policy_id, fetched=fetched)
+
+
+def mx_matches(pattern: str, host: str) -> bool:
+    """RFC 8461 4.1: exact match, or ``*.`` matching exactly one leftmost label."""
+    pattern = pattern.lower().rstrip(".")
+    host = host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        label, dot, rest = host.partition(".")
+        return bool(dot and label) and rest == pattern[2:]
+    return host == pattern
+
+
+Fetcher = Callable[[str], Awaitable[str]]
+
+
+class MTASTS:
+    """Policy lookups with an in-memory cache (RFC 8461 5.1: a cached policy stays in force until it
+    expires even if the TXT record disappears, which is what defeats an attacker stripping DNS)."""
+
+    def __init__(
+        self,
+        resolver: dns.asyncresolver.Resolver,
+        *,
+        fetcher: Fetcher | None = None,
+        https_port: int = 443,
+        ca_file: str | None = None,
+        now: Callable[[], float] = time.time,
+        timeout: float = FETCH_TIMEOUT,
+    ):
+        self.resolver = resolver
+        self.fetcher = fetcher or self.fetch_https
+        self.https_port = https_port
+        self.ca_file = ca_file
+        self.now = now
+        self.timeout = timeout
+        self._cache: dict[str, Policy] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    async def _txt_id(self, domain: str) -> tuple[str | None, bool]:
+        """(policy id, whether the answer is authoritative). A DNS failure is not "no policy"."""
+        try:
+            ans = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None, True
+        except dns.exception.DNSException as e:
+            log.info("mta-sts: TXT lookup for %s failed: %s", domain, e)
+            return None, False
+        records = [b"".join(r.strings).decode("ascii", "replace") for r in ans]
+        return parse_txt(records), True
+
+    async def policy(self, domain: str) -> Policy | None:
+        """The policy in force for ``domain`` (None: the domain publishes none we can use)."""
+        domain = domain.lower().rstrip(".")
+        # Several messages to one domain at once share one lookup and fetch.
+        fut = self._inflight.get(domain)
+        if fut is not None:
+            return await asyncio.shield(fut)
+        fut = asyncio.ensure_future(self._policy(domain))
+        self._inflight[domain] = fut
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._inflight.pop(domain, None)
+            else:
+                fut.add_done_callback(lambda _f: self._inflight.pop(domain, None))
+
+    async def _policy(self, domain: str) -> Policy | None:
+        now = self.now()
+        cached = self._cache.get(domain)
+        if cached is not None and cached.expires() <= now:
+            del self._cache[domain]
+            cached = None
+        pid, _ = await self._txt_id(domain)
+        if pid is None:
+            return cached
+        if cached is not None and cached.id == pid:
+            return cached
+        try:
+            text = await asyncio.wait_for(self.fetcher(domain), self.timeout)
+            pol = parse_policy(text, pid, now)
+        except (MTASTSError, OSError, ssl.SSLError, asyncio.TimeoutError, dns.exception.DNSException) as e:
+            # RFC 8461 5.1: on a failed refresh keep using a still-valid cached policy; with none,
+            # deliver as if the domain had no policy (it is not an error to skip MTA-STS then).
+            log.warning("mta-sts: policy fetch for %s failed: %s", domain, e)
+            return cached
+        self._cache[domain] = pol
+        log.info("mta-sts: %s policy mode=%s mx=%s max_age=%d", domain, pol.mode, ",".join(pol.mx), pol.max_age)
+        return pol
+
+    async def fetch_https(self, domain: str) -> str:
+        """GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt with a verified certificate.
+
+        Written on asyncio streams rather than a blocking urllib call in a thread because the
+        host must be resolved through our own resolver (the configured nameservers), redirects
+        must not be followed (RFC 8461 3.3) and the size must be capped — a few lines here.
+        """
+        host = f"mta-sts.{domain}"
+        address = await self._address(host)
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        reader, writer = await asyncio.open_connection(address, self.https_port, ssl=ctx, server_hostname=host)
+        try:
+            # HTTP/1.0: the server must answer with a plain body (no chunked encoding) and close.
+            writer.write(f"GET {POLICY_PATH} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: homemx\r\n\r\n".encode("ascii"))
+            await writer.drain()
+            data = await reader.read(MAX_POLICY_BYTES + 8192)
+            while True:
+                more = await reader.read(8192)
+                if not more:
+                    break
+                data += more
+                if len(data) > MAX_POLICY_BYTES + 8192:
+                    raise MTASTSError(f"policy at {host} exceeds {MAX_POLICY_BYTES} bytes")
+        finally:
+            writer.close()
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            raise MTASTSError(f"malformed HTTP response from {host}")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[1] != "200":
+            # RFC 8461 3.3: only 200 counts; redirects are not followed.
+            raise MTASTSError(f"{host} answered {status_line!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "text/plain":
+            raise MTASTSError(f"{host} served the policy as {ctype or 'no type'!r}, not text/plain")
+        if len(body) > MAX_POLICY_BYTES:
+            raise MTASTSError(f"policy at {host} exceeds {MAX_POLICY_BYTES} bytes")
+        return body.decode("utf-8", "replace")
+
+    async def _address(self, host: str) -> str:
+        for rtype in ("A", "AAAA"):
+            try:
+                ans = await self.resolver.resolve(host, rtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            for r in ans:
+                return r.address
+        raise MTASTSError(f"{host} has no address")

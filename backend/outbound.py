@@ -1,0 +1,54 @@
+"""Outbound wiring: the ``build(backend)`` hook that gives the daemon its DKIM signer and its remote delivery.
+
+``backend.run.Backend`` imports this module when it exists and calls ``build``; the signer runs in
+a worker thread (smtpd calls it through ``run_blocking``) on mail from the submission,
+submissions and lan listeners, before the message is queued, so the signature is made once and
+never changes across retries. Keys are loaded here, at start, so a missing or unreadable key
+stops the daemon with a clear error instead of failing every submission later.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from backend import dkim
+from backend.config import BackendConfig, DKIMKeyConfig
+from backend.delivery import Deliverer
+from backend.metrics import BackendMetrics
+
+log = logging.getLogger("homemx.outbound")
+
+
+def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Callable[[bytes, str], bytes]:
+    """A blocking callable (message, envelope sender) → message with DKIM-Signature headers.
+
+    Keys are chosen by the From header domain (DMARC alignment), not the envelope sender; a
+    message from a domain without keys passes through unsigned (CRLF-canonical either way).
+    """
+    for k in keys:
+        dkim.load_key(k)  # raises DKIMKeyError naming the file
+
+    def sign(message: bytes, envelope_sender: str) -> bytes:
+        signed = dkim.sign_message(message, keys)
+        added = len(signed) - len(dkim.crlf_canonical(message))
+        if added > 0:
+            for alg, n in dkim.signature_count_by_algorithm(signed[:added]).items():
+                metrics.dkim_signatures.labels(alg).inc(n)
+        return signed
+
+    return sign
+
+
+def build(backend) -> tuple[Callable[[bytes, str], bytes] | None, Deliverer]:
+    """(signer, remote delivery) for a starting ``backend.run.Backend`` (its queue is open)."""
+    config: BackendConfig = backend.config
+    signer = make_signer(config.dkim, backend.metrics) if config.dkim else None
+    remote = Deliverer(config, backend.queue, backend.metrics, backend.run_blocking)
+    d = config.delivery
+    log.info(
+        "outbound: dkim keys=%d source=%s tls=%s mta-sts=%s smarthost=%s",
+        len(config.dkim), d.source_address or "default", d.tls_policy, "on" if d.mta_sts else "off",
+        f"{d.smarthost[0]}:{d.smarthost[1]}" if d.smarthost else "no",
+    )
+    return signer, remote
