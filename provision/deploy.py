@@ -1,0 +1,336 @@
+"""Provisioning logic over SSH (Fabric connections): packages, user, venv from an uploaded wheelhouse, configs, keys, units, restarts, post-deploy check.
+
+Every item is compared before it is written and reported as changed / unchanged / would change
+(dry run); a service restarts only when something it reads changed. Secrets are made on their own
+host by provision.hostside; only public keys travel between hosts. ``Remote`` records every upload,
+command and reply so tests can prove no private key ever crossed the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import render
+from .site import HostLayout, Site
+
+PACKAGES = ("wireguard-tools", "nftables", "python3-venv")
+USERSPACE_WG_PACKAGE = "wireguard-go"  # where the kernel has no WireGuard module
+
+
+class ProvisionError(RuntimeError):
+    pass
+
+
+@dataclass
+class Report:
+    """What a run did, per host and item, and which services it restarted (or would)."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+    restarts: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, host: str, item: str, status: str) -> str:
+        self.items.append((host, item, status))
+        return status
+
+    @property
+    def changed(self) -> list[tuple[str, str, str]]:
+        return [i for i in self.items if i[2] != "unchanged"]
+
+    def text(self) -> str:
+        lines = [f"{h:<8} {item:<40} {st}" for h, item, st in self.items]
+        lines += [f"{h:<8} restart {svc}" for h, svc in self.restarts]
+        lines += self.notes
+        lines.append("nothing changed" if not self.changed and not self.restarts else
+                     f"{len(self.changed)} item(s) changed, {len(self.restarts)} restart(s)")
+        return "\n".join(lines)
+
+
+class Remote:
+    """One host: a Fabric connection, its layout, and a record of everything sent and received."""
+
+    def __init__(self, conn, layout: HostLayout, role: str, report: Report, dry_run: bool = False):
+        self.conn, self.layout, self.role, self.report, self.dry_run = conn, layout, role, report, dry_run
+        self.uploads: list[bytes] = []
+        self.commands: list[str] = []
+        self.replies: list[str] = []
+        self.touched: set[str] = set()  # items that changed on this run (drives restarts)
+
+    def run(self, cmd: str, check: bool = True) -> str:
+        self.commands.append(cmd)
+        r = self.conn.run(cmd, hide=True, warn=True, in_stream=False)
+        self.replies.append(r.stdout + r.stderr)
+        if check and r.exited != 0:
+            raise ProvisionError(f"{self.role}: `{cmd}` failed ({r.exited}): {(r.stderr or r.stdout).strip()}")
+        return r.stdout if r.exited == 0 else ""
+
+    def ok(self, cmd: str) -> bool:
+        self.commands.append(cmd)
+        r = self.conn.run(cmd, hide=True, warn=True, in_stream=False)
+        self.replies.append(r.stdout + r.stderr)
+        return r.exited == 0
+
+    def upload(self, data: bytes, path: str) -> None:
+        self.uploads.append(data)
+        self.conn.put(io.BytesIO(data), path)
+
+    def mark(self, item: str, status: str) -> str:
+        self.report.add(self.role, item, status)
+        if status != "unchanged":
+            self.touched.add(item)
+        return status
+
+    def ensure_dir(self, path: str, mode: int, owner: str, group: str) -> str:
+        cur = self.run(f"stat -c '%a %U %G' {shlex.quote(path)}", check=False).strip()
+        if cur == f"{mode:o} {owner} {group}":
+            return self.mark(path, "unchanged")
+        if not self.dry_run:
+            self.run(f"install -d -m {mode:o} -o {owner} -g {group} {shlex.quote(path)}")
+        return self.mark(path, "would change" if self.dry_run else "changed")
+
+    def ensure_file(self, path: str, data: bytes, mode: int, owner: str, group: str, item: str | None = None) -> str:
+        """Upload only when the content hash or mode/owner differs (never for secrets: those stay host-side)."""
+        q = shlex.quote(path)
+        cur = self.run(f"sha256sum {q} && stat -c '%a %U %G' {q}", check=False).split()
+        want = [hashlib.sha256(data).hexdigest(), path, f"{mode:o}", owner, group]
+        item = item or path
+        if cur == want:
+            return self.mark(item, "unchanged")
+        if not self.dry_run:
+            tmp = f"{path}.homemx-tmp"
+            if not cur or cur[0] != want[0]:
+                self.upload(data, tmp)
+            else:
+                self.run(f"cp -p {q} {shlex.quote(tmp)}")
+            self.run(f"chown {owner}:{group} {shlex.quote(tmp)} && chmod {mode:o} {shlex.quote(tmp)}"
+                     f" && mv -f {shlex.quote(tmp)} {q}")
+        return self.mark(item, "would change" if self.dry_run else "changed")
+
+    def hostside(self, action: str, **req) -> dict:
+        """Run a provision.hostside action with the host's venv Python; only public results come back."""
+        req.update(action=action, dry_run=self.dry_run)
+        py = f"{self.layout.venv}/bin/python"
+        if self.dry_run and not self.ok(f"test -x {py}"):
+            return {}
+        out = self.run(f"{py} -m provision.hostside {shlex.quote(json.dumps(req))}")
+        return json.loads(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the wheelhouse (operator side)
+
+def build_wheelhouse(project_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """``pip wheel`` homemx and its dependencies on the operator's machine (hosts then install with --no-index)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)], check=True)
+    wheels = sorted(out.glob("*.whl"))
+    if not any(w.name.startswith("homemx-") for w in wheels):
+        raise ProvisionError(f"no homemx wheel in {out}")
+    return wheels
+
+
+# ---------------------------------------------------------------- steps on every host
+
+def ensure_packages(r: Remote) -> None:
+    """System packages, checked with dpkg-query first: nothing installed is installed again."""
+    pkgs = list(PACKAGES)
+    # no kernel module (containers, some VPSes, this lab): the userspace implementation
+    if not r.ok("modinfo wireguard >/dev/null 2>&1 || test -d /sys/module/wireguard"):
+        pkgs.append(USERSPACE_WG_PACKAGE)
+    missing = [p for p in pkgs if not r.ok(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed'")]
+    if not missing:
+        r.mark("packages " + " ".join(pkgs), "unchanged")
+        return
+    if r.layout.install_packages and not r.dry_run:
+        r.run("DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+              "apt-get install -y -qq --no-install-recommends " + " ".join(missing))
+    r.mark("packages " + " ".join(missing), "would change" if r.dry_run or not r.layout.install_packages else "changed")
+
+
+def ensure_user(r: Remote) -> None:
+    u = r.layout.user
+    if r.ok(f"id -u {u}"):
+        r.mark(f"user {u}", "unchanged")
+        return
+    if not r.dry_run:
+        r.run(f"useradd --system --user-group --no-create-home --home-dir {shlex.quote(r.layout.data)} "
+              f"--shell /usr/sbin/nologin {u}")
+    r.mark(f"user {u}", "would change" if r.dry_run else "changed")
+
+
+def ensure_venv(r: Remote, wheels: list[Path]) -> None:
+    """Upload changed wheels, then (re)install only when the set of wheels changed."""
+    lay = r.layout
+    wh = str(Path(lay.venv).parent / "wheelhouse")
+    r.ensure_dir(str(Path(lay.venv).parent), 0o755, "root", "root")
+    r.ensure_dir(wh, 0o755, "root", "root")
+    for w in wheels:
+        r.ensure_file(f"{wh}/{w.name}", w.read_bytes(), 0o644, "root", "root", item=f"wheel {w.name}")
+    names = {w.name for w in wheels}
+    listing = r.run(f"ls {shlex.quote(wh)}", check=False).split()
+    for stale in sorted(set(listing) - names):
+        if stale.endswith(".whl") and not r.dry_run:
+            r.run(f"rm -f {shlex.quote(wh + '/' + stale)}")
+    stamp_text = "\n".join(sorted(f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}" for w in wheels)) + "\n"
+    stamp = f"{lay.venv}/.homemx-wheels"
+    if r.run(f"cat {shlex.quote(stamp)}", check=False) == stamp_text and r.ok(f"test -x {lay.venv}/bin/homemx-backend"):
+        r.mark("venv", "unchanged")
+        return
+    if not r.dry_run:
+        homemx = next(w.name for w in wheels if w.name.startswith("homemx-"))
+        if not r.ok(f"test -x {lay.venv}/bin/python"):
+            r.run(f"python3 -m venv {shlex.quote(lay.venv)}")
+        r.run(f"{lay.venv}/bin/pip install -q --no-index --find-links {wh} --force-reinstall {wh}/{homemx}")
+        r.upload(stamp_text.encode(), stamp)
+    r.mark("venv", "would change" if r.dry_run else "changed")
+
+
+def base(r: Remote, wheels: list[Path]) -> None:
+    lay = r.layout
+    ensure_packages(r)
+    ensure_user(r)
+    r.ensure_dir(lay.etc, 0o750, "root", lay.user)
+    r.ensure_dir(f"{lay.etc}/wireguard", 0o700, "root", "root")
+    ensure_venv(r, wheels)
+
+
+def tunnel_public_key(r: Remote, site: Site) -> str | None:
+    """Make this host's WireGuard key on the host (if absent) and return its PUBLIC key only."""
+    res = r.hostside("tunnel_key", key_file=render.wg_key_path(site, r.layout))
+    r.mark("wireguard key", res.get("key", "would change"))
+    return res.get("public_key")
+
+
+# ---------------------------------------------------------------- roles
+
+def _units(r: Remote, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        r.ensure_file(f"{r.layout.units}/{name}", text.encode(), 0o644, "root", "root", item=f"unit {name}")
+
+
+def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key: str | None,
+                   prepared: bool = False) -> None:
+    """The VPS end. ``prepared``: base() and the key were already done by deploy_both."""
+    lay = r.layout
+    if not prepared:
+        base(r, wheels)
+        tunnel_public_key(r, site)
+    r.ensure_file(f"{lay.etc}/gateway.toml", render.gateway_toml(site).encode(), 0o640, "root", lay.user,
+                  item="gateway.toml")
+    if not r.dry_run:
+        r.run(f"{lay.venv}/bin/homemx-gateway config check -c {lay.etc}/gateway.toml")
+    if backend_public_key:
+        res = r.hostside("tunnel_config", role="gateway", key_file=render.wg_key_path(site, lay),
+                         conf_file=render.wg_conf_path(site, lay), peer_public_key=backend_public_key,
+                         address=f"{site.gateway_tunnel_addr}/{site.tunnel_prefixlen}", listen_port=site.wg_port,
+                         public_if=site.gateway_public_if, public_addr=site.gateway_public_addr,
+                         peer_address=site.backend_tunnel_addr)
+        r.mark("wireguard conf", res.get("conf", "would change"))
+        r.mark("egress rules", res.get("egress", "would change"))
+    else:
+        r.report.notes.append("gateway: no backend public key yet: tunnel file not written (use the `both` task)")
+    _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "gateway"),
+               "homemx-gateway.service": render.gateway_unit(site, lay)})
+    _restart(r, {"homemx-tunnel.service": ("wireguard conf", "egress rules", "wireguard key",
+                                           "unit homemx-tunnel.service", "venv"),
+                 "homemx-gateway.service": ("gateway.toml", "unit homemx-gateway.service", "venv")})
+
+
+def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key: str | None,
+                   tls_cert: bytes | None = None, tls_key: bytes | None = None, prepared: bool = False) -> list[str]:
+    """The home end. Returns the DKIM TXT lines to publish (public)."""
+    lay = r.layout
+    if not prepared:
+        base(r, wheels)
+        tunnel_public_key(r, site)
+    r.ensure_dir(lay.data, 0o750, lay.user, lay.user)
+    r.ensure_dir(f"{lay.etc}/dkim", 0o750, "root", lay.user)
+    r.ensure_dir(f"{lay.etc}/tls", 0o750, "root", lay.user)
+    if gateway_public_key:
+        host, port = site.endpoint, site.wg_port
+        res = r.hostside("tunnel_config", role="backend", key_file=render.wg_key_path(site, lay),
+                         conf_file=render.wg_conf_path(site, lay), peer_public_key=gateway_public_key,
+                         address=f"{site.backend_tunnel_addr}/{site.tunnel_prefixlen}",
+                         endpoint_host=host, endpoint_port=port)
+        r.mark("wireguard conf", res.get("conf", "would change"))
+    else:
+        r.report.notes.append("backend: no gateway public key yet: tunnel file not written (use the `both` task)")
+    # DKIM: generated here, at home; only the TXT records come back
+    res = r.hostside("dkim_keys", domain=site.domain, keys=render.dkim_entries(site, lay))
+    r.mark("dkim keys", res.get("keys", "would change"))
+    if not r.dry_run:
+        for e in render.dkim_entries(site, lay):
+            r.run(f"chown {lay.user}:{lay.user} {shlex.quote(e['private_key'])} && chmod 600 {shlex.quote(e['private_key'])}")
+    cert, key = render.tls_paths(lay)
+    if tls_cert is not None and tls_key is not None:
+        # the user's own certificate: the one secret the operator brings, so it is uploaded (0600)
+        r.ensure_file(cert, tls_cert, 0o644, "root", lay.user, item="tls certificate")
+        r.ensure_file(key, tls_key, 0o600, lay.user, lay.user, item="tls key")
+    else:
+        r.mark("tls certificate", r.hostside("tls_selfsigned", cert=cert, key=key, hostname=site.hostname)
+               .get("tls", "would change"))
+        if not r.dry_run:
+            r.run(f"chown {lay.user}:{lay.user} {shlex.quote(key)} && chmod 600 {shlex.quote(key)}")
+    r.ensure_file(f"{lay.etc}/backend.toml", render.backend_toml(site, lay).encode(), 0o640, "root", lay.user,
+                  item="backend.toml")
+    passwd = f"{lay.etc}/passwd"
+    r.mark("first user " + site.first_user,
+           r.hostside("first_user", passwd_file=passwd, address=site.first_user,
+                      password_file=f"{lay.etc}/first-user.password").get("user", "would change"))
+    if not r.dry_run:
+        r.run(f"chown root:{lay.user} {passwd} && chmod 640 {passwd}")
+        r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
+    _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
+               "homemx-backend.service": render.backend_unit(site, lay)})
+    _restart(r, {"homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
+                 "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
+                                            "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
+    return res.get("records", [])
+
+
+def _restart(r: Remote, deps: dict[str, tuple[str, ...]]) -> None:
+    """Restart (in order) only the services whose inputs changed; a restarted tunnel restarts its dependents."""
+    if any(i.startswith("unit ") for i in r.touched) and r.layout.systemctl and not r.dry_run:
+        r.run("systemctl daemon-reload")
+    for svc, inputs in deps.items():
+        if not (r.touched & set(inputs)):
+            continue
+        r.report.restarts.append((r.role, svc))
+        r.touched.add(svc)
+        if r.layout.systemctl and not r.dry_run:
+            r.run(f"systemctl enable -q {svc} && systemctl restart {svc}")
+
+
+def deploy_both(site: Site, gw_conn, be_conn, wheels: list[Path], dry_run: bool = False,
+                tls_cert: bytes | None = None, tls_key: bytes | None = None) -> tuple[Report, Remote, Remote, list[str]]:
+    """Gateway then backend, exchanging only the two WireGuard PUBLIC keys."""
+    report = Report()
+    g = Remote(gw_conn, site.gateway, "gateway", report, dry_run)
+    b = Remote(be_conn, site.backend, "backend", report, dry_run)
+    # keys first, each on its own host, so each side's tunnel file can name its peer
+    base(g, wheels)
+    base(b, wheels)
+    g_pub = tunnel_public_key(g, site)
+    b_pub = tunnel_public_key(b, site)
+    deploy_gateway(g, site, wheels, b_pub, prepared=True)
+    records = deploy_backend(b, site, wheels, g_pub, tls_cert, tls_key, prepared=True)
+    return report, g, b, records
+
+
+def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:
+    """After deploying: a fresh handshake on both ends, and a 220 banner from the backend through the gateway."""
+    report = Report()
+    g = Remote(gw_conn, site.gateway, "gateway", report)
+    b = Remote(be_conn, site.backend, "backend", report)
+    home = b.hostside("check", ifname=render.ifname(site, site.backend), wait=wait)
+    gw = g.hostside("check", ifname=render.ifname(site, site.gateway), wait=wait, banner_addr=site.gateway_public_addr,
+                    banner_port=site.submission_port)
+    return {"backend": home, "gateway": gw,
+            "ok": bool(home.get("handshake_fresh") and gw.get("handshake_fresh") and gw.get("backend_answers"))}

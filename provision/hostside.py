@@ -1,0 +1,184 @@
+"""Steps that must run ON a provisioned host because they touch its secrets: WireGuard and DKIM keys, the TLS key, the first user's password.
+
+Run as ``VENV/bin/python -m provision.hostside '<json request>'``; it prints one JSON object. Only
+public material ever appears in that output (public keys, DNS TXT values, "changed" flags), so the
+operator's machine never receives a private key, and none is ever uploaded: every secret here is
+generated where it is used. This module must not import Fabric (the hosts do not have it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+def _write_if_changed(path: Path, text: str, mode: int, dry_run: bool) -> str:
+    """Write ``text`` only when it differs; secrets are created 0600 from the first byte (no window)."""
+    if path.exists() and path.read_text() == text and (path.stat().st_mode & 0o777) == mode:
+        return "unchanged"
+    if dry_run:
+        return "would change"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return "changed"
+
+
+def tunnel_key(req: dict) -> dict:
+    """This end's WireGuard private key (created 0600 if absent); returns only the public key."""
+    from wireguard import keys
+
+    path = Path(req["key_file"])
+    if not path.exists() and req.get("dry_run"):
+        return {"public_key": None, "key": "would change"}
+    priv, created = keys.load_or_create_private_key(path)
+    return {"public_key": keys.public_key(priv), "key": "changed" if created else "unchanged"}
+
+
+def tunnel_config(req: dict) -> dict:
+    """Render this end's wg-quick file (and the gateway's egress table file) from the local private key."""
+    from wireguard import egress, keys, wgquick
+
+    key_file = Path(req["key_file"])
+    conf = Path(req["conf_file"])
+    dry = bool(req.get("dry_run"))
+    if not key_file.exists() or not req.get("peer_public_key"):
+        return {"conf": "would change", "egress": "would change" if req["role"] == "gateway" else "unchanged"}
+    priv = key_file.read_text().strip()
+    keys.decode_key(req["peer_public_key"])
+    out = {"egress": "unchanged"}
+    if req["role"] == "backend":
+        cfg = wgquick.backend_config(private_key=priv, address=req["address"], gateway_public_key=req["peer_public_key"],
+                                     gateway_endpoint=(req["endpoint_host"], int(req["endpoint_port"])),
+                                     mtu=int(req.get("mtu", wgquick.DEFAULT_MTU)))
+    else:
+        nft_file = conf.with_suffix(".egress.nft")
+        policy = egress.EgressPolicy(tunnel_if=conf.stem, public_if=req["public_if"],
+                                     public_addr=ipaddress.IPv4Address(req["public_addr"]),
+                                     backend_addr=ipaddress.IPv4Address(req["peer_address"]))
+        out["egress"] = _write_if_changed(nft_file, egress.render(policy), 0o600, dry)
+        cfg = wgquick.gateway_config(private_key=priv, address=req["address"], backend_public_key=req["peer_public_key"],
+                                     backend_address=req["peer_address"], listen_port=int(req["listen_port"]),
+                                     mtu=int(req.get("mtu", wgquick.DEFAULT_MTU)), egress_nft_file=str(nft_file))
+    out["conf"] = _write_if_changed(conf, wgquick.render(cfg), 0o600, dry)
+    return out
+
+
+def dkim_keys(req: dict) -> dict:
+    """Generate the DKIM keys named in the request if absent (they never leave this host); return the TXT lines."""
+    from backend import dkim
+
+    out = {"records": [], "keys": "unchanged"}
+    for entry in req["keys"]:
+        path = Path(entry["private_key"])
+        if not path.exists():
+            if req.get("dry_run"):
+                out["keys"] = "would change"
+                continue
+            gen = dkim.generate_key(req["domain"], entry["selector"], entry["algorithm"], path.parent)
+            if gen.path != path:
+                raise RuntimeError(f"dkim key written to {gen.path}, expected {path}")
+            out["keys"] = "changed"
+        value = dkim.dkim_txt_record(path, entry["algorithm"])
+        out["records"].append(f"{entry['selector']}._domainkey.{req['domain']}.\tIN\tTXT\t{dkim.zone_txt_rdata(value)}")
+    return out
+
+
+def tls_selfsigned(req: dict) -> dict:
+    """A self-signed certificate for the mail host name when none is there (the user may replace it later)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_p, key_p = Path(req["cert"]), Path(req["key"])
+    if cert_p.exists() and key_p.exists():
+        return {"tls": "unchanged"}
+    if req.get("dry_run"):
+        return {"tls": "would change"}
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req["hostname"])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(req["hostname"])]), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write_if_changed(key_p, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()).decode(), 0o600, False)
+    _write_if_changed(cert_p, cert.public_bytes(serialization.Encoding.PEM).decode(), 0o644, False)
+    return {"tls": "changed"}
+
+
+def first_user(req: dict) -> dict:
+    """Create the first mail user with a random password stored 0600 on this host (read it over ssh, then change it)."""
+    from backend.users import UserDB
+
+    db = UserDB(Path(req["passwd_file"]))
+    if db.exists(req["address"]):
+        return {"user": "unchanged"}
+    if req.get("dry_run"):
+        return {"user": "would change"}
+    password = secrets.token_urlsafe(18)
+    _write_if_changed(Path(req["password_file"]), password + "\n", 0o600, False)
+    db.add(req["address"], password)
+    return {"user": "changed"}
+
+
+def check(req: dict) -> dict:
+    """Post-deploy check: the tunnel's newest handshake age, and (gateway side) a banner relayed from the backend."""
+    from wireguard import status
+
+    deadline = time.monotonic() + float(req.get("wait", 30))
+    age = None
+    while time.monotonic() < deadline:
+        age = status.handshake_age(req["ifname"])
+        if age is not None:
+            break
+        time.sleep(0.5)
+    out = {"handshake_age": age, "handshake_fresh": age is not None and age < 180}
+    if req.get("banner_addr"):
+        banner = ""
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((req["banner_addr"], int(req["banner_port"])), timeout=10) as s:
+                    banner = s.recv(512).decode("ascii", "replace").strip()
+            except OSError as e:
+                banner = f"error: {e}"
+            # 220 comes from the backend itself; the gateway alone can only say 421 (home unreachable)
+            if banner.startswith("220"):
+                break
+            time.sleep(0.5)
+        out["banner"] = banner
+        out["backend_answers"] = banner.startswith("220")
+    return out
+
+
+ACTIONS = {"tunnel_key": tunnel_key, "tunnel_config": tunnel_config, "dkim_keys": dkim_keys,
+           "tls_selfsigned": tls_selfsigned, "first_user": first_user, "check": check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    req = json.loads(argv[0])
+    result = ACTIONS[req["action"]](req)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
