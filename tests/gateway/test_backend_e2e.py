@@ -1,0 +1,69 @@
+"""The gateway in front of the real homemx backend (`homemx-backend run`): mail delivered to a Maildir with the client's real address (IPv4 and IPv6) in the Received header; backend stopped → 421 4.3.2, started again → the next connection succeeds."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.backend.helpers import BACKEND_CLI, listener_block, maildir_files, write_config
+from tests.gateway.peers import free_port, stop, wait_port
+from tests.gateway.test_integration import bound, gateway_config, running, smtp_banner
+
+
+def start_backend(cfg: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([BACKEND_CLI, "run", "-c", str(cfg)], stdout=open(cfg.parent / "backend.log", "ab"),
+                            stderr=subprocess.STDOUT)
+    wait_port("127.0.0.1", port, timeout=20, proc=proc)
+    return proc
+
+
+def send(host, port, source, marker):
+    with smtplib.SMTP(host, port, timeout=20, source_address=(source, 0)) as s:
+        s.sendmail("alice@sender.example", ["bob@example.org"], f"Subject: {marker}\r\n\r\n{marker}\r\n")
+
+
+def wait_maildir(tmp_path, count, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while len(files := maildir_files(tmp_path, "bob@example.org")) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(files)} messages in bob's Maildir, expected {count}")
+        time.sleep(0.05)
+    return [f.read_bytes() for f in files]
+
+
+@pytest.mark.trio
+async def test_gateway_into_real_backend(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path, listener_block(
+        "mx", "mx", f"127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32", "::1/128"]))
+    backend = start_backend(cfg, port)
+    try:
+        gcfg = gateway_config({"name": "mx", "kind": "smtp", "listen": ["127.0.0.1:0", "[::1]:0"],
+                               "upstream": f"127.0.0.1:{port}", "greet_wait": "300ms", "connect_timeout": "3s"})
+        async with running(gcfg) as gw:
+            v4, v6 = bound(gw, "mx"), bound(gw, "mx", socket.AF_INET6)
+            await trio.to_thread.run_sync(send, *v4, "127.0.0.5", "via-gateway-ipv4")
+            await trio.to_thread.run_sync(send, *v6, "::1", "via-gateway-ipv6")
+            messages = await trio.to_thread.run_sync(wait_maildir, tmp_path, 2)
+            by_marker = {m: next(x for x in messages if m.encode() in x) for m in ("via-gateway-ipv4", "via-gateway-ipv6")}
+            received4 = by_marker["via-gateway-ipv4"].split(b"\r\n\r\n")[0]
+            received6 = by_marker["via-gateway-ipv6"].split(b"\r\n\r\n")[0]
+            assert b"127.0.0.5" in received4  # the real client, not the gateway's 127.0.0.1
+            assert b"::1" in received6
+
+            stop(backend)
+            reply = await trio.to_thread.run_sync(smtp_banner, *v4)
+            assert reply == b"421 4.3.2 mx.example.org Service not available, try again later\r\n"
+
+            backend = start_backend(cfg, port)
+            assert (await trio.to_thread.run_sync(smtp_banner, *v4)).startswith(b"220 ")
+            await trio.to_thread.run_sync(send, *v4, "127.0.0.5", "after-restart")
+            await trio.to_thread.run_sync(wait_maildir, tmp_path, 3)
+    finally:
+        stop(backend)
