@@ -117,5 +117,11 @@ class QueueRunner:
             log.info("queue=%s rcpt=%s delivered to maildir", message_id, r.address)
 
     async def drain(self, timeout: float) -> None:
+        """Let deliveries in flight finish for ``timeout`` seconds, then cancel the rest: their next
+        attempt was recorded before they started, so nothing is lost and nothing is re-hammered."""
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout)
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)

@@ -108,6 +108,10 @@ passwd_file = "{tmp}/passwd"
 {listeners}
 {extra}
 """
+    if "[delivery]" not in extra:
+        # Keep every DNS lookup of a test on loopback: a closed port answers "refused" at once,
+        # so remote recipients are deferred instead of querying the machine's resolver.
+        text += '\n[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
     path = tmp / "backend.toml"
     path.write_text(text)
     return path

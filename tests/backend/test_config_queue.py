@@ -25,7 +25,7 @@ def _cfg(tmp_path, listeners=None, extra=""):
         (lambda t: t.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:99999"'), "listener[0].listen", "bad port"),
         (lambda t: t.replace('kind = "mx"', 'kind = "mxx"'), "listener[0].kind", "expected one of"),
         (lambda t: t.replace("cert.pem", "missing.pem"), "tls.cert", "cannot read"),
-        (lambda t: t + '\n[delivery]\nretry_schedule = ["5 minutes"]\n', "delivery.retry_schedule", "duration"),
+        (lambda t: t.replace("dns_port = 9", 'dns_port = 9\nretry_schedule = ["5 minutes"]'), "delivery.retry_schedule", "duration"),
         (lambda t: t + "\n[[listener]]\nname = \"p\"\nkind = \"mx\"\nlisten = \"127.0.0.1:0\"\nproxy_protocol = true\n",
          "listener[1].trusted_proxies", "trusted proxy"),
     ],

@@ -458,6 +458,6 @@ def backend_sync(tmp_path):
     try:
         yield ports
     finally:
-        asyncio.run_coroutine_threadsafe(b.stop(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(b.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)

@@ -11,6 +11,7 @@ import sys
 BENCHMARKS: dict[str, str] = {
     "dkim": "tests.bench.dkim_bench",  # DKIM signs/s per algorithm and size, beside openssl speed
     "gateway": "tests.bench.gateway_bench",  # homemx-gateway vs HAProxy send-proxy-v2: latency, msgs/s, bulk, KiB/idle conn
+    "delivery": "tests.bench.delivery_bench",  # outbound msgs/s from the queue to smtp-sink / aiosmtpd with STARTTLS
 }
 
 
