@@ -1,0 +1,375 @@
+"""The whole homemx system in network namespaces: DNS, remote Postfix, gateway, NAT router, home with backend and Dovecot, joined by a real WireGuard tunnel; always torn down.
+
+Reusable by the end-to-end tests and the benchmarks:
+
+    with MailLab() as lab:                       # builds everything, removes everything
+        lab.internet.run(["swaks", "--server", lab.gateway_addr, ...])
+        lab.maildir_messages("alice@example.org")
+
+Roles (addresses are RFC 5737 documentation ranges, nothing leaves the machine):
+
+- internet (198.51.100.1 on a bridge): nsd authoritative for example.org, remote.test and the
+  reverse zone of the gateway's address, with records printed by ``homemx-backend dns records``;
+  Postfix receiving for remote.test into Maildirs (and sending, for the inbound-retry scenario);
+  a sender/phone host address 198.51.100.50.
+- gateway (198.51.100.10): ``homemx-gateway run`` with listeners 25, 465, 587, 993 and metrics on
+  the tunnel address; ``homemx-gateway tunnel up`` (wireguard-go + egress nft table).
+- router: NAT between home (192.0.2.0/24) and internet.
+- home (192.0.2.2, tunnel 10.77.0.2): ``homemx-backend run`` (mx/submission/submissions behind
+  PROXY v2 on the tunnel address, lan on the LAN address), Dovecot IMAPS with haproxy = yes.
+
+Every daemon is started through its CLI with config files like a user's. Teardown (``close``, also
+from ``with``, a failed ``start``, atexit, SIGTERM/SIGHUP, Ctrl-C) is the Lab's: every process in
+the namespaces is killed, namespaces, /etc/netns dirs, wireguard-go sockets and files removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.backend.helpers import write_cert, write_users
+from tests.lab.dovecot import Dovecot
+from tests.lab.netns import Lab, Namespace
+from tests.lab.nsd import NSD, reverse_zone_name, zone_text
+from tests.lab.postfix import Postfix
+from tests.wireguard.tunnel_lab import GW_TUN, HOME_TUN, TunnelLab, make_tunnel_lab
+
+VENV_BIN = Path(sys.executable).parent
+BACKEND_CLI = str(VENV_BIN / "homemx-backend")
+GATEWAY_CLI = str(VENV_BIN / "homemx-gateway")
+
+HOME_DOMAIN = "example.org"
+HOSTNAME = "mail.example.org"
+REMOTE_DOMAIN = "remote.test"
+REMOTE_MAILBOXES = ["bob", "phone", "crash", "later", "relaytest"]
+USERS = {"alice@example.org": "alice-lab-pw", "carol@example.org": "carol-lab-pw"}
+
+SENDER_ADDR = "198.51.100.50"  # the "sender / phone" host on the internet segment
+# Backend ports on the tunnel address (what the gateway dials) and on the LAN.
+BACKEND_PORTS = {"mx": 2525, "submission": 2587, "submissions": 2465}
+LAN_PORT = 587
+IMAPS_PORT = 993
+BACKEND_METRICS_PORT = 9325
+GATEWAY_METRICS_PORT = 9101
+MAIL_UID = 65534  # nobody: the backend runs as this user and Dovecot's userdb maps every user to it
+GATEWAY_PORTS = {"mx": 25, "submission": 587, "submissions": 465, "imaps": 993}
+
+_PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+except OSError:
+    sys.exit(1)
+"""
+
+
+def wait_until(pred, timeout: float, what: str, step: float = 0.05):
+    """Poll ``pred`` until truthy (its value is returned) or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+class MailLab:
+    """Builds the topology on ``start()`` (or ``with``) and removes it on ``close()``."""
+
+    def __init__(self, *, greet_wait: str = "300ms", retry_schedule: tuple[str, ...] = ("2s",),
+                 gateway_connect_timeout: str = "2s"):
+        self.greet_wait = greet_wait
+        self.retry_schedule = retry_schedule
+        self.gateway_connect_timeout = gateway_connect_timeout
+        self.lab: Lab | None = None
+        self.tunnel: TunnelLab | None = None
+        self.nsd: NSD | None = None
+        self.postfix: Postfix | None = None
+        self.dovecot: Dovecot | None = None
+        self.backend_proc: subprocess.Popen | None = None
+        self.gateway_proc: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------ addresses
+
+    gateway_addr = "198.51.100.10"
+    internet_addr = "198.51.100.1"
+    sender_addr = SENDER_ADDR
+    home_addr = "192.0.2.2"
+    home_tunnel_addr = HOME_TUN
+    gateway_tunnel_addr = GW_TUN
+
+    @property
+    def internet(self) -> Namespace:
+        return self.tunnel.topo.internet
+
+    @property
+    def gateway(self) -> Namespace:
+        return self.tunnel.topo.gateway
+
+    @property
+    def home(self) -> Namespace:
+        return self.tunnel.topo.home
+
+    @property
+    def router(self) -> Namespace:
+        return self.tunnel.topo.router
+
+    # ------------------------------------------------------------ life cycle
+
+    def __enter__(self) -> "MailLab":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> "MailLab":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.nsd is not None:
+            self.nsd.close()
+        if self.lab is not None:
+            self.lab.close()
+
+    def _build(self) -> None:
+        self.lab = Lab("hx")
+        self.work = self.lab.workdir
+        # Daemons that drop privileges (postfix, dovecot, nobody) must traverse the work dir;
+        # secrets inside are 0600 on their own.
+        self.work.chmod(0o711)
+        self.tunnel = make_tunnel_lab(self.lab)
+        self.internet.run(["ip", "addr", "add", f"{SENDER_ADDR}/24", "dev", "br0"])
+        self.tunnel.up()
+        # The unprivileged backend binds the LAN submission port 587 (as CAP_NET_BIND_SERVICE would allow).
+        self.home.sysctl("net.ipv4.ip_unprivileged_port_start", "0")
+        self.tunnel.wait_handshake()
+        self._write_backend_config()
+        self._start_dns()
+        self.postfix = Postfix(self.internet, self.work / "postfix", address=self.internet_addr,
+                               domain=REMOTE_DOMAIN, mailboxes=REMOTE_MAILBOXES,
+                               mynetworks=("127.0.0.0/8", f"{SENDER_ADDR}/32")).start()
+        self.start_backend()
+        self.dovecot = Dovecot(self.home, self.work / "dovecot", address=HOME_TUN, port=IMAPS_PORT,
+                               cert=self.cert, key=self.key, passwd=self.passwd,
+                               maildir_root=self.data_dir / "mail", trusted=f"{GW_TUN}/32",
+                               mail_uid=MAIL_UID).start()
+        self._write_gateway_config()
+        self.start_gateway()
+
+    # ------------------------------------------------------------ home: backend
+
+    def _write_backend_config(self) -> None:
+        home = self.work / "home"
+        home.mkdir()
+        self.cert, self.key = write_cert(home / "tls", HOSTNAME)
+        self.passwd = home / "passwd"
+        self.data_dir = home / "data"
+        write_users(self.passwd, USERS)
+        # One passwd-file for SMTP and IMAP: Dovecot's auth process (user dovecot) reads it by group.
+        shutil.chown(self.passwd, MAIL_UID, "dovecot")
+        self.passwd.chmod(0o640)
+        self.data_dir.mkdir()
+        shutil.chown(self.data_dir, MAIL_UID, MAIL_UID)
+        self.backend_log = home / "backend.log"
+        out = subprocess.run([BACKEND_CLI, "dkim", "keygen", "--domain", HOME_DOMAIN, "--selector", "lab",
+                              "--dir", str(home / "dkim")], capture_output=True, text=True, check=True).stdout
+        for path in [self.key, home / "dkim", *(home / "dkim").iterdir()]:
+            shutil.chown(path, MAIL_UID, MAIL_UID)
+        dkim_tables = out.split("# backend.toml: add these tables", 1)[1]
+        dkim_tables = "\n".join(line for line in dkim_tables.splitlines() if not line.startswith("wrote "))
+        listeners = ""
+        for kind, port in BACKEND_PORTS.items():
+            listeners += (f'[[listener]]\nname = "{kind}"\nkind = "{kind}"\nlisten = "{HOME_TUN}:{port}"\n'
+                          f'proxy_protocol = true\ntrusted_proxies = ["{GW_TUN}/32"]\n\n')
+        listeners += (f'[[listener]]\nname = "lan"\nkind = "lan"\nlisten = "{self.home_addr}:{LAN_PORT}"\n'
+                      f'trusted_networks = ["192.0.2.0/24"]\n\n')
+        schedule = ", ".join(f'"{s}"' for s in self.retry_schedule)
+        self.backend_conf = home / "backend.toml"
+        self.backend_conf.write_text(f"""[server]
+hostname = "{HOSTNAME}"
+data_dir = "{self.data_dir}"
+log_level = "debug"
+metrics_listen = "{self.home_addr}:{BACKEND_METRICS_PORT}"
+
+[tls]
+cert = "{self.cert}"
+key = "{self.key}"
+
+[users]
+passwd_file = "{self.passwd}"
+
+[domain."{HOME_DOMAIN}"]
+aliases = {{ postmaster = ["alice@{HOME_DOMAIN}"] }}
+
+{listeners}
+[delivery]
+source_address = "{HOME_TUN}"
+nameservers = ["{self.internet_addr}"]
+retry_schedule = [{schedule}]
+connect_timeout = "3s"
+command_timeout = "30s"
+
+[gateway]
+public_ipv4 = ["{self.gateway_addr}"]
+
+[dns]
+dmarc_policy = "quarantine"
+dmarc_rua = "postmaster@{HOME_DOMAIN}"
+{dkim_tables}
+""")
+
+    def start_backend(self) -> None:
+        """``homemx-backend run`` in home; returns once the lan listener answers."""
+        # Not root, like a real install: Dovecot (which refuses uid 0 for mail) reads the same Maildirs.
+        self.backend_proc = self.home.popen(["setpriv", f"--reuid={MAIL_UID}", f"--regid={MAIL_UID}",
+                                             "--clear-groups", BACKEND_CLI, "run", "-c", str(self.backend_conf)],
+                                            stdout=open(self.backend_log, "ab"), stderr=subprocess.STDOUT)
+        self._wait_port(self.home, self.home_addr, LAN_PORT, self.backend_proc, "backend lan listener")
+        self._wait_port(self.home, HOME_TUN, BACKEND_PORTS["mx"], self.backend_proc, "backend mx listener")
+
+    def kill_backend(self) -> None:
+        """SIGKILL, as a crash would: no drain, no cleanup."""
+        proc = self.backend_proc
+        if proc is not None and proc.poll() is None:
+            # ip netns exec execs the command, so the Popen pid is the backend itself.
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    # ------------------------------------------------------------ internet: DNS
+
+    def _start_dns(self) -> None:
+        records = subprocess.run([BACKEND_CLI, "dns", "records", "-c", str(self.backend_conf)],
+                                 capture_output=True, text=True, check=True).stdout
+        ptr = subprocess.run([BACKEND_CLI, "dns", "records", "--ptr", "-c", str(self.backend_conf)],
+                             capture_output=True, text=True, check=True).stdout
+        self.dns_records = records
+        ns = self.internet_addr
+        remote = (f"@\tIN\tMX\t10 mx.{REMOTE_DOMAIN}.\nmx\tIN\tA\t{ns}\n"
+                  f'@\tIN\tTXT\t"v=spf1 ip4:{ns} -all"\n')
+        zones = {
+            HOME_DOMAIN: zone_text(HOME_DOMAIN, records, ns_address=ns),
+            REMOTE_DOMAIN: zone_text(REMOTE_DOMAIN, remote, ns_address=ns),
+            reverse_zone_name(self.gateway_addr): zone_text(reverse_zone_name(self.gateway_addr), ptr),
+        }
+        self.nsd = NSD(zones, address=ns, port=53, netns_exec=self.internet.cmd([]), workdir=self.work / "nsd")
+        self.nsd.start()
+        for n in (self.internet, self.gateway, self.router, self.home):
+            n.etc_file("resolv.conf", f"nameserver {ns}\n")
+
+    # ------------------------------------------------------------ gateway
+
+    def _write_gateway_config(self) -> None:
+        gw = self.work / "gw"
+        gw.mkdir()
+        self.gateway_log = gw / "gateway.log"
+        upstream = {**BACKEND_PORTS, "imaps": IMAPS_PORT}
+        listeners = ""
+        for name, port in GATEWAY_PORTS.items():
+            kind = "tcp" if name == "imaps" else "smtp"
+            listeners += (f'[[listener]]\nname = "{name}"\nkind = "{kind}"\nlisten = "{self.gateway_addr}:{port}"\n'
+                          f'upstream = "{HOME_TUN}:{upstream[name]}"\n'
+                          f'connect_timeout = "{self.gateway_connect_timeout}"\n')
+            if name == "mx":
+                listeners += f'greet_wait = "{self.greet_wait}"\n'
+            listeners += "\n"
+        self.gateway_conf = gw / "gateway.toml"
+        self.gateway_conf.write_text(f"""[server]
+hostname = "{HOSTNAME}"
+log_level = "debug"
+metrics_listen = "{GW_TUN}:{GATEWAY_METRICS_PORT}"
+tunnel_interface = "{self.tunnel.gw_if}"
+shutdown_grace = "2s"
+
+{listeners}""")
+
+    def start_gateway(self) -> None:
+        self.gateway_proc = self.gateway.popen([GATEWAY_CLI, "run", "-c", str(self.gateway_conf)],
+                                               stdout=open(self.gateway_log, "ab"), stderr=subprocess.STDOUT,
+                                               env=self.tunnel.env)
+        for port in GATEWAY_PORTS.values():
+            self._wait_port(self.internet, self.gateway_addr, port, self.gateway_proc, f"gateway port {port}")
+
+    # ------------------------------------------------------------ tunnel outage
+
+    def cut_tunnel(self) -> None:
+        """Home's end goes away (``homemx-backend tunnel down``: wireguard-go stopped, link gone)."""
+        self.tunnel.cli(self.home, "backend", "down", "-c", str(self.tunnel.home_conf))
+
+    def restore_tunnel(self) -> None:
+        self.tunnel.cli(self.home, "backend", "up", "-c", str(self.tunnel.home_conf))
+        self.tunnel.wait_handshake()
+        # Listeners bound to the tunnel address lost it with the link: the backend must bind again.
+        # (A real home box restarts homemx after wg-quick up via the unit's dependencies.)
+
+    # ------------------------------------------------------------ helpers for tests
+
+    def _wait_port(self, ns: Namespace, host: str, port: int, proc, what: str, timeout: float = 20) -> None:
+        def ready():
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what}: process exited {proc.returncode}\n{self.logs()}")
+            return ns.run([sys.executable, "-c", _PROBE, host, str(port)], check=False).returncode == 0
+        wait_until(ready, timeout, what)
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.partition("@")
+        return self.data_dir / "mail" / domain / local / "Maildir"
+
+    def maildir_messages(self, address: str) -> list[bytes]:
+        new = self.maildir(address) / "new"
+        cur = self.maildir(address) / "cur"
+        files = [p for d in (new, cur) if d.exists() for p in d.iterdir()]
+        return [p.read_bytes() for p in sorted(files)]
+
+    def scrape(self, which: str) -> str:
+        """GET the Prometheus text of ``backend`` or ``gateway`` from home (over the tunnel for the gateway)."""
+        url = (f"http://{self.home_addr}:{BACKEND_METRICS_PORT}/metrics" if which == "backend"
+               else f"http://{GW_TUN}:{GATEWAY_METRICS_PORT}/metrics")
+        code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        return self.home.run([sys.executable, "-c", code, url], timeout=20).stdout
+
+    def swaks(self, *args: str, ns: Namespace | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """swaks from the internet's sender host (``--local-interface`` the sender address) unless ``ns`` is given."""
+        argv = ["swaks", *args]
+        if ns is None:
+            ns = self.internet
+            argv += ["--local-interface", SENDER_ADDR]
+        return ns.run(argv, check=False, timeout=timeout)
+
+    def python(self, ns: Namespace, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a Python snippet (with this repo importable) inside ``ns``."""
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+        return ns.run([sys.executable, "-c", code, *args], check=False, timeout=timeout, env=env)
+
+    def backend_cli(self, *args: str) -> subprocess.CompletedProcess:
+        """``homemx-backend ARGS -c backend.toml`` in home (e.g. ``queue list``)."""
+        return self.home.run([BACKEND_CLI, *args, "-c", str(self.backend_conf)], check=False)
+
+    def logs(self) -> str:
+        """Every daemon's log, for a failing test's report."""
+        parts = []
+        for title, path in (("backend", getattr(self, "backend_log", None)),
+                            ("gateway", getattr(self, "gateway_log", None))):
+            if path is not None and Path(path).exists():
+                parts.append(f"===== {title} log =====\n{Path(path).read_text(errors='replace')[-20000:]}")
+        if self.postfix is not None:
+            parts.append(f"===== postfix (internet) log =====\n{self.postfix.log()[-20000:]}")
+            parts.append(f"===== postfix queue =====\n{self.postfix.queue()}")
+        if self.dovecot is not None:
+            parts.append(f"===== dovecot log =====\n{self.dovecot.log()[-10000:]}")
+        if self.nsd is not None:
+            parts.append(f"===== nsd log =====\n{self.nsd.log()[-5000:]}")
+        return "\n".join(parts)
