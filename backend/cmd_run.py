@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="run a local stack on loopback with a generated default config")
     p.add_argument("--dir", default="demo", help="data directory for the demo (default ./demo)")
-    p.add_argument("--port-base", type=int, default=2500, help="listeners on BASE+25, +26, +65, +87")
+    p.add_argument("--port-base", type=int, default=2500,
+                   help="gateway on BASE+25/+65/+87, backend on BASE+125/+126/+165/+187, metrics BASE+91/+92")
+    p.add_argument("--prepare", action="store_true",
+                   help="only write the demo configs (backend.toml, gateway.toml), certificate and user, then exit")
     p.set_defaults(func=cmd_demo)
 
 
@@ -111,26 +114,66 @@ passwd_file = "{d}/passwd"
 [domain."example.test"]
 aliases = {{ postmaster = ["demo@example.test"] }}
 
+# Behind the gateway (which listens on {base + 25}, {base + 87}, {base + 65}): PROXY v2 from it only.
 [[listener]]
 name = "mx"
 kind = "mx"
-listen = "127.0.0.1:{base + 25}"
+listen = "127.0.0.1:{base + 125}"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1/32"]
 
 [[listener]]
 name = "submission"
 kind = "submission"
-listen = "127.0.0.1:{base + 87}"
+listen = "127.0.0.1:{base + 187}"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1/32"]
 
 [[listener]]
 name = "submissions"
 kind = "submissions"
-listen = "127.0.0.1:{base + 65}"
+listen = "127.0.0.1:{base + 165}"
+proxy_protocol = true
+trusted_proxies = ["127.0.0.1/32"]
 
+# Homelab apps submit here directly (no gateway in between).
 [[listener]]
 name = "lan"
 kind = "lan"
-listen = "127.0.0.1:{base + 26}"
+listen = "127.0.0.1:{base + 126}"
 trusted_networks = ["127.0.0.0/8"]
+
+[delivery]
+# The demo has no internet: remote recipients stay queued (see `queue list`) instead of being looked up.
+nameservers = ["127.0.0.1"]
+dns_port = 9
+"""
+
+
+def demo_gateway_config_text(base: int) -> str:
+    return f"""# homemx demo gateway: the "VPS" on loopback, forwarding to the demo backend with PROXY v2
+[server]
+hostname = "mail.example.test"
+metrics_listen = "127.0.0.1:{base + 92}"
+
+[[listener]]
+name = "mx"
+kind = "smtp"
+listen = ["127.0.0.1:{base + 25}"]
+upstream = "127.0.0.1:{base + 125}"
+greet_wait = "1s"
+
+[[listener]]
+name = "submission"
+kind = "smtp"
+listen = ["127.0.0.1:{base + 87}"]
+upstream = "127.0.0.1:{base + 187}"
+
+[[listener]]
+name = "submissions"
+kind = "smtp"
+listen = ["127.0.0.1:{base + 65}"]
+upstream = "127.0.0.1:{base + 165}"
 """
 
 
@@ -144,6 +187,8 @@ def cmd_demo(args) -> int:
         write_self_signed(d / "tls" / "cert.pem", d / "tls" / "key.pem", "mail.example.test")
     if not cfg_path.exists():
         cfg_path.write_text(demo_config_text(d, args.port_base))
+    if not (d / "gateway.toml").exists():
+        (d / "gateway.toml").write_text(demo_gateway_config_text(args.port_base))
     pw_file = d / "demo-password"
     users = UserDB(d / "passwd")
     if not users.exists("demo@example.test"):
@@ -153,13 +198,18 @@ def cmd_demo(args) -> int:
             f.write(pw + "\n")
         users.add("demo@example.test", pw)
     cfg = load_or_exit(str(cfg_path))
+    if args.prepare:
+        return 0
     b = args.port_base
-    print(f"homemx demo: config {cfg_path}, data in {d}/data")
+    print(f"homemx demo: config {cfg_path} (gateway: {d}/gateway.toml), data in {d}/data")
     print(f"  send a test message:  swaks --server 127.0.0.1:{b + 25} --to demo@example.test --from you@example.net")
+    print(f"                        (through the gateway on {b + 25}; it waits 1 s before the banner, like an MX edge)")
     print(f"  then read it:         ls {cfg.maildir_for('demo@example.test')}/new/")
     print(f"  submission (AUTH):    swaks --server 127.0.0.1:{b + 87} --tls --auth-user demo@example.test "
           f"--auth-password \"$(cat {pw_file})\" --from demo@example.test --to demo@example.test")
+    print(f"  a homelab app:        swaks --server 127.0.0.1:{b + 126} --from nas@example.test --to demo@example.test")
     print(f"  queue:                .venv/bin/homemx-backend queue list -c {cfg_path}")
+    print(f"  metrics:              curl -s 127.0.0.1:{b + 91}/metrics (backend), 127.0.0.1:{b + 92}/metrics (gateway)")
     print("  stop with Ctrl-C")
     sys.stdout.flush()
     setup_logging(cfg.server.log_level)
