@@ -84,6 +84,7 @@ def write_config(
     users: dict[str, str] | None = None,
     aliases: dict | None = None,
     catch_all: str | None = None,
+    server_extra: str = "",
 ) -> Path:
     cert, key = write_cert(tmp / "tls")
     write_users(tmp / "passwd", users if users is not None else {ALICE: ALICE_PW, BOB: BOB_PW})
@@ -96,6 +97,7 @@ def write_config(
 hostname = "{HOSTNAME}"
 data_dir = "{tmp}/data"
 log_level = "debug"
+{server_extra}
 
 [tls]
 cert = "{cert}"

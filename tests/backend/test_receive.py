@@ -461,3 +461,54 @@ def backend_sync(tmp_path):
         asyncio.run_coroutine_threadsafe(b.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@pytest.mark.asyncio
+async def test_metrics_endpoint_counts_outcomes(tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cfg_path = write_config(
+        tmp_path,
+        listener_block("mx", "mx") + listener_block("sub", "submission", auth_failure_delay=0),
+        server_extra='metrics_listen = "127.0.0.1:0"',
+    )
+    b = Backend(load_config(cfg_path))
+    await b.start()
+    try:
+        c = await RawSMTP.connect(b.bound_port("mx"))
+        await c.reply()
+        await c.cmd("EHLO x.example")
+        await c.cmd("MAIL FROM:<carol@remote.example>")
+        assert (await c.cmd("RCPT TO:<nobody@example.org>")).startswith("550")
+        await c.cmd("RCPT TO:<alice@example.org>")
+        await c.cmd("DATA")
+        await c.cmd(MSG.encode() + b".\r\n")
+        await c.cmd("QUIT")
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+            await _submit(b.bound_port("sub"), ALICE, "wrong", ALICE, "x@remote.example")
+        await wait_for(lambda: maildir_files(tmp_path, ALICE))
+        port = b.metrics_server[0].server_port
+
+        def scrape():
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            out = {}
+            for fam in text_string_to_metric_families(body):
+                for s in fam.samples:
+                    out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            return out
+
+        m = await asyncio.to_thread(scrape)
+        assert m[("homemx_backend_messages_received_total", (("listener", "mx"), ("result", "accepted")))] == 1
+        assert m[("homemx_backend_rejections_total", (("listener", "mx"), ("reason", "unknown_user")))] == 1
+        # aiosmtplib tries each offered mechanism (PLAIN, LOGIN) before giving up.
+        assert m[("homemx_backend_auth_failures_total", (("listener", "sub"),))] >= 1
+        assert m[("homemx_backend_maildir_deliveries_total", (("result", "delivered"),))] == 1
+        assert m[("homemx_backend_queue_recipients", (("state", "delivered"),))] == 1
+        assert ("homemx_backend_queue_oldest_age_seconds", ()) in m
+    finally:
+        await b.stop()
