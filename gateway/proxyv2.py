@@ -2,7 +2,7 @@
 
 Spec: HAProxy "The PROXY protocol, Versions 1 & 2" (doc/proxy-protocol.txt), section 2.2. The
 gateway only ever sends the PROXY command with a TCP over IPv4 or IPv6 address block (and LOCAL for
-its own health probes). The decoder lives with the receiver (backend/proxyproto.py); the gateway
+its own health probes). The backend reads the header with aiosmtpd; an independent decoder for tests lives in tests/lab/proxyv2_decoder.py; the gateway
 never needs one, and the two daemons do not import each other.
 """
 

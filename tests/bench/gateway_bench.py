@@ -33,7 +33,7 @@ from tests.gateway.peers import free_port, haproxy, stop, wait_for_text, wait_po
 
 
 async def _sink_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: bool) -> None:
-    from backend.proxyproto import parse_proxy_v2
+    from tests.lab.proxyv2_decoder import parse_proxy_v2
 
     try:
         if proxy:

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from backend.proxyproto import parse_proxy_v2
+from tests.lab.proxyv2_decoder import parse_proxy_v2
 from gateway.config import config_from_dict
 from gateway.dnsbl import DnsblChecker
 from gateway.proxy import Gateway

@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.proxyproto import parse_proxy_v2
+from tests.lab.proxyv2_decoder import parse_proxy_v2
 from gateway.proxyv2 import PP2_TYPE_AUTHORITY, encode_local_v2, encode_proxy_v2
 
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")  # spec 2.2: \r\n\r\n\0\r\nQUIT\n

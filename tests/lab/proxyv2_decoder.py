@@ -1,8 +1,6 @@
-"""PROXY protocol version 2 header decoder (pure, no I/O), as the backend's mx listener reads it.
+"""PROXY protocol version 2 header decoder (pure, no I/O): an independent reader the tests use to check the gateway's encoder and that benchmark sinks use; the backend itself reads the header with aiosmtpd's parser (backend/smtpd.py).
 
 Spec: HAProxy "The PROXY protocol, Versions 1 & 2" (doc/proxy-protocol.txt), section 2.2.
-The backend accepts only version 2 with the PROXY command and a TCP over IPv4/IPv6 address block;
-everything else is an error the caller answers by closing the connection before any banner.
 """
 
 from __future__ import annotations
