@@ -289,6 +289,7 @@ class Deliverer:
         self._global = asyncio.Semaphore(self.d.concurrency)
         self._per_dest: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[tuple, list[Session]] = defaultdict(list)
+        self._closing: set[asyncio.Task] = set()  # QUITs of expired idle sessions (kept referenced)
         self.families = self._families()
         self._smarthost_password: str | None = None
 
@@ -547,7 +548,9 @@ class Deliverer:
             keep = []
             for s in sessions:
                 if now - s.idle_since >= POOL_IDLE_TIMEOUT:
-                    asyncio.ensure_future(self._quit(s))
+                    task = asyncio.ensure_future(self._quit(s))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
                 else:
                     keep.append(s)
             if keep:

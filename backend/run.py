@@ -108,6 +108,8 @@ class Backend:
                 pass
         if self.runner is not None:
             await self.runner.drain(SHUTDOWN_GRACE)
+        if self.remote is not None and hasattr(self.remote, "close"):
+            await self.remote.close()  # QUIT idle outbound sessions
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
         if self.queue is not None:
