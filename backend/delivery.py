@@ -635,7 +635,8 @@ class Deliverer:
                             tls_context=self.tls_context(verify),
                             timeout=d.command_timeout,
                         )
-                    except (ssl.SSLError, ssl.CertificateError) as e:
+                    except (ssl.SSLError, ssl.CertificateError, aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
+                        # A server that drops the connection mid-handshake is a TLS failure too.
                         client.close()
                         reply = R_TLS_FAILED.format(host=target.peer, error=getattr(e, "reason", None) or e)
                         if verify:

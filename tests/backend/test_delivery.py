@@ -9,6 +9,8 @@ from __future__ import annotations
 import email
 import email.policy
 import socket
+import ssl
+import warnings
 
 import pytest
 import pytest_asyncio
@@ -530,3 +532,26 @@ async def test_smarthost_for_selected_domains_only(make, receivers, ca, tmp_path
     assert set(s for s, _ in h.states(qid).values()) == {DELIVERED}
     assert [m.rcpts for m in relay.messages] == [["y@amx.test"]]
     assert [m.rcpts for m in mx.messages] == [["bob@dest.test"]]
+
+
+@pytest.mark.asyncio
+async def test_opportunistic_tls_falls_back_to_cleartext_when_the_handshake_fails(make, receivers, ca):
+    # The server offers STARTTLS but cannot complete a handshake (it only speaks TLS 1.1, which
+    # our client refuses): opportunistic delivery reconnects in cleartext, required never does.
+    broken = ca.server_context("mx.good.test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated: that is the point
+        broken.minimum_version = broken.maximum_version = ssl.TLSVersion.TLSv1_1
+    sink = await receivers.start("127.0.0.18", Sink(), tls_context=broken)
+    h = make(tls_policy="required")
+    qid = h.submit("alice@example.org", ["bob@good.test"])
+    await h.round()
+    state, reply = h.states(qid)["bob@good.test"]
+    assert state == DEFERRED and reply.startswith("421 4.7.5 TLS handshake"), reply
+    assert sink.mail_commands == 0
+    h2 = make()
+    q2 = h2.submit("alice@example.org", ["bob@good.test"])
+    await h2.round()
+    assert h2.states(q2)["bob@good.test"][0] == DELIVERED
+    assert [m.tls for m in sink.messages] == [False]
+    assert h2.metric("homemx_backend_delivery_attempts_total", {"result": "delivered", "tls": "none"}) == 1
