@@ -12,6 +12,9 @@ BENCHMARKS: dict[str, str] = {
     "dkim": "tests.bench.dkim_bench",  # DKIM signs/s per algorithm and size, beside openssl speed
     "gateway": "tests.bench.gateway_bench",  # homemx-gateway vs HAProxy send-proxy-v2: latency, msgs/s, bulk, KiB/idle conn
     "delivery": "tests.bench.delivery_bench",  # outbound msgs/s from the queue to smtp-sink / aiosmtpd with STARTTLS
+    "accept": "tests.bench.accept_bench",  # B3: durable accept msgs/s, homemx-backend vs Postfix, beside the disk's fsync rate
+    "fairness": "tests.bench.fairness_bench",  # B6: small-message latency while 25 MB messages flow gateway → backend
+    "e2e": "tests.bench.e2e_bench",  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
 }
 
 
