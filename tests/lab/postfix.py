@@ -95,11 +95,16 @@ bounce_queue_lifetime = 0
         self.ns.run(["postfix", "post-install", "create-missing"], check=False)
 
     def set_recipient_access(self, table: dict[str, str]) -> None:
-        """Replace the check_recipient_access table (e.g. {"x@dom": "450 4.2.0 busy"}) and reload."""
+        """Replace the check_recipient_access table (e.g. {"x@dom": "450 4.2.0 busy"}), effective at once.
+
+        A restart, not ``postfix reload``: an smtpd serving a session the client keeps open (the
+        backend reuses sessions) would keep answering from the old table.
+        """
         assert self.etc is not None
         (self.etc / "rcpt_access").write_text("".join(f"{k} {v}\n" for k, v in table.items()))
         if self.running():
-            self.ns.run(["postfix", "reload"])
+            self.stop()
+            self.start()
 
     # ------------------------------------------------------------ life cycle
 
