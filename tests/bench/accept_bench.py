@@ -68,14 +68,16 @@ def smtp_source(port: int, sessions: int, messages: int, wrap: list[str] | None 
 
 
 class Backend:
-    """A real `homemx-backend run` with one lan listener trusting loopback."""
+    """A real `homemx-backend run`; by default one lan listener trusting loopback (``listeners`` may name
+    ``{port}``, the port waited on)."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, listeners: str | None = None, extra: str = ""):
         self.work = work
         self.port = free_port()
-        lan = listener_block("lan", "lan", f"127.0.0.1:{self.port}", trusted_networks=["127.0.0.0/8"],
-                             max_message_size="50MB")
-        self.cfg = write_config(work, lan)
+        if listeners is None:
+            listeners = listener_block("lan", "lan", "127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"],
+                                       max_message_size="50MB")
+        self.cfg = write_config(work, listeners.replace("{port}", str(self.port)), extra=extra)
         # The helper's config logs at debug (transcripts): a benchmark measures the daemon as deployed.
         self.cfg.write_text(self.cfg.read_text().replace('log_level = "debug"', 'log_level = "warning"'))
         self.proc: subprocess.Popen | None = None
