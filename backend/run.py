@@ -75,7 +75,9 @@ class Backend:
                     signer=self.signer,
                     run_blocking=self.run_blocking,
                 )
-                server_ssl: ssl.SSLContext | None = tls if lc.kind == "submissions" else None
+                # Implicit TLS: the event loop does the handshake, unless a PROXY header comes
+                # first (then the session starts TLS itself after reading it).
+                server_ssl: ssl.SSLContext | None = tls if lc.kind == "submissions" and not lc.proxy_protocol else None
                 host, port = lc.listen
                 server = await loop.create_server(protocol_factory(ctx), host, port, ssl=server_ssl, reuse_address=True)
                 self.servers.append(server)
@@ -97,7 +99,9 @@ class Backend:
                 return server.sockets[0].getsockname()[1]
         raise KeyError(name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Close the listeners, give deliveries in flight ``grace`` seconds, then cancel them
+        (their next attempt is already recorded) and close the queue."""
         for s in self.servers:
             s.close()
         if self._runner_task is not None:
@@ -107,7 +111,7 @@ class Backend:
             except asyncio.CancelledError:
                 pass
         if self.runner is not None:
-            await self.runner.drain(SHUTDOWN_GRACE)
+            await self.runner.drain(grace)
         if self.remote is not None and hasattr(self.remote, "close"):
             await self.remote.close()  # QUIT idle outbound sessions
         if self.metrics_server is not None:

@@ -36,6 +36,8 @@ from email import policy as email_policy
 from email.parser import BytesHeaderParser
 from typing import Awaitable, Callable
 
+from asyncio import sslproto
+
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from backend import replies as R
@@ -195,6 +197,32 @@ class HomeSMTP(SMTP):
         )
         self.ctx.metrics.connections.labels(self.ctx.listener.name, self.outcome).inc()
         super().connection_lost(error)
+
+    async def start_implicit_tls(self) -> bool:
+        """Implicit TLS (RFC 8314) on a listener that first reads a PROXY header: the header is
+        cleartext, the TLS ClientHello follows it (often in the same segment), so the TLS layer is
+        put in place after the header, fed whatever bytes were already read past it, and the
+        banner is sent inside TLS."""
+        assert self.transport is not None and self.ctx.tls_context is not None
+        leftover = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.ctx.tls_context, waiter, server_side=True)
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        if leftover:
+            buf = self._tls_protocol.get_buffer(len(leftover))
+            buf[: len(leftover)] = leftover
+            self._tls_protocol.buffer_updated(len(leftover))
+        try:
+            await asyncio.wait_for(waiter, PROXY_TIMEOUT)
+        except (asyncio.TimeoutError, ssl.SSLError, ConnectionError, OSError) as e:
+            log.info("conn=%s client=%s TLS handshake failed: %r", self.conn_id, self.client_host, e)
+            self.outcome = "tls-failed"
+            return False
+        return True
 
     @property
     def client_host(self) -> str:
@@ -382,6 +410,8 @@ class Handler:
             log.info("conn=%s peer=%s refused PROXY header %r", server.conn_id, server.client_host, proxy_data)
             return False
         server.client = (str(proxy_data.src_addr), int(proxy_data.src_port or 0))
+        if self.kind == "submissions":
+            return await server.start_implicit_tls()
         return True
 
     async def handle_EHLO(self, server: HomeSMTP, session: Session, envelope: Envelope, hostname: str, responses):

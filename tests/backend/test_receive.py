@@ -62,7 +62,7 @@ async def backend(tmp_path):
     try:
         yield b
     finally:
-        await b.stop()
+        await b.stop(grace=0.5)
 
 
 def queue_rows(b: Backend):
@@ -150,7 +150,7 @@ async def test_mx_untrusted_peer_closed_before_banner(tmp_path):
         assert (await c.reply()).startswith("220 ")
         c.close()
     finally:
-        await b.stop()
+        await b.stop(grace=0.5)
 
 
 # ---------------------------------------------------------------- recipients and relay
@@ -398,7 +398,7 @@ async def test_lan_untrusted_must_auth(tmp_path):
         await c.cmd("EHLO app")
         assert (await c.cmd("MAIL FROM:<nas@example.org>")).startswith("530 5.7.0")
     finally:
-        await b.stop()
+        await b.stop(grace=0.5)
 
 
 # ---------------------------------------------------------------- storage faults
@@ -458,7 +458,7 @@ def backend_sync(tmp_path):
     try:
         yield ports
     finally:
-        asyncio.run_coroutine_threadsafe(b.stop(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(b.stop(grace=0.5), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
 
@@ -511,4 +511,31 @@ async def test_metrics_endpoint_counts_outcomes(tmp_path):
         assert m[("homemx_backend_queue_recipients", (("state", "delivered"),))] == 1
         assert ("homemx_backend_queue_oldest_age_seconds", ()) in m
     finally:
-        await b.stop()
+        await b.stop(grace=0.5)
+
+
+@pytest.mark.asyncio
+async def test_submissions_behind_proxy_tls_after_header(tmp_path):
+    """Port 465 behind the gateway: PROXY v2 header in cleartext, then implicit TLS."""
+    import socket as socketmod
+
+    cfg_path = write_config(
+        tmp_path,
+        listener_block("smtps", "submissions", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]),
+    )
+    b = Backend(load_config(cfg_path))
+    await b.start()
+    try:
+        sock = socketmod.create_connection(("127.0.0.1", b.bound_port("smtps")))
+        sock.sendall(encode_proxy_v2(REAL_CLIENT, ("198.51.100.1", 465)))
+        sock.setblocking(False)
+        async with aiosmtplib.SMTP(sock=sock, hostname="127.0.0.1", use_tls=True, tls_context=client_tls()) as smtp:
+            await smtp.login(ALICE, ALICE_PW)
+            _, reply = await smtp.sendmail(ALICE, ["friend@remote.example"], MSG.replace("carol@remote.example", ALICE).encode())
+        assert reply.startswith("2.0.0 OK: queued as")
+        [entry] = queue_rows(b)
+        assert entry.client_addr == REAL_CLIENT[0]
+        stored = Queue(b.config.queue_db, group_commit=False).content(entry.id)
+        assert b"[203.0.113.7]" in stored and b"with ESMTPSA" in stored
+    finally:
+        await b.stop(grace=0.5)
