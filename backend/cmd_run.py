@@ -52,7 +52,10 @@ def cmd_config_check(args) -> int:
 
 
 def cmd_run(args) -> int:
-    cfg = load_or_exit(args.config)
+    return run_daemon(load_or_exit(args.config))
+
+
+def run_daemon(cfg) -> int:
     setup_logging(cfg.server.log_level)
     from backend.run import serve
 
@@ -212,12 +215,4 @@ def cmd_demo(args) -> int:
     print(f"  metrics:              curl -s 127.0.0.1:{b + 91}/metrics (backend), 127.0.0.1:{b + 92}/metrics (gateway)")
     print("  stop with Ctrl-C")
     sys.stdout.flush()
-    setup_logging(cfg.server.log_level)
-    from backend.run import serve
-
-    try:
-        asyncio.run(serve(cfg))
-    except OSError as e:
-        print(f"homemx-backend: cannot start: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon(cfg)
