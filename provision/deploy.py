@@ -129,7 +129,10 @@ def build_wheelhouse(project_dir: str | Path, out_dir: str | Path) -> list[Path]
     """``pip wheel`` homemx and its dependencies on the operator's machine (hosts then install with --no-index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)], check=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ProvisionError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
     wheels = sorted(out.glob("*.whl"))
     if not any(w.name.startswith("homemx-") for w in wheels):
         raise ProvisionError(f"no homemx wheel in {out}")
@@ -211,6 +214,7 @@ def tunnel_public_key(r: Remote, site: Site) -> str | None:
 # ---------------------------------------------------------------- roles
 
 def _units(r: Remote, files: dict[str, str]) -> None:
+    r.ensure_dir(r.layout.units, 0o755, "root", "root")
     for name, text in files.items():
         r.ensure_file(f"{r.layout.units}/{name}", text.encode(), 0o644, "root", "root", item=f"unit {name}")
 

@@ -1,0 +1,255 @@
+"""Acceptance: the Fabric provisioning runs for real over SSH against two "hosts" (sshd in two network namespaces).
+
+Topology (tests/lab/netns.py): internet / gateway / NAT router / home. sshd listens in the gateway
+and home namespaces; Fabric reaches each through a ProxyCommand that relays inside the namespace.
+Each host has its own root directory (its /etc/homemx, data dir, venv, units) so the two never
+collide on this one filesystem, and systemctl is never called (no systemd here): the test starts the
+daemons itself from the provisioned files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_root, require_tool
+from tests.lab.netns import Lab, home_behind_nat
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+RELAY = Path(__file__).with_name("nsrelay.py")
+USER = "hmxprov"  # a test-only system user, removed afterwards
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory):
+    from provision.deploy import build_wheelhouse
+
+    return build_wheelhouse(REPO, tmp_path_factory.mktemp("wheelhouse"))
+
+
+def _sshd(lab: Lab, ns, addr: str, role: str, pubkey: str) -> None:
+    d = lab.workdir / f"ssh-{role}"
+    d.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "hostkey")], check=True)
+    (d / "authorized_keys").write_text(pubkey)
+    cfg = d / "sshd_config"
+    cfg.write_text(f"""ListenAddress {addr}:22
+HostKey {d}/hostkey
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+""")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    ns.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.DEVNULL)
+
+
+def _connection(ns, addr: str, key: Path):
+    from fabric import Config, Connection
+
+    proxy = f"ip netns exec {ns.name} {sys.executable} {RELAY} {addr} 22"
+    return Connection(addr, user="root", gateway=proxy, config=Config(overrides={"load_ssh_configs": False}),
+                      connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False})
+
+
+def _wait_ssh(conn, deadline=15.0) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            conn.run("true", hide=True, in_stream=False)
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            conn.close()
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def hosts(wheels):
+    require_root()
+    require_tool("/usr/sbin/sshd", "ssh-keygen", "wireguard-go", "wg", "nft", "systemd-analyze", "swaks")
+    from provision.site import HostLayout, Site
+
+    user_existed = subprocess.run(["id", "-u", USER], capture_output=True).returncode == 0
+    lab = Lab("hp")
+    conns = []
+    try:
+        topo = home_behind_nat(lab)
+        key = lab.workdir / "operator_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        pub = (lab.workdir / "operator_key.pub").read_text()
+        _sshd(lab, topo.gateway, topo.gateway_addr, "gw", pub)
+        _sshd(lab, topo.home, topo.home_addr, "home", pub)
+        gw = _connection(topo.gateway, topo.gateway_addr, key)
+        be = _connection(topo.home, topo.home_addr, key)
+        conns += [gw, be]
+        _wait_ssh(gw)
+        _wait_ssh(be)
+
+        def layout(role, ifname):
+            return HostLayout(root=str(lab.workdir / f"root-{role}"), user=USER, systemctl=False,
+                              install_packages=False, ifname=ifname)
+
+        site = Site(domain="example.org", hostname="mail.example.org", first_user="alice@example.org",
+                    gateway_public_addr=topo.gateway_addr, gateway_public_if=topo.gateway_if,
+                    userspace_wireguard=True, greet_wait="1s",
+                    gateway=layout("gw", lab.name("wgg")), backend=layout("home", lab.name("wgh")))
+        yield {"lab": lab, "topo": topo, "site": site, "gw": gw, "be": be, "wheels": wheels,
+               "state": {}}
+    finally:
+        for c in conns:
+            c.close()
+        lab.close()
+        if not user_existed:
+            subprocess.run(["userdel", USER], capture_output=True)
+
+
+def _deploy(h, site=None, dry_run=False):
+    from provision import deploy
+
+    return deploy.deploy_both(site or h["site"], h["gw"], h["be"], h["wheels"], dry_run=dry_run)
+
+
+def _mode(p: str) -> tuple[str, str, str]:
+    st = os.stat(p)
+    import grp
+    import pwd
+
+    return oct(stat.S_IMODE(st.st_mode)), pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name
+
+
+def test_first_run_files_keys_and_permissions(hosts):
+    from provision import render
+    from wireguard import keys, wgquick
+
+    report, g, b, records = _deploy(hosts)
+    hosts["state"]["first"] = (report, g, b)
+    site = hosts["site"]
+    gl, bl = site.gateway, site.backend
+    assert ("gateway", "venv", "changed") in report.items and ("backend", "backend.toml", "changed") in report.items
+    assert ("backend", "homemx-backend.service") in report.restarts
+
+    # configs root:<user> 0640, keys 0600, data dir owned by the daemon user
+    assert _mode(f"{gl.etc}/gateway.toml") == ("0o640", "root", USER)
+    assert _mode(f"{bl.etc}/backend.toml") == ("0o640", "root", USER)
+    assert _mode(f"{bl.etc}/passwd") == ("0o640", "root", USER)
+    assert _mode(gl.etc) == ("0o750", "root", USER)
+    assert _mode(bl.data) == ("0o750", USER, USER)
+    gkey, bkey = render.wg_key_path(site, gl), render.wg_key_path(site, bl)
+    for p in (gkey, bkey, render.wg_conf_path(site, gl), render.wg_conf_path(site, bl),
+              render.wg_conf_path(site, gl)[:-5] + ".egress.nft"):
+        assert _mode(p) == ("0o600", "root", "root"), p
+    dkim_files = [e["private_key"] for e in render.dkim_entries(site, bl)]
+    tls_key = render.tls_paths(bl)[1]
+    for p in dkim_files + [tls_key, f"{bl.etc}/first-user.password"]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    assert _mode(dkim_files[0])[1] == USER  # the daemon (not root) must read its signing key
+
+    # each end's private key differs; each end's peer is the other's public key
+    gpriv, bpriv = Path(gkey).read_text().strip(), Path(bkey).read_text().strip()
+    assert gpriv != bpriv
+    gconf = wgquick.read(render.wg_conf_path(site, gl))
+    bconf = wgquick.read(render.wg_conf_path(site, bl))
+    assert gconf.peers[0].public_key == keys.public_key(bpriv)
+    assert bconf.peers[0].public_key == keys.public_key(gpriv)
+    assert bconf.peers[0].endpoint == (site.gateway_public_addr, site.wg_port)
+
+    # no private material ever crossed the wire: not uploaded, not in a command, not in a reply
+    secrets = [gpriv, bpriv, Path(tls_key).read_text(), Path(f"{bl.etc}/first-user.password").read_text().strip()]
+    secrets += [Path(p).read_text().strip().splitlines()[1 if p.endswith(".pem") else 0] for p in dkim_files]
+    wire = b"".join(g.uploads + b.uploads) + "\n".join(g.commands + b.commands + g.replies + b.replies).encode()
+    assert len(g.uploads) > 10  # wheels, configs and units did travel
+    for s in secrets:
+        assert s.encode() not in wire
+
+    # the DKIM records came back (public) and match the keys made at home
+    assert any("hmx-rsa._domainkey.example.org." in r and "p=" in r for r in records)
+
+
+def test_second_run_changes_nothing(hosts):
+    report, g, b, _ = _deploy(hosts)
+    assert report.changed == [] and report.restarts == []
+    assert report.text().endswith("nothing changed")
+    assert g.uploads == [] and b.uploads == []
+
+
+def test_dry_run_changes_nothing_and_previews_a_change(hosts):
+    site = dataclasses.replace(hosts["site"], greet_wait="2s")
+    conf = Path(f"{site.gateway.etc}/gateway.toml")
+    before = conf.read_bytes()
+    report, g, _, _ = _deploy(hosts, site, dry_run=True)
+    assert report.changed == [("gateway", "gateway.toml", "would change")]
+    assert ("gateway", "homemx-gateway.service") in report.restarts
+    assert conf.read_bytes() == before and g.uploads == []
+
+
+def test_changed_setting_touches_only_what_it_must(hosts):
+    site = dataclasses.replace(hosts["site"], greet_wait="2s")
+    report, _, _, _ = _deploy(hosts, site)
+    assert report.changed == [("gateway", "gateway.toml", "changed")]
+    assert report.restarts == [("gateway", "homemx-gateway.service")]
+    report, _, _, _ = _deploy(hosts)  # back to the original setting for the following tests
+    assert report.changed == [("gateway", "gateway.toml", "changed")]
+
+
+def test_units_pass_systemd_analyze_verify(hosts):
+    site = hosts["site"]
+    for lay, units in ((site.gateway, ("homemx-tunnel.service", "homemx-gateway.service")),
+                       (site.backend, ("homemx-tunnel.service", "homemx-backend.service"))):
+        files = [f"{lay.units}/{u}" for u in units]
+        r = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True,
+                           env={**os.environ, "SYSTEMD_UNIT_PATH": f"{lay.units}:"})
+        assert r.returncode == 0, r.stderr
+        assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in Path(files[-1]).read_text() or "backend" in files[-1]
+
+
+def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
+    from provision import deploy, render
+
+    site, topo, lab = hosts["site"], hosts["topo"], hosts["lab"]
+    env = {**os.environ, "HOMEMX_TUNNEL_STATE_DIR": str(lab.workdir / "tunnel-state")}
+    for ns, lay, role, extra in ((topo.gateway, site.gateway, "gateway",
+                                  ["--public-if", site.gateway_public_if, "--public-addr", site.gateway_public_addr]),
+                                 (topo.home, site.backend, "backend", [])):
+        ns.run([f"{lay.venv}/bin/homemx-{role}", "tunnel", "up", "-c", render.wg_conf_path(site, lay),
+                "--userspace", *extra], env=env)
+    logs = lab.workdir
+    topo.gateway.popen([f"{site.gateway.venv}/bin/homemx-gateway", "run", "-c", f"{site.gateway.etc}/gateway.toml"],
+                       stdout=open(logs / "gw.log", "w"), stderr=subprocess.STDOUT)
+    topo.home.popen([f"{site.backend.venv}/bin/homemx-backend", "run", "-c", f"{site.backend.etc}/backend.toml"],
+                    stdout=open(logs / "be.log", "w"), stderr=subprocess.STDOUT)
+
+    res = deploy.check(site, hosts["gw"], hosts["be"], wait=30)
+    assert res["ok"], (res, (logs / "gw.log").read_text(), (logs / "be.log").read_text())
+    assert res["gateway"]["banner"].startswith("220 mail.example.org")
+
+    r = topo.internet.run(["swaks", "--server", f"{site.gateway_public_addr}:25", "--to", "alice@example.org",
+                           "--from", "sender@remote.example", "--helo", "remote.example",
+                           "--header", "Subject: provisioned", "--body", "through the tunnel"], check=False, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    new = Path(site.backend.data) / "mail" / "example.org" / "alice" / "Maildir" / "new"
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not (new.exists() and any(new.iterdir())):
+        time.sleep(0.2)
+    msgs = list(new.iterdir())
+    assert len(msgs) == 1
+    body = msgs[0].read_text()
+    assert "Subject: provisioned" in body and "through the tunnel" in body
+    # the backend saw the real client (the internet host) thanks to the gateway's PROXY v2 header
+    assert re.search(re.escape(topo.internet_addr), body)
