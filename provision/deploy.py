@@ -147,7 +147,9 @@ def ensure_packages(r: Remote) -> None:
     # no kernel module (containers, some VPSes, this lab): the userspace implementation
     if not r.ok("modinfo wireguard >/dev/null 2>&1 || test -d /sys/module/wireguard"):
         pkgs.append(USERSPACE_WG_PACKAGE)
-    missing = [p for p in pkgs if not r.ok(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed'")]
+    probe = "; ".join(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed' || echo {p}"
+                      for p in pkgs)
+    missing = r.run(probe, check=False).split()
     if not missing:
         r.mark("packages " + " ".join(pkgs), "unchanged")
         return
@@ -174,13 +176,20 @@ def ensure_venv(r: Remote, wheels: list[Path]) -> None:
     wh = str(Path(lay.venv).parent / "wheelhouse")
     r.ensure_dir(str(Path(lay.venv).parent), 0o755, "root", "root")
     r.ensure_dir(wh, 0o755, "root", "root")
-    for w in wheels:
-        r.ensure_file(f"{wh}/{w.name}", w.read_bytes(), 0o644, "root", "root", item=f"wheel {w.name}")
-    names = {w.name for w in wheels}
-    listing = r.run(f"ls {shlex.quote(wh)}", check=False).split()
-    for stale in sorted(set(listing) - names):
-        if stale.endswith(".whl") and not r.dry_run:
-            r.run(f"rm -f {shlex.quote(wh + '/' + stale)}")
+    # one round trip for every wheel's hash; upload only the ones that differ
+    have = {}
+    for line in r.run(f"cd {shlex.quote(wh)} 2>/dev/null && sha256sum -- *.whl", check=False).splitlines():
+        digest, _, name = line.partition("  ")
+        have[name] = digest
+    stale = [w for w in wheels if have.get(w.name) != hashlib.sha256(w.read_bytes()).hexdigest()]
+    extra = sorted(set(have) - {w.name for w in wheels})
+    if not r.dry_run:
+        for w in stale:
+            r.upload(w.read_bytes(), f"{wh}/{w.name}")
+        if extra:
+            r.run("rm -f " + " ".join(shlex.quote(f"{wh}/{n}") for n in extra))
+    r.mark(f"wheelhouse ({len(wheels)} wheels)",
+           "unchanged" if not stale and not extra else "would change" if r.dry_run else "changed")
     stamp_text = "\n".join(sorted(f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}" for w in wheels)) + "\n"
     stamp = f"{lay.venv}/.homemx-wheels"
     if r.run(f"cat {shlex.quote(stamp)}", check=False) == stamp_text and r.ok(f"test -x {lay.venv}/bin/homemx-backend"):
@@ -226,9 +235,8 @@ def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key
     if not prepared:
         base(r, wheels)
         tunnel_public_key(r, site)
-    r.ensure_file(f"{lay.etc}/gateway.toml", render.gateway_toml(site).encode(), 0o640, "root", lay.user,
-                  item="gateway.toml")
-    if not r.dry_run:
+    if r.ensure_file(f"{lay.etc}/gateway.toml", render.gateway_toml(site).encode(), 0o640, "root", lay.user,
+                     item="gateway.toml") == "changed":
         r.run(f"{lay.venv}/bin/homemx-gateway config check -c {lay.etc}/gateway.toml")
     if backend_public_key:
         res = r.hostside("tunnel_config", role="gateway", key_file=render.wg_key_path(site, lay),
@@ -268,8 +276,7 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
         r.report.notes.append("backend: no gateway public key yet: tunnel file not written (use the `both` task)")
     # DKIM: generated here, at home; only the TXT records come back
     res = r.hostside("dkim_keys", domain=site.domain, keys=render.dkim_entries(site, lay))
-    r.mark("dkim keys", res.get("keys", "would change"))
-    if not r.dry_run:
+    if r.mark("dkim keys", res.get("keys", "would change")) == "changed":
         for e in render.dkim_entries(site, lay):
             r.run(f"chown {lay.user}:{lay.user} {shlex.quote(e['private_key'])} && chmod 600 {shlex.quote(e['private_key'])}")
     cert, key = render.tls_paths(lay)
@@ -278,18 +285,18 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
         r.ensure_file(cert, tls_cert, 0o644, "root", lay.user, item="tls certificate")
         r.ensure_file(key, tls_key, 0o600, lay.user, lay.user, item="tls key")
     else:
-        r.mark("tls certificate", r.hostside("tls_selfsigned", cert=cert, key=key, hostname=site.hostname)
-               .get("tls", "would change"))
-        if not r.dry_run:
+        if r.mark("tls certificate", r.hostside("tls_selfsigned", cert=cert, key=key, hostname=site.hostname)
+                  .get("tls", "would change")) == "changed":
             r.run(f"chown {lay.user}:{lay.user} {shlex.quote(key)} && chmod 600 {shlex.quote(key)}")
-    r.ensure_file(f"{lay.etc}/backend.toml", render.backend_toml(site, lay).encode(), 0o640, "root", lay.user,
-                  item="backend.toml")
+    conf_status = r.ensure_file(f"{lay.etc}/backend.toml", render.backend_toml(site, lay).encode(), 0o640, "root",
+                                lay.user, item="backend.toml")
     passwd = f"{lay.etc}/passwd"
-    r.mark("first user " + site.first_user,
-           r.hostside("first_user", passwd_file=passwd, address=site.first_user,
-                      password_file=f"{lay.etc}/first-user.password").get("user", "would change"))
-    if not r.dry_run:
+    if r.mark("first user " + site.first_user,
+              r.hostside("first_user", passwd_file=passwd, address=site.first_user,
+                         password_file=f"{lay.etc}/first-user.password").get("user", "would change")) == "changed":
         r.run(f"chown root:{lay.user} {passwd} && chmod 640 {passwd}")
+    if conf_status == "changed":
+        # validated on the host, against the files it names, before anything restarts
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
                "homemx-backend.service": render.backend_unit(site, lay)})

@@ -126,7 +126,7 @@ def site_from_dict(data: dict, file="site.toml") -> Site:
             try:
                 ipaddress.IPv4Address(kw[key])
             except ValueError as e:
-                raise SiteError(file, f"site.{key}", str(e)) from None
+                raise SiteError(file, f"site.{key}", f"not an IPv4 address ({e})") from None
     if "@" not in kw["first_user"]:
         raise SiteError(file, "site.first_user", "expected an address user@domain")
     return Site(**kw)

@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RELAY = Path(__file__).with_name("nsrelay.py")
-USER = "hmxprov"  # a test-only system user, removed afterwards
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +85,8 @@ def hosts(wheels):
     require_tool("/usr/sbin/sshd", "ssh-keygen", "wireguard-go", "wg", "nft", "systemd-analyze", "swaks")
     from provision.site import HostLayout, Site
 
-    user_existed = subprocess.run(["id", "-u", USER], capture_output=True).returncode == 0
     lab = Lab("hp")
+    user = "hmx" + lab.prefix  # a system user only this run uses (runs may overlap), removed afterwards
     conns = []
     try:
         topo = home_behind_nat(lab)
@@ -103,7 +102,7 @@ def hosts(wheels):
         _wait_ssh(be)
 
         def layout(role, ifname):
-            return HostLayout(root=str(lab.workdir / f"root-{role}"), user=USER, systemctl=False,
+            return HostLayout(root=str(lab.workdir / f"root-{role}"), user=user, systemctl=False,
                               install_packages=False, ifname=ifname)
 
         site = Site(domain="example.org", hostname="mail.example.org", first_user="alice@example.org",
@@ -111,13 +110,12 @@ def hosts(wheels):
                     userspace_wireguard=True, greet_wait="1s",
                     gateway=layout("gw", lab.name("wgg")), backend=layout("home", lab.name("wgh")))
         yield {"lab": lab, "topo": topo, "site": site, "gw": gw, "be": be, "wheels": wheels,
-               "state": {}}
+               "user": user}
     finally:
         for c in conns:
             c.close()
         lab.close()
-        if not user_existed:
-            subprocess.run(["userdel", USER], capture_output=True)
+        subprocess.run(["userdel", user], capture_output=True)
 
 
 def _deploy(h, site=None, dry_run=False):
@@ -139,18 +137,17 @@ def test_first_run_files_keys_and_permissions(hosts):
     from wireguard import keys, wgquick
 
     report, g, b, records = _deploy(hosts)
-    hosts["state"]["first"] = (report, g, b)
-    site = hosts["site"]
+    site, user = hosts["site"], hosts["user"]
     gl, bl = site.gateway, site.backend
     assert ("gateway", "venv", "changed") in report.items and ("backend", "backend.toml", "changed") in report.items
     assert ("backend", "homemx-backend.service") in report.restarts
 
     # configs root:<user> 0640, keys 0600, data dir owned by the daemon user
-    assert _mode(f"{gl.etc}/gateway.toml") == ("0o640", "root", USER)
-    assert _mode(f"{bl.etc}/backend.toml") == ("0o640", "root", USER)
-    assert _mode(f"{bl.etc}/passwd") == ("0o640", "root", USER)
-    assert _mode(gl.etc) == ("0o750", "root", USER)
-    assert _mode(bl.data) == ("0o750", USER, USER)
+    assert _mode(f"{gl.etc}/gateway.toml") == ("0o640", "root", user)
+    assert _mode(f"{bl.etc}/backend.toml") == ("0o640", "root", user)
+    assert _mode(f"{bl.etc}/passwd") == ("0o640", "root", user)
+    assert _mode(gl.etc) == ("0o750", "root", user)
+    assert _mode(bl.data) == ("0o750", user, user)
     gkey, bkey = render.wg_key_path(site, gl), render.wg_key_path(site, bl)
     for p in (gkey, bkey, render.wg_conf_path(site, gl), render.wg_conf_path(site, bl),
               render.wg_conf_path(site, gl)[:-5] + ".egress.nft"):
@@ -159,7 +156,7 @@ def test_first_run_files_keys_and_permissions(hosts):
     tls_key = render.tls_paths(bl)[1]
     for p in dkim_files + [tls_key, f"{bl.etc}/first-user.password"]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
-    assert _mode(dkim_files[0])[1] == USER  # the daemon (not root) must read its signing key
+    assert _mode(dkim_files[0])[1] == user  # the daemon (not root) must read its signing key
 
     # each end's private key differs; each end's peer is the other's public key
     gpriv, bpriv = Path(gkey).read_text().strip(), Path(bkey).read_text().strip()
@@ -171,7 +168,7 @@ def test_first_run_files_keys_and_permissions(hosts):
     assert bconf.peers[0].endpoint == (site.gateway_public_addr, site.wg_port)
 
     # no private material ever crossed the wire: not uploaded, not in a command, not in a reply
-    secrets = [gpriv, bpriv, Path(tls_key).read_text(), Path(f"{bl.etc}/first-user.password").read_text().strip()]
+    secrets = [gpriv, bpriv, Path(tls_key).read_text().splitlines()[1], Path(f"{bl.etc}/first-user.password").read_text().strip()]
     secrets += [Path(p).read_text().strip().splitlines()[1 if p.endswith(".pem") else 0] for p in dkim_files]
     wire = b"".join(g.uploads + b.uploads) + "\n".join(g.commands + b.commands + g.replies + b.replies).encode()
     assert len(g.uploads) > 10  # wheels, configs and units did travel
@@ -204,8 +201,8 @@ def test_changed_setting_touches_only_what_it_must(hosts):
     report, _, _, _ = _deploy(hosts, site)
     assert report.changed == [("gateway", "gateway.toml", "changed")]
     assert report.restarts == [("gateway", "homemx-gateway.service")]
-    report, _, _, _ = _deploy(hosts)  # back to the original setting for the following tests
-    assert report.changed == [("gateway", "gateway.toml", "changed")]
+    assert 'greet_wait = "2s"' in Path(f"{site.gateway.etc}/gateway.toml").read_text()
+    hosts["site"] = site  # what is now deployed
 
 
 def test_units_pass_systemd_analyze_verify(hosts):
@@ -216,7 +213,15 @@ def test_units_pass_systemd_analyze_verify(hosts):
         r = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True,
                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{lay.units}:"})
         assert r.returncode == 0, r.stderr
-        assert "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in Path(files[-1]).read_text() or "backend" in files[-1]
+    gw = Path(f"{site.gateway.units}/homemx-gateway.service").read_text()
+    be = Path(f"{site.backend.units}/homemx-backend.service").read_text()
+    # the edge proxy's one capability; the MTA has none and writes only its data dir
+    assert "\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n" in gw and "\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n" in gw
+    assert "\nCapabilityBoundingSet=\n" in be and f"\nReadWritePaths={site.backend.data}\n" in be
+    for unit in (gw, be):
+        for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure",
+                     f"User={hosts['user']}"):
+            assert f"\n{line}\n" in unit
 
 
 def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
