@@ -435,6 +435,7 @@ class Handler:
         envelope.mail_from = sender or "<>"
         envelope.mail_options.extend(options)
         envelope.resolved = []  # type: ignore[attr-defined]
+        envelope.started = time.monotonic()  # type: ignore[attr-defined]
         return R.R250_OK
 
     def _check_sender(self, server: HomeSMTP, session: Session, sender: str) -> str | None:
@@ -514,8 +515,9 @@ class Handler:
         server.outcome = "accepted"
         self.ctx.metrics.messages_received.labels(listener, "accepted").inc()
         log.info(
-            "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d",
+            "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d duration=%.3fs",
             server.conn_id, server.client_host, qid, msg.sender, len(msg.recipients), len(content),
+            time.monotonic() - getattr(envelope, "started", time.monotonic()),
         )
         return R.queued(qid)
 
