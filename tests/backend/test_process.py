@@ -179,9 +179,13 @@ def test_local_delivery_and_queue_cli_while_running(tmp_path, daemons):
     d = Daemon(cfg).start(port)
     daemons.append(d)
     with smtplib.SMTP("127.0.0.1", port) as s:
-        s.sendmail(ALICE, ["bob@example.org"], "From: alice@example.org\r\nSubject: hi bob\r\n\r\nlocal\r\n")
+        s.sendmail(ALICE, ["bob@example.org"], "From: alice@example.org\r\nSubject: hi bob\r\n\r\nBODY-MARKER-7f3a\r\n")
         s.sendmail(ALICE, ["friend@remote.example"], MSG)
     wait_for_sync(lambda: maildir_files(tmp_path, "bob@example.org"))
+    assert "BODY-MARKER-7f3a" in maildir_files(tmp_path, "bob@example.org")[0].read_text()
+    # The daemon runs at log_level = debug (SMTP transcript on) and still never logs a body.
+    log_text = d.log.read_text()
+    assert "mail FROM:<alice@example.org>" in log_text and "BODY-MARKER-7f3a" not in log_text
     entries = queue_json(cfg)
     remote = [e for e in entries if e["recipients"][0]["address"] == "friend@remote.example"][0]
     local = [e for e in entries if e["recipients"][0]["address"] == "bob@example.org"][0]
