@@ -229,4 +229,9 @@ def test_users_cli_shares_file_with_auth(tmp_path, daemons):
             s.login("carol@example.org", "carol-pass-123")
     r = run_cli("users", "add", "x@unknown.example", "--password-file", "-", "-c", str(cfg), input="longenough\n")
     assert r.returncode == 1 and "unknown.example" in r.stderr
-    assert "carol-pass-123" not in d.log.read_text()
+    import base64
+
+    log_text = d.log.read_text()
+    blob = base64.b64encode(b"\0carol@example.org\0carol-pass-123").decode()
+    assert "AUTH" in log_text  # the transcript is there (log_level = debug) ...
+    assert "carol-pass-123" not in log_text and blob not in log_text  # ... the secret is not
