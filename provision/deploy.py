@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -125,12 +126,19 @@ class Remote:
 
 # ---------------------------------------------------------------- the wheelhouse (operator side)
 
-def build_wheelhouse(project_dir: str | Path, out_dir: str | Path) -> list[Path]:
+# Reproducible wheels: without a fixed SOURCE_DATE_EPOCH every build stamps the current time into
+# the zip entries, the hash changes, and every run would reinstall the venvs and restart everything.
+SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
+
+
+def build_wheelhouse(project_dir: str | Path, out_dir: str | Path, deps: bool = True) -> list[Path]:
     """``pip wheel`` homemx and its dependencies on the operator's machine (hosts then install with --no-index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)],
-                       capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)]
+    if not deps:
+        cmd.insert(4, "--no-deps")
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
     if r.returncode != 0:
         raise ProvisionError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
     wheels = sorted(out.glob("*.whl"))
@@ -333,6 +341,18 @@ def deploy_both(site: Site, gw_conn, be_conn, wheels: list[Path], dry_run: bool 
     deploy_gateway(g, site, wheels, b_pub, prepared=True)
     records = deploy_backend(b, site, wheels, g_pub, tls_cert, tls_key, prepared=True)
     return report, g, b, records
+
+
+def connection(layout: HostLayout):
+    """A Fabric connection to a host of the site file (its ssh target, optional ProxyCommand and key)."""
+    from fabric import Connection
+
+    kw = {}
+    if layout.ssh_proxy:
+        kw["gateway"] = layout.ssh_proxy
+    if layout.ssh_key:
+        kw["connect_kwargs"] = {"key_filename": layout.ssh_key}
+    return Connection(layout.ssh, **kw)
 
 
 def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:

@@ -23,6 +23,8 @@ class HostLayout:
     """Where homemx lives on one host. ``root`` prefixes every path (``/`` in production)."""
 
     ssh: str = ""                      # Fabric host string, e.g. root@vps.example.net
+    ssh_proxy: str = ""                # optional ProxyCommand (a literal command line: no %h/%p expansion)
+    ssh_key: str = ""                  # optional identity file (default: your ssh agent / ~/.ssh keys)
     root: str = "/"
     etc_dir: str = "/etc/homemx"
     data_dir: str = "/var/lib/homemx"

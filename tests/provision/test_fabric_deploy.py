@@ -58,14 +58,6 @@ Subsystem sftp internal-sftp
     ns.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.DEVNULL)
 
 
-def _connection(ns, addr: str, key: Path):
-    from fabric import Config, Connection
-
-    proxy = f"ip netns exec {ns.name} {sys.executable} {RELAY} {addr} 22"
-    return Connection(addr, user="root", gateway=proxy, config=Config(overrides={"load_ssh_configs": False}),
-                      connect_kwargs={"key_filename": str(key), "look_for_keys": False, "allow_agent": False})
-
-
 def _wait_ssh(conn, deadline=15.0) -> None:
     end = time.monotonic() + deadline
     while True:
@@ -83,6 +75,7 @@ def _wait_ssh(conn, deadline=15.0) -> None:
 def hosts(wheels):
     require_root()
     require_tool("/usr/sbin/sshd", "ssh-keygen", "wireguard-go", "wg", "nft", "systemd-analyze", "swaks")
+    from provision import deploy
     from provision.site import HostLayout, Site
 
     lab = Lab("hp")
@@ -95,20 +88,22 @@ def hosts(wheels):
         pub = (lab.workdir / "operator_key.pub").read_text()
         _sshd(lab, topo.gateway, topo.gateway_addr, "gw", pub)
         _sshd(lab, topo.home, topo.home_addr, "home", pub)
-        gw = _connection(topo.gateway, topo.gateway_addr, key)
-        be = _connection(topo.home, topo.home_addr, key)
-        conns += [gw, be]
-        _wait_ssh(gw)
-        _wait_ssh(be)
 
-        def layout(role, ifname):
-            return HostLayout(root=str(lab.workdir / f"root-{role}"), user=user, systemctl=False,
+        def layout(role, ns, addr, ifname):
+            # Fabric reaches each namespace's sshd through a relay started inside that namespace
+            return HostLayout(ssh=f"root@{addr}", ssh_proxy=f"ip netns exec {ns.name} {sys.executable} {RELAY} {addr} 22",
+                              ssh_key=str(key), root=str(lab.workdir / f"root-{role}"), user=user, systemctl=False,
                               install_packages=False, ifname=ifname)
 
         site = Site(domain="example.org", hostname="mail.example.org", first_user="alice@example.org",
                     gateway_public_addr=topo.gateway_addr, gateway_public_if=topo.gateway_if,
                     userspace_wireguard=True, greet_wait="1s",
-                    gateway=layout("gw", lab.name("wgg")), backend=layout("home", lab.name("wgh")))
+                    gateway=layout("gw", topo.gateway, topo.gateway_addr, lab.name("wgg")),
+                    backend=layout("home", topo.home, topo.home_addr, lab.name("wgh")))
+        gw, be = deploy.connection(site.gateway), deploy.connection(site.backend)
+        conns += [gw, be]
+        _wait_ssh(gw)
+        _wait_ssh(be)
         yield {"lab": lab, "topo": topo, "site": site, "gw": gw, "be": be, "wheels": wheels,
                "user": user}
     finally:
@@ -203,6 +198,46 @@ def test_changed_setting_touches_only_what_it_must(hosts):
     assert report.restarts == [("gateway", "homemx-gateway.service")]
     assert 'greet_wait = "2s"' in Path(f"{site.gateway.etc}/gateway.toml").read_text()
     hosts["site"] = site  # what is now deployed
+
+
+def _site_toml(site) -> str:
+    """The Site as the operator would write it (site.toml)."""
+    def val(v):
+        return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int) else '"' + v + '"'
+    out = ["[site]"]
+    for f in dataclasses.fields(site):
+        if f.name not in ("gateway", "backend"):
+            out.append(f"{f.name} = {val(getattr(site, f.name))}")
+    for role in ("gateway", "backend"):
+        out.append(f"[{role}]")
+        out += [f"{f.name} = {val(getattr(getattr(site, role), f.name))}"
+                for f in dataclasses.fields(getattr(site, role))]
+    return "\n".join(out) + "\n"
+
+
+def test_fab_command_line_dry_run_reports_nothing_to_change(hosts):
+    site_file = hosts["lab"].workdir / "site.toml"
+    site_file.write_text(_site_toml(hosts["site"]))
+    wheelhouse = hosts["wheels"][0].parent
+    r = subprocess.run([str(Path(sys.executable).with_name("fab")), "-r", str(REPO / "provision"), "both",
+                        "--site", str(site_file), "--dry-run", "--wheelhouse", str(wheelhouse)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\nnothing changed\n" in r.stdout, r.stdout
+    assert "would change" not in r.stdout and "restart" not in r.stdout
+    assert "hmx-rsa._domainkey.example.org." in r.stdout  # the DKIM records are printed for the zone
+
+
+def test_wheel_builds_are_reproducible(tmp_path):
+    """Same sources → the same wheel bytes, or every run would reinstall and restart everything."""
+    import hashlib
+
+    from provision.deploy import build_wheelhouse
+
+    a = build_wheelhouse(REPO, tmp_path / "a", deps=False)
+    b = build_wheelhouse(REPO, tmp_path / "b", deps=False)
+    assert [w.name for w in a] == [w.name for w in b]
+    assert [hashlib.sha256(w.read_bytes()).digest() for w in a] == [hashlib.sha256(w.read_bytes()).digest() for w in b]
 
 
 def test_units_pass_systemd_analyze_verify(hosts):
