@@ -254,6 +254,9 @@ def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key
                          peer_address=site.backend_tunnel_addr)
         r.mark("wireguard conf", res.get("conf", "would change"))
         r.mark("egress rules", res.get("egress", "would change"))
+    elif r.dry_run:
+        r.mark("wireguard conf", "would change")
+        r.mark("egress rules", "would change")
     else:
         r.report.notes.append("gateway: no backend public key yet: tunnel file not written (use the `both` task)")
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "gateway"),
@@ -280,6 +283,8 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
                          address=f"{site.backend_tunnel_addr}/{site.tunnel_prefixlen}",
                          endpoint_host=host, endpoint_port=port)
         r.mark("wireguard conf", res.get("conf", "would change"))
+    elif r.dry_run:
+        r.mark("wireguard conf", "would change")
     else:
         r.report.notes.append("backend: no gateway public key yet: tunnel file not written (use the `both` task)")
     # DKIM: generated here, at home; only the TXT records come back

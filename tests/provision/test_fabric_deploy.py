@@ -127,6 +127,19 @@ def _mode(p: str) -> tuple[str, str, str]:
     return oct(stat.S_IMODE(st.st_mode)), pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name
 
 
+def test_dry_run_on_fresh_hosts_writes_nothing(hosts):
+    site = hosts["site"]
+    report, g, b, _ = _deploy(hosts, dry_run=True)
+    statuses = {st for _, _, st in report.items}
+    assert "changed" not in statuses and "would change" in statuses
+    for item in ("venv", "wireguard key", "wireguard conf", "gateway.toml", "unit homemx-gateway.service"):
+        assert ("gateway", item, "would change") in report.items, item
+    for item in ("dkim keys", "tls certificate", "backend.toml", "first user alice@example.org"):
+        assert ("backend", item, "would change") in report.items, item
+    assert not Path(site.gateway.root).exists() and not Path(site.backend.root).exists()
+    assert g.uploads == [] and b.uploads == []
+
+
 def test_first_run_files_keys_and_permissions(hosts):
     from provision import render
     from wireguard import keys, wgquick
