@@ -79,7 +79,7 @@ class Backend:
                                        max_message_size="50MB")
         self.cfg = write_config(work, listeners.replace("{port}", str(self.port)), extra=extra)
         # The helper's config logs at debug (transcripts): a benchmark measures the daemon as deployed.
-        self.cfg.write_text(self.cfg.read_text().replace('log_level = "debug"', 'log_level = "warning"'))
+        self.cfg.write_text(self.cfg.read_text().replace('log_level = "debug"', 'log_level = "info"'))
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Backend":

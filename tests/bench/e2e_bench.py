@@ -1,0 +1,200 @@
+"""End-to-end benchmark (B5), loopback variant: smtp-source → homemx-gateway → homemx-backend (PROXY v2, lan listener, fsynced queue, DKIM rsa+ed25519) → delivery to Postfix smtp-sink, against HAProxy (send-proxy-v2) → Postfix (smtpd_upstream_proxy_protocol = haproxy) relaying to its own smtp-sink; messages/s and p50/p99 time to 250.
+
+No WireGuard tunnel: the lab topology's fixed roles (gateway → backend mx/submission, delivery to the
+remote Postfix) do not fit this pipeline, so both pairs run on loopback — homemx on the host's, the
+Postfix pair in a network namespace of its own (its config through /etc/netns/NAME/postfix). Both
+relay to a smtp-sink that counts messages: "accepted" is smtp-source's time to get every 250,
+"delivered" the time until the sink has them all.
+
+    python -m tests.bench e2e [--messages N] [--latency N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.backend.helpers import listener_block  # noqa: E402
+from tests.bench.accept_bench import SMTP_SOURCE, Backend  # noqa: E402
+from tests.bench.fairness_bench import pct, start_gateway  # noqa: E402
+from tests.gateway.peers import HAPROXY_CFG, free_port, stop, wait_port  # noqa: E402
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+DEFAULT_JSON = ROOT / "bench-results" / "e2e.json"
+SIZE = 5120
+SENDER, RCPT = "alice@example.org", "bob@sink.test"
+BODY = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: e2e\r\n\r\n".encode()
+        + b"The quick brown fox jumps over the lazy dog.\r\n" * 110)  # ~5 KB like smtp-source -l 5120
+
+
+def latencies(port: int, count: int) -> list[float]:
+    """Seconds from connect to the 250 after DATA (sequential, one connection per message)."""
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
+            s.ehlo("client.bench.example")
+            s.sendmail(SENDER, [RCPT], BODY)
+            out.append(time.perf_counter() - t0)
+            s.quit()
+    return out
+
+
+def sink_count(path: Path) -> int:
+    """Messages smtp-sink -c has counted (its last 'mesg=N' progress line)."""
+    found = re.findall(rb"mesg=(\d+)", path.read_bytes()) if path.exists() else []
+    return int(found[-1]) if found else 0
+
+
+def run_pair(wrap: list[str], port: int, sink_log: Path, messages: int, lat_n: int) -> dict:
+    """Latency series, then the 20-session load until the sink holds every message."""
+    lat = json.loads(subprocess.run(wrap + [sys.executable, __file__, "--latency", str(port), str(lat_n)],
+                                    capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout)
+    base = lat_n + 10  # warm-up + latency messages already sent
+    deadline = time.monotonic() + 120
+    while sink_count(sink_log) < base and time.monotonic() < deadline:
+        time.sleep(0.1)
+    start_count = sink_count(sink_log)
+    t0 = time.perf_counter()
+    r = subprocess.run(wrap + [SMTP_SOURCE, "-s", "20", "-m", str(messages), "-l", str(SIZE), "-f", SENDER, "-t",
+                               RCPT, f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=900)
+    accepted = time.perf_counter() - t0
+    if r.returncode != 0 or r.stderr.strip():
+        raise RuntimeError(f"smtp-source: {r.stderr.strip()[-500:]}")
+    deadline = time.monotonic() + 300
+    while sink_count(sink_log) < start_count + messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    delivered = time.perf_counter() - t0
+    got = sink_count(sink_log) - start_count
+    return {"accepted_per_s": round(messages / accepted, 1), "delivered_per_s": round(got / delivered, 1),
+            "delivered": got, "p50_ms": round(pct(lat, 50) * 1000, 2), "p99_ms": round(pct(lat, 99) * 1000, 2)}
+
+
+def homemx_pair(lab, messages: int, lat_n: int) -> dict:
+    from backend import dkim
+    from tests.lab.nsd import NSD, zone_text
+
+    work = lab.workdir / "homemx"
+    work.mkdir()
+    sink_port = free_port()
+    # MX delivery, as for any remote domain: nsd on loopback says sink.test's MX is 127.0.0.1 (a smarthost
+    # would demand STARTTLS, which smtp-sink does not offer).
+    nsd = NSD({"sink.test": zone_text("sink.test", "@ IN MX 10 mx\nmx IN A 127.0.0.1\n")}).__enter__()
+    sink_log = work / "sink.out"
+    sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-c", f"127.0.0.1:{sink_port}", "256"],
+                            stdout=open(sink_log, "wb"), stderr=subprocess.DEVNULL)
+    gw = None
+    try:
+        wait_port("127.0.0.1", sink_port, proc=sink)
+        keys = work / "dkim"
+        rsa = dkim.generate_key("example.org", "rsa1", "rsa", keys)
+        ed = dkim.generate_key("example.org", "ed1", "ed25519", keys)
+        extra = (f'[[dkim]]\ndomain = "example.org"\nselector = "rsa1"\nalgorithm = "rsa"\nprivate_key = "{rsa.path}"\n'
+                 f'[[dkim]]\ndomain = "example.org"\nselector = "ed1"\nalgorithm = "ed25519"\nprivate_key = "{ed.path}"\n'
+                 f'[delivery]\nnameservers = ["{nsd.address}"]\ndns_port = {nsd.port}\nremote_port = {sink_port}\n'
+                 f'mta_sts = false\n')
+        lan = listener_block("lan", "lan", "127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"],
+                             trusted_networks=["127.0.0.0/8"], max_message_size="50MB")
+        with Backend(work, lan, extra) as be:
+            try:
+                gw, port = start_gateway(work, be.port)
+                r = run_pair([], port, sink_log, messages, lat_n)
+                if r["delivered"] < messages:
+                    print((work / "backend.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+                return r
+            finally:
+                if gw is not None:
+                    stop(gw)
+    finally:
+        stop(sink)
+        nsd.__exit__(None, None, None)
+
+
+def postfix_pair(lab, messages: int, lat_n: int) -> dict:
+    from tests.lab.postfix import Postfix
+
+    ns = lab.namespace("pp")  # a fresh namespace: its loopback ports are ours alone
+    ns.etc_file("resolv.conf", "nameserver 127.0.0.1\n")
+    work = lab.workdir / "postfix"
+    sink_log = lab.workdir / "pf-sink.out"
+    ns.popen([SMTP_SINK, "-u", "nobody", "-c", "127.0.0.1:2600", "256"], stdout=open(sink_log, "wb"),
+             stderr=subprocess.DEVNULL)
+    pf = Postfix(ns, work, address="127.0.0.1", domain="pair.test", mailboxes=[])
+    pf.write()
+    with open(pf.etc / "main.cf", "a") as f:
+        f.write("relayhost = [127.0.0.1]:2600\nsmtpd_upstream_proxy_protocol = haproxy\nsmtpd_peername_lookup = no\n"
+                "smtpd_client_connection_count_limit = 0\nsmtpd_client_connection_rate_limit = 0\n"
+                "smtp_tls_security_level = none\nqueue_run_delay = 300s\n")
+    pf.start()
+    try:
+        cfg = lab.workdir / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CFG.format(maxconn=2000, binds="    bind 127.0.0.1:2525", upstream="127.0.0.1:25",
+                                          server_opts=" send-proxy-v2").replace("    option logasap\n", ""))
+        hap = ns.popen(["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 10
+            while ns.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 2525), 1)"],
+                         check=False).returncode != 0:
+                if hap.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("haproxy did not start")
+                time.sleep(0.05)
+            return run_pair(ns.cmd([]), 2525, sink_log, messages, lat_n)
+        finally:
+            stop(hap)
+    finally:
+        pf.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench e2e", description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=2000, help="messages at 20 sessions (default 2000)")
+    ap.add_argument("--latency", type=int, default=300, help="sequential messages for p50/p99 (default 300)")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
+    args = ap.parse_args(argv)
+    for tool in (SMTP_SOURCE, SMTP_SINK):
+        if not Path(tool).exists():
+            print(f"e2e_bench: {tool} missing (./dev setup installs postfix)", file=sys.stderr)
+            return 1
+    from tests.lab.netns import Lab
+
+    results: dict = {"benchmark": "e2e", "variant": "loopback, no tunnel", "message_bytes": SIZE,
+                     "cpus": os.cpu_count()}
+    with Lab("be") as lab:
+        lab.workdir.chmod(0o755)  # Postfix's daemons run as user postfix
+        results["homemx"] = homemx_pair(lab, args.messages, args.latency)
+        print(f"  homemx: {results['homemx']}", file=sys.stderr, flush=True)
+        results["postfix"] = postfix_pair(lab, args.messages, args.latency)
+        print(f"  postfix: {results['postfix']}", file=sys.stderr, flush=True)
+    h, p = results["homemx"], results["postfix"]
+    results["ratio_accepted"] = round(h["accepted_per_s"] / p["accepted_per_s"], 3)
+    results["ratio_delivered"] = round(h["delivered_per_s"] / p["delivered_per_s"], 3)
+    results["ratio_p99"] = round(h["p99_ms"] / p["p99_ms"], 3)
+    print(f"\nB5 end to end on loopback (no tunnel): 5 KB messages, 20 sessions, new connection each")
+    print(f"{'':34} {'accepted/s':>10} {'delivered/s':>11} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, r in (("gateway → backend (DKIM) → sink", h), ("haproxy → postfix → sink", p)):
+        print(f"{name:34} {r['accepted_per_s']:10.1f} {r['delivered_per_s']:11.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")
+    print(f"homemx / postfix: accepted {results['ratio_accepted']:.2f}, delivered {results['ratio_delivered']:.2f} "
+          f"(target >= 0.50), p99 {results['ratio_p99']:.2f} (target <= 2.0)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--latency":
+        port, n = int(sys.argv[2]), int(sys.argv[3])
+        latencies(port, 10)  # warm-up
+        print(json.dumps(latencies(port, n)))
+    else:
+        sys.exit(main(sys.argv[1:]))
