@@ -1,4 +1,4 @@
-"""Benchmark dispatcher: `python -m tests.bench [NAME [ARGS...]]` runs one benchmark, or all of them in order.
+"""Benchmark dispatcher: `python -m tests.bench [NAME [ARGS...]]` runs one benchmark, or (no NAME) the report over all of them.
 
 Add a benchmark by adding NAME → module to BENCHMARKS; the module exposes main(argv: list[str]) -> int.
 """
@@ -14,7 +14,8 @@ BENCHMARKS: dict[str, str] = {
     "delivery": "tests.bench.delivery_bench",  # outbound msgs/s from the queue to smtp-sink / aiosmtpd with STARTTLS
     "accept": "tests.bench.accept_bench",  # B3: durable accept msgs/s, homemx-backend vs Postfix, beside the disk's fsync rate
     "fairness": "tests.bench.fairness_bench",  # B6: small-message latency while 25 MB messages flow gateway → backend
-    "e2e": "tests.bench.e2e_bench",  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
+    "e2e": "tests.bench.e2e_bench",
+    "report": "tests.bench.report",  # B1–B6 in one run: one table of figures, ratios vs peers and targets, JSON  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
 }
 
 
@@ -29,11 +30,8 @@ def main(argv: list[str]) -> int:
             print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
             return 2
         return importlib.import_module(BENCHMARKS[name]).main(rest)
-    rc = 0
-    for name, module in BENCHMARKS.items():
-        print(f"== {name}", flush=True)
-        rc |= importlib.import_module(module).main([])
-    return rc
+    # No name: the whole set, through the report (one table, bench-results/results.json).
+    return importlib.import_module(BENCHMARKS["report"]).main([])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""Benchmark report: runs B1–B6 in one go and prints one table of homemx's figures beside the peer's (HAProxy, Postfix, OpenSSL), their ratio and the issue's target, also written as JSON.
+
+    python -m tests.bench report [--quick] [--only B3,B6] [--out DIR]     (./dev bench runs this)
+
+Each benchmark writes its own JSON into DIR (default bench-results/); the report adds
+DIR/results.json with the machine description and every row of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_OUT = ROOT / "bench-results"
+
+
+def machine() -> dict:
+    def sh(cmd: str) -> str:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+
+    cpu = sh("lscpu | grep -E '^(Model name|Thread|Core|Socket|CPU MHz|Hypervisor)'")
+    return {"nproc": sh("nproc"), "cpu": cpu, "memory": sh("free -h | sed -n 2p"),
+            "disk": sh(f"df -hT {ROOT} | tail -1"), "kernel": platform.release(),
+            "python": platform.python_version(), "openssl": sh("openssl version"),
+            "postfix": sh("postconf -d mail_version 2>/dev/null"), "haproxy": sh("haproxy -v | head -1")}
+
+
+def _row(bench: str, metric: str, homemx, peer, peer_name: str, target: str, ok: bool | None, unit: str) -> dict:
+    ratio = round(homemx / peer, 3) if isinstance(homemx, (int, float)) and isinstance(peer, (int, float)) and peer else None
+    return {"bench": bench, "metric": metric, "unit": unit, "homemx": homemx, "peer": peer, "peer_name": peer_name,
+            "ratio": ratio, "target": target, "met": ok}
+
+
+def run_gateway(quick: bool) -> list[dict]:
+    from tests.bench import gateway_bench
+
+    args = ["--messages", "100", "--rate-messages", "500", "--bulk-messages", "1", "--idle", "2000"] if quick else []
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        gateway_bench.main(args)
+    out = buf.getvalue()
+    print(out)
+    num = r"\s+([\d.]+)"
+    rows = {}
+    for name in ("direct (no proxy)", "homemx-gateway", "haproxy 2.6"):
+        m = re.search(re.escape(name) + num + r"\s+(\S+)" + num + num + r"\s+(\S+)", out)
+        if m:
+            rows[name] = m.groups()
+    g, h = rows["homemx-gateway"], rows["haproxy 2.6"]
+    added_g, added_h = float(g[1]), float(h[1])
+    idle = re.search(r"KiB/idle conn @(\d+)", out).group(1)
+    return [
+        _row("B1", "added latency per transaction", added_g, added_h, "HAProxy", "<= 1.5x",
+             added_g <= 1.5 * max(added_h, 1e-9), "ms"),
+        _row("B1", "msgs/s at 20 sessions", float(g[2]), float(h[2]), "HAProxy", ">= 0.70x",
+             float(g[2]) >= 0.7 * float(h[2]), "msg/s"),
+        _row("B1", "10 MB message throughput", float(g[3]), float(h[3]), "HAProxy", "-", None, "MB/s"),
+        _row("B2", f"memory per idle connection @{idle}", float(g[4]), float(h[4]), "HAProxy", "<= 10 KiB",
+             float(g[4]) <= 10, "KiB"),
+    ]
+
+
+def run_dkim(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import dkim_bench
+
+    path = out / "dkim.json"
+    dkim_bench.main(["--seconds", "0.5" if quick else "1", "--json", str(path)])
+    r = json.loads(path.read_text())
+    rate = next(x["signs_per_s"] for x in r["results"] if x["algorithm"] == "rsa-sha256 (OpenSSL)" and x["size"] == "2KB")
+    ossl = r["openssl_speed"].get("rsa2048_sign_per_s")
+    ed = next(x["signs_per_s"] for x in r["results"] if x["algorithm"] == "ed25519-sha256" and x["size"] == "2KB")
+    return [
+        _row("B4", "RSA-2048 DKIM signs/s, 2 KB", rate, ossl, "openssl speed", ">= 0.50x",
+             bool(ossl) and rate >= 0.5 * ossl, "sign/s"),
+        _row("B4", "Ed25519 DKIM signs/s, 2 KB", ed, r["openssl_speed"].get("ed25519_sign_per_s"), "openssl speed",
+             "-", None, "sign/s"),
+    ]
+
+
+def run_accept(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import accept_bench
+
+    path = out / "accept.json"
+    accept_bench.main((["--messages", "500", "--single", "100"] if quick else []) + ["--json", str(path)])
+    r = json.loads(path.read_text())
+    return [
+        _row("B3", "durable accepts/s, 1 session", r["homemx_1"], r["postfix_1"], "Postfix", "-", None, "msg/s"),
+        _row("B3", "durable accepts/s, 20 sessions", r["homemx_20"], r["postfix_20"], "Postfix", ">= 0.50x",
+             r["homemx_20"] >= 0.5 * r["postfix_20"], "msg/s"),
+        _row("B3", "disk fsync ceiling (4 KiB write+fsync)", r["fsync_per_s"], None, "-", "-", None, "/s"),
+    ]
+
+
+def run_e2e(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import e2e_bench
+
+    path = out / "e2e.json"
+    e2e_bench.main((["--messages", "500", "--latency", "100"] if quick else []) + ["--json", str(path)])
+    r = json.loads(path.read_text())
+    h, p = r["homemx"], r["postfix"]
+    return [
+        _row("B5", "accepted msgs/s, 20 sessions (loopback)", h["accepted_per_s"], p["accepted_per_s"],
+             "HAProxy+Postfix", ">= 0.50x", h["accepted_per_s"] >= 0.5 * p["accepted_per_s"], "msg/s"),
+        _row("B5", "delivered msgs/s, 20 sessions (loopback)", h["delivered_per_s"], p["delivered_per_s"],
+             "HAProxy+Postfix", ">= 0.50x", h["delivered_per_s"] >= 0.5 * p["delivered_per_s"], "msg/s"),
+        _row("B5", "p50 time to 250", h["p50_ms"], p["p50_ms"], "HAProxy+Postfix", "-", None, "ms"),
+        _row("B5", "p99 time to 250", h["p99_ms"], p["p99_ms"], "HAProxy+Postfix", "<= 2x",
+             h["p99_ms"] <= 2 * p["p99_ms"], "ms"),
+    ]
+
+
+def run_fairness(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import fairness_bench
+
+    path = out / "fairness.json"
+    fairness_bench.main((["--small", "100"] if quick else []) + ["--json", str(path)])
+    r = json.loads(path.read_text())
+    return [
+        _row("B6", "small-message p50 during 25 MB (vs idle)", r["loaded"]["p50_ms"], r["idle"]["p50_ms"],
+             "homemx idle", "-", None, "ms"),
+        _row("B6", "small-message p99 during 25 MB (vs idle)", r["loaded"]["p99_ms"], r["idle"]["p99_ms"],
+             "homemx idle", "<= 2x", r["loaded"]["p99_ms"] <= 2 * r["idle"]["p99_ms"], "ms"),
+    ]
+
+
+RUNNERS = {"B1": run_gateway, "B4": run_dkim, "B3": run_accept, "B5": run_e2e, "B6": run_fairness}
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench report", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller counts (a few minutes instead of ~15)")
+    ap.add_argument("--only", default="", help="comma-separated subset, e.g. B3,B6 (B1 also gives B2)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for the JSON files (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    wanted = [b.strip().upper() for b in args.only.split(",") if b.strip()] or list(RUNNERS)
+    rows: list[dict] = []
+    errors: dict[str, str] = {}
+    t0 = time.monotonic()
+    for name in wanted:
+        print(f"== {name}", flush=True)
+        try:
+            rows += RUNNERS[name](args.quick) if name == "B1" else RUNNERS[name](args.quick, args.out)
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name} failed: {errors[name]}", file=sys.stderr)
+    rows.sort(key=lambda r: r["bench"])
+    print(f"\nhomemx benchmarks ({os.cpu_count()} CPUs, {time.monotonic() - t0:.0f} s{', quick' if args.quick else ''})")
+    print(f"{'':4} {'metric':44} {'homemx':>9} {'peer':>9} {'ratio':>7}  {'target':10} {'met':4} peer")
+    for r in rows:
+        met = {True: "yes", False: "NO", None: ""}[r["met"]]
+        print(f"{r['bench']:4} {r['metric'] + ' (' + r['unit'] + ')':44} {fmt(r['homemx']):>9} {fmt(r['peer']):>9} "
+              f"{fmt(r['ratio']):>7}  {r['target']:10} {met:4} {r['peer_name']}")
+    for name, err in errors.items():
+        print(f"{name}: FAILED {err}")
+    result = {"machine": machine(), "quick": args.quick, "rows": rows, "errors": errors}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / 'results.json'}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
