@@ -93,7 +93,11 @@ class Backend:
                 raise RuntimeError(f"backend exited: {(self.work / 'backend.log').read_text()[-2000:]}")
             return subprocess.run([sys.executable, "-c", _PROBE, "127.0.0.1", str(self.port)]).returncode == 0
 
-        wait_for_sync(up, 30)
+        try:
+            wait_for_sync(up, 30)
+        except BaseException:
+            self.__exit__(None, None, None)  # `with` calls __exit__ only after __enter__ returned
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -81,7 +81,6 @@ def run_pair(wrap: list[str], port: int, sink_log: Path, messages: int, lat_n: i
 
 
 def homemx_pair(lab, messages: int, lat_n: int) -> dict:
-    from backend import dkim
     from tests.lab.nsd import NSD, zone_text
 
     work = lab.workdir / "homemx"
@@ -89,35 +88,41 @@ def homemx_pair(lab, messages: int, lat_n: int) -> dict:
     sink_port = free_port()
     # MX delivery, as for any remote domain: nsd on loopback says sink.test's MX is 127.0.0.1 (a smarthost
     # would demand STARTTLS, which smtp-sink does not offer).
-    nsd = NSD({"sink.test": zone_text("sink.test", "@ IN MX 10 mx\nmx IN A 127.0.0.1\n")}).__enter__()
+    zone = zone_text("sink.test", "@ IN MX 10 mx\nmx IN A 127.0.0.1\n")
     sink_log = work / "sink.out"
-    sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-c", f"127.0.0.1:{sink_port}", "256"],
-                            stdout=open(sink_log, "wb"), stderr=subprocess.DEVNULL)
+    with NSD({"sink.test": zone}) as nsd:
+        sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-c", f"127.0.0.1:{sink_port}", "256"],
+                                stdout=open(sink_log, "wb"), stderr=subprocess.DEVNULL)
+        try:
+            return _homemx_run(work, nsd, sink, sink_port, sink_log, messages, lat_n)
+        finally:
+            stop(sink)
+
+
+def _homemx_run(work: Path, nsd, sink, sink_port: int, sink_log: Path, messages: int, lat_n: int) -> dict:
+    from backend import dkim
+
+    wait_port("127.0.0.1", sink_port, proc=sink)
+    keys = work / "dkim"
+    rsa = dkim.generate_key("example.org", "rsa1", "rsa", keys)
+    ed = dkim.generate_key("example.org", "ed1", "ed25519", keys)
+    extra = (f'[[dkim]]\ndomain = "example.org"\nselector = "rsa1"\nalgorithm = "rsa"\nprivate_key = "{rsa.path}"\n'
+             f'[[dkim]]\ndomain = "example.org"\nselector = "ed1"\nalgorithm = "ed25519"\nprivate_key = "{ed.path}"\n'
+             f'[delivery]\nnameservers = ["{nsd.address}"]\ndns_port = {nsd.port}\nremote_port = {sink_port}\n'
+             f'mta_sts = false\n')
+    lan = listener_block("lan", "lan", "127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"],
+                         trusted_networks=["127.0.0.0/8"], max_message_size="50MB")
     gw = None
-    try:
-        wait_port("127.0.0.1", sink_port, proc=sink)
-        keys = work / "dkim"
-        rsa = dkim.generate_key("example.org", "rsa1", "rsa", keys)
-        ed = dkim.generate_key("example.org", "ed1", "ed25519", keys)
-        extra = (f'[[dkim]]\ndomain = "example.org"\nselector = "rsa1"\nalgorithm = "rsa"\nprivate_key = "{rsa.path}"\n'
-                 f'[[dkim]]\ndomain = "example.org"\nselector = "ed1"\nalgorithm = "ed25519"\nprivate_key = "{ed.path}"\n'
-                 f'[delivery]\nnameservers = ["{nsd.address}"]\ndns_port = {nsd.port}\nremote_port = {sink_port}\n'
-                 f'mta_sts = false\n')
-        lan = listener_block("lan", "lan", "127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"],
-                             trusted_networks=["127.0.0.0/8"], max_message_size="50MB")
-        with Backend(work, lan, extra) as be:
-            try:
-                gw, port = start_gateway(work, be.port)
-                r = run_pair([], port, sink_log, messages, lat_n)
-                if r["delivered"] < messages:
-                    print((work / "backend.log").read_text(errors="replace")[-3000:], file=sys.stderr)
-                return r
-            finally:
-                if gw is not None:
-                    stop(gw)
-    finally:
-        stop(sink)
-        nsd.__exit__(None, None, None)
+    with Backend(work, lan, extra) as be:
+        try:
+            gw, port = start_gateway(work, be.port)
+            r = run_pair([], port, sink_log, messages, lat_n)
+            if r["delivered"] < messages:
+                print((work / "backend.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            return r
+        finally:
+            if gw is not None:
+                stop(gw)
 
 
 def postfix_pair(lab, messages: int, lat_n: int) -> dict:
