@@ -187,15 +187,17 @@ class Queue:
             self._pending.put(None)
             self._writer.join(timeout=10)
 
-    # -- enqueue (group commit) ----------------------------------------------------------------
+    # -- writes (group commit) -----------------------------------------------------------------
+    # Every write that must be durable before its caller goes on (a new message before the 250, a
+    # delivery result before the next attempt is planned) is an operation handed to one writer
+    # thread. The writer runs everything that queued up while the previous commit was syncing in a
+    # single transaction: N concurrent writers cost one fsync.
 
-    def enqueue(self, msg: NewMessage) -> str:
-        """Store a message durably and return its queue id. Returns only after the fsync."""
+    def _write(self, op: Callable[[sqlite3.Connection, float], object]) -> object:
         if self._writer is None:
-            (qid,) = self._commit_batch([msg])
-            return qid
+            return self._run_ops([op])[0]
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending.put((msg, fut))
+        self._pending.put((op, fut))
         return fut.result()
 
     def _writer_loop(self) -> None:
@@ -204,7 +206,6 @@ class Queue:
             if item is None:
                 return
             batch = [item]
-            # Everything that arrived while the previous commit was syncing rides in this one.
             while len(batch) < 256:
                 try:
                     nxt = self._pending.get_nowait()
@@ -215,53 +216,57 @@ class Queue:
                     break
                 batch.append(nxt)
             try:
-                ids = self._commit_batch([m for m, _ in batch])
-            except Exception as e:  # noqa: BLE001 - reported to each waiting session
+                results = self._run_ops([op for op, _ in batch])
+            except Exception as e:  # noqa: BLE001 - reported to each waiting caller
                 if len(batch) == 1:
                     batch[0][1].set_exception(e)
                     continue
-                # One bad message (say, too big for the remaining disk) must not fail its neighbours.
-                for m, fut in batch:
+                # One bad write (say, a message too big for the remaining disk) must not fail its
+                # neighbours: retry each on its own.
+                for op, fut in batch:
                     try:
-                        fut.set_result(self._commit_batch([m])[0])
+                        fut.set_result(self._run_ops([op])[0])
                     except Exception as e1:  # noqa: BLE001
                         fut.set_exception(e1)
                 continue
-            for (_, fut), qid in zip(batch, ids):
-                fut.set_result(qid)
-            if self.on_enqueued is not None:
-                try:
-                    self.on_enqueued()
-                except Exception:  # noqa: BLE001
-                    log.exception("on_enqueued callback failed")
+            for (_, fut), result in zip(batch, results):
+                fut.set_result(result)
 
-    def _commit_batch(self, msgs: list[NewMessage]) -> list[str]:
+    def _run_ops(self, ops: list) -> list:
         conn = self._conn()
         now = self.now()
-        ids = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for m in msgs:
-                qid = m.id or new_queue_id(now)
-                conn.execute(
-                    "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    (qid, now, m.sender, m.listener, m.client_addr, m.auth_user, len(m.content), m.content),
-                )
-                conn.executemany(
-                    "INSERT INTO recipient (message_id, address, orig_address, domain, local, state,"
-                    " next_attempt, updated) VALUES (?,?,?,?,?,?,?,?)",
-                    [
-                        (qid, r.address, r.orig_address, r.address.rpartition("@")[2].lower(), int(r.local), QUEUED, now, now)
-                        for r in m.recipients
-                    ],
-                )
-                ids.append(qid)
+            results = [op(conn, now) for op in ops]
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return ids
+        return results
+
+    def enqueue(self, msg: NewMessage) -> str:
+        """Store a message durably and return its queue id. Returns only after the fsync."""
+
+        def insert(conn: sqlite3.Connection, now: float) -> str:
+            qid = msg.id or new_queue_id(now)
+            conn.execute(
+                "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (qid, now, msg.sender, msg.listener, msg.client_addr, msg.auth_user, len(msg.content), msg.content),
+            )
+            conn.executemany(
+                "INSERT INTO recipient (message_id, address, orig_address, domain, local, state,"
+                " next_attempt, updated) VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (qid, r.address, r.orig_address, r.address.rpartition("@")[2].lower(), int(r.local), QUEUED, now, now)
+                    for r in msg.recipients
+                ],
+            )
+            return qid
+
+        qid = self._write(insert)
+        self._notify()
+        return qid  # type: ignore[return-value]
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -270,29 +275,23 @@ class Queue:
         forward *before* the attempt is made, so a crash mid-delivery never re-hammers the
         destination on restart (mox does the same). ``retry_delay(attempts_so_far)`` gives the
         back-off. Returns the claimed recipients with their attempt count already incremented."""
-        conn = self._conn()
-        now = self.now()
         where = "state IN ('queued','deferred') AND next_attempt <= ?"
-        args: list = [now]
         if local is not None:
-            where += " AND local = ?"
-            args.append(int(local))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+            where += f" AND local = {int(bool(local))}"
+
+        def claim(conn: sqlite3.Connection, now: float) -> list[int]:
             rows = conn.execute(
-                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?", (*args, limit)
+                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?", (now, limit)
             ).fetchall()
-            for rid, attempts in rows:
-                conn.execute(
-                    "UPDATE recipient SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, updated = ?"
-                    " WHERE id = ?",
-                    (now, now + retry_delay(attempts), now, rid),
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return self._recipients_by_ids([r[0] for r in rows])
+            conn.executemany(
+                "UPDATE recipient SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, updated = ?"
+                " WHERE id = ?",
+                [(now, now + retry_delay(attempts), now, rid) for rid, attempts in rows],
+            )
+            return [rid for rid, _ in rows]
+
+        ids = self._write(claim)
+        return self._recipients_by_ids(ids)  # type: ignore[arg-type]
 
     def next_due_time(self) -> float | None:
         row = self._conn().execute(
@@ -316,19 +315,15 @@ class Queue:
         """Record the outcome of an attempt: delivered, deferred (with its next attempt) or bounced."""
         if state not in STATES:
             raise ValueError(state)
-        conn = self._conn()
-        now = self.now()
-        if next_attempt is None:
+
+        def update(conn: sqlite3.Connection, now: float) -> None:
             conn.execute(
-                "UPDATE recipient SET state = ?, last_reply = ?, updated = ? WHERE id = ? AND state != 'held'",
-                (state, reply, now, rcpt_id),
-            )
-        else:
-            conn.execute(
-                "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = ?, updated = ?"
-                " WHERE id = ? AND state != 'held'",
+                "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = COALESCE(?, next_attempt),"
+                " updated = ? WHERE id = ? AND state != 'held'",
                 (state, reply, next_attempt, now, rcpt_id),
             )
+
+        self._write(update)
 
     def content(self, message_id: str) -> bytes:
         row = self._conn().execute("SELECT content FROM message WHERE id = ?", (message_id,)).fetchone()
@@ -447,7 +442,10 @@ class Queue:
 
     def _notify(self) -> None:
         if self.on_enqueued is not None:
-            self.on_enqueued()
+            try:
+                self.on_enqueued()
+            except Exception:  # noqa: BLE001 - a wake-up must never fail a write
+                log.exception("on_enqueued callback failed")
 
 
 def _recipient(r) -> Recipient:

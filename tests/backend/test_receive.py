@@ -409,16 +409,16 @@ async def test_queue_failure_451_and_session_recovers(backend, monkeypatch):
     """A failing disk injected at the storage layer (the real full-disk case is tested with a tmpfs
     in test_process.py): 451 4.3.0, envelope reset, next transaction on the same connection works."""
     q = backend.queue
-    real = q._commit_batch
+    real = q._run_ops
     calls = {"n": 0}
 
-    def failing(msgs):
+    def failing(ops):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(28, "No space left on device")
-        return real(msgs)
+        return real(ops)
 
-    monkeypatch.setattr(q, "_commit_batch", failing)
+    monkeypatch.setattr(q, "_run_ops", failing)
     c = await RawSMTP.connect(backend.bound_port("mxplain"))
     await c.reply()
     await c.cmd("EHLO x.example")
