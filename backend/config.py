@@ -189,6 +189,7 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     remote_port: int = 25  # tests point this at a non-privileged port
+    paused: bool = False  # maintenance: accept and queue, attempt no remote delivery (Postfix: defer_transports)
     smarthost: tuple[str, int] | None = None
     smarthost_hostname: str | None = None  # TLS server name of the smarthost (defaults to its address)
     smarthost_domains: tuple[str, ...] = ()  # empty: every domain
@@ -518,6 +519,7 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
         connect_timeout=d.get("connect_timeout", parse_duration, 30.0),
         command_timeout=d.get("command_timeout", parse_duration, 300.0),
         remote_port=d.get("remote_port", _positive_int, 25),
+        paused=d.get("paused", _bool, False),
         smarthost=d.get("smarthost", lambda v: parse_hostport(v, 587)),
         smarthost_hostname=d.get("smarthost_hostname", _str),
         smarthost_domains=d.get("smarthost_domains", _list(lambda v: parse_domain(_str(v))), ()),

@@ -153,6 +153,9 @@ def make_resolver(nameservers: tuple[str, ...], port: int, timeout: float = 10.0
     r.port = port
     r.timeout = min(timeout, r.timeout)
     r.lifetime = timeout
+    # Positive answers are cached for their TTL: a burst of mail to one domain costs one MX lookup,
+    # not one per message (a local caching resolver would do the same; many homes have none).
+    r.cache = dns.resolver.LRUCache(4096)
     return r
 
 

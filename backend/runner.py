@@ -81,7 +81,9 @@ class QueueRunner:
                 pass
 
     async def run_once(self) -> None:
-        local_only = None if self.remote is not None else True
+        # Remote recipients wait when there is no outbound delivery or it is paused for maintenance;
+        # local ones are always delivered.
+        local_only = None if self.remote is not None and not self.config.delivery.paused else True
         claimed = await self.run_blocking(self.queue.claim_due, BATCH, self.retry_delay, local_only)
         by_message: dict[str, list[Recipient]] = defaultdict(list)
         for r in claimed:

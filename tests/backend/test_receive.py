@@ -539,3 +539,28 @@ async def test_submissions_behind_proxy_tls_after_header(tmp_path):
         assert b"[203.0.113.7]" in stored and b"with ESMTPSA" in stored
     finally:
         await b.stop(grace=0.5)
+
+
+@pytest.mark.asyncio
+async def test_paused_delivery_queues_remote_and_still_delivers_local(tmp_path):
+    cfg_path = write_config(
+        tmp_path,
+        listener_block("lan", "lan", trusted_networks=["127.0.0.0/8"]),
+        extra='[delivery]\npaused = true\nnameservers = ["127.0.0.1"]\ndns_port = 9\n',
+    )
+    b = Backend(load_config(cfg_path))
+    await b.start()
+    try:
+        def send():
+            with smtplib.SMTP("127.0.0.1", b.bound_port("lan")) as s:
+                s.sendmail("nas@example.org", ["alice@example.org", "someone@remote.example"],
+                           "From: nas@example.org\r\nSubject: s\r\n\r\nx\r\n")
+
+        await asyncio.to_thread(send)
+        await wait_for(lambda: maildir_files(tmp_path, ALICE))
+        await b.runner.run_once()
+        [entry] = queue_rows(b)
+        remote = [r for r in entry.recipients if not r.local][0]
+        assert (remote.state, remote.attempts) == ("queued", 0)
+    finally:
+        await b.stop(grace=0.5)
