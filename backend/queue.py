@@ -196,9 +196,12 @@ class Queue:
     def _write(self, op: Callable[[sqlite3.Connection, float], object]) -> object:
         if self._writer is None:
             return self._run_ops([op])[0]
+        return self._submit_op(op).result()
+
+    def _submit_op(self, op: Callable[[sqlite3.Connection, float], object]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._pending.put((op, fut))
-        return fut.result()
+        return fut
 
     def _writer_loop(self) -> None:
         while True:
@@ -246,7 +249,23 @@ class Queue:
 
     def enqueue(self, msg: NewMessage) -> str:
         """Store a message durably and return its queue id. Returns only after the fsync."""
+        if self._writer is None:
+            qid = self._run_ops([self._insert_op(msg)])[0]
+            self._notify()
+            return qid
+        return self.submit(msg).result()
 
+    def submit(self, msg: NewMessage) -> concurrent.futures.Future:
+        """Hand a message to the group-commit writer without blocking; the future's result is the
+        queue id, set once the message is durable (asyncio callers await ``asyncio.wrap_future``)."""
+        if self._writer is None:
+            raise RuntimeError("submit() needs the group-commit writer")
+        fut = self._submit_op(self._insert_op(msg))
+        fut.add_done_callback(lambda f: f.exception() is None and self._notify())
+        return fut
+
+    @staticmethod
+    def _insert_op(msg: NewMessage) -> Callable[[sqlite3.Connection, float], str]:
         def insert(conn: sqlite3.Connection, now: float) -> str:
             qid = msg.id or new_queue_id(now)
             conn.execute(
@@ -264,9 +283,7 @@ class Queue:
             )
             return qid
 
-        qid = self._write(insert)
-        self._notify()
-        return qid  # type: ignore[return-value]
+        return insert
 
     # -- scheduling ----------------------------------------------------------------------------
 

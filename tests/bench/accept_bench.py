@@ -1,7 +1,7 @@
 """Durable accept-rate benchmark (B3): messages/s acknowledged with 250 by a real `homemx-backend run` (lan listener, fsynced SQLite group-commit queue) and by Postfix accepting into its own queue on the same disk, at 1 and 20 sessions, beside the disk's raw fsync rate measured in the same run.
 
-Recipients are remote, so nothing is delivered: the backend's delivery nameserver is 127.0.0.1 port 9
-(refused at once, on loopback) and Postfix puts every message on hold (access action HOLD). Postfix
+Recipients are remote, so nothing is delivered: the backend runs with ``[delivery] paused = true``
+(accept and queue, no remote attempts) and Postfix puts every message on hold (access action HOLD). Postfix
 runs in a network namespace of its own (its config via /etc/netns/NAME/postfix, LAB-NOTES), with
 its queue directory on the same filesystem as the backend's data directory.
 
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hm = work / "homemx"
         hm.mkdir()
-        with Backend(hm) as be:
+        paused = '[delivery]\npaused = true\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
+        with Backend(hm, extra=paused) as be:
             smtp_source(be.port, 1, 10)  # warm-up: first connections, SQLite pages
             t = smtp_source(be.port, 1, args.single)
             results["homemx_1"] = round(args.single / t, 1)
