@@ -566,3 +566,30 @@ async def test_paused_delivery_queues_remote_and_still_delivers_local(tmp_path):
         assert (remote.state, remote.attempts) == ("queued", 0)
     finally:
         await b.stop(grace=0.5)
+
+
+@pytest.mark.asyncio
+async def test_data_rules_long_line_transparency_pipelining(backend):
+    c = await RawSMTP.connect(backend.bound_port("mxplain"))
+    await c.reply()
+    await c.cmd("EHLO x.example")
+    # A line longer than the limit: the whole message is refused, the session goes on.
+    await c.cmd("MAIL FROM:<carol@remote.example>")
+    await c.cmd("RCPT TO:<alice@example.org>")
+    await c.cmd("DATA")
+    assert (await c.cmd(b"From: carol@remote.example\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n")).startswith("500 5.5.2")
+    # Transparency (a leading dot is removed, RFC 5321 4.5.2), a message split into many small
+    # writes, and the next command pipelined right behind the final dot.
+    await c.cmd("MAIL FROM:<carol@remote.example>")
+    await c.cmd("RCPT TO:<alice@example.org>")
+    assert (await c.cmd("DATA")).startswith("354")
+    body = b"From: carol@remote.example\r\nSubject: dots\r\n\r\n..leading dot\r\n.\r\n"
+    head, terminator = body[:-5], body[-5:]
+    for i in range(0, len(head), 7):
+        await c.send(head[i : i + 7])
+    await c.send(terminator + b"QUIT\r\n")
+    assert (await c.reply()).startswith("250 2.0.0 OK: queued as")
+    assert (await c.reply()).startswith("221")
+    files = await wait_for(lambda: maildir_files(backend.tmp, ALICE))
+    text = files[0].read_text()
+    assert "\n.leading dot\n" in text and "..leading" not in text
