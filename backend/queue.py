@@ -8,6 +8,13 @@ fsync and a clean-up pass for orphans). It also makes group commit trivial: ever
 finished DATA while the previous commit was syncing goes into the next transaction, so N concurrent
 sessions cost one fsync, not N (Postfix pays one fsync per message).
 
+Large bodies are the exception (``spool_large``): above SPOOL_THRESHOLD the body is written to its
+own file under spool/ (write, fsync, rename, directory fsync) by the session's worker thread, and
+only the record goes through the group commit. Otherwise a small message's commit would wait behind
+25 MB of WAL writes from a neighbour (docs/benchmarks.md, B6). The record is committed only after
+the file is durable; a crash in between leaves an orphan file that ``remove_orphans`` deletes at
+the next start.
+
 Every method is blocking; the daemon calls them from worker threads, never on the event loop.
 The queue CLI opens the same database from another process while the daemon runs (WAL allows
 readers beside the writer; writers wait on ``busy_timeout``).
@@ -16,7 +23,9 @@ readers beside the writer; writers wait on ``busy_timeout``).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
+import os
 import queue as stdqueue
 import secrets
 import sqlite3
@@ -43,6 +52,7 @@ CREATE TABLE IF NOT EXISTS message (
     auth_user   TEXT,
     size        INTEGER NOT NULL,
     content     BLOB NOT NULL,            -- CRLF-canonical, Received (and DKIM) headers included
+    spool       TEXT,                     -- set: the body is in spool/<this> and content is empty
     delay_dsn_sent INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipient (
@@ -85,6 +95,7 @@ class NewMessage:
     client_addr: str | None = None
     auth_user: str | None = None
     id: str | None = None  # pre-assigned queue id (the Received header names it); None: assign one
+    spool: str | None = None  # body already durable in spool/<spool> (see Queue.spool_large)
 
 
 @dataclass(frozen=True)
@@ -162,8 +173,12 @@ class Queue:
         self.now = now
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self.spool_dir = self.path.parent / "spool"
         with self._conn() as conn:
             conn.executescript(SCHEMA)
+            cols = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
+            if "spool" not in cols:  # a database from before spooled bodies
+                conn.execute("ALTER TABLE message ADD COLUMN spool TEXT")
         self._pending: stdqueue.Queue = stdqueue.Queue()
         self._writer: threading.Thread | None = None
         self._closed = False
@@ -269,9 +284,10 @@ class Queue:
         def insert(conn: sqlite3.Connection, now: float) -> str:
             qid = msg.id or new_queue_id(now)
             conn.execute(
-                "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (qid, now, msg.sender, msg.listener, msg.client_addr, msg.auth_user, len(msg.content), msg.content),
+                "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content, spool)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (qid, now, msg.sender, msg.listener, msg.client_addr, msg.auth_user, len(msg.content),
+                 b"" if msg.spool else msg.content, msg.spool),
             )
             conn.executemany(
                 "INSERT INTO recipient (message_id, address, orig_address, domain, local, state,"
@@ -343,10 +359,67 @@ class Queue:
         self._write(update)
 
     def content(self, message_id: str) -> bytes:
-        row = self._conn().execute("SELECT content FROM message WHERE id = ?", (message_id,)).fetchone()
+        row = self._conn().execute("SELECT content, spool FROM message WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise QueueError(f"no message {message_id}")
+        if row[1]:
+            return (self.spool_dir / row[1]).read_bytes()
         return bytes(row[0])
+
+    # -- spooled bodies --------------------------------------------------------------------------
+
+    SPOOL_THRESHOLD = 256 * 1024
+
+    def spool_large(self, msg: NewMessage) -> NewMessage:
+        """Blocking. For a body above SPOOL_THRESHOLD, make it durable in its own file and return
+        the message with ``spool`` set; smaller messages are returned as they are."""
+        if len(msg.content) <= self.SPOOL_THRESHOLD or msg.spool:
+            return msg
+        qid = msg.id or new_queue_id(self.now())
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        final = self.spool_dir / qid
+        tmp = self.spool_dir / f"{qid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(msg.content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, final)
+            dfd = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except BaseException:
+            for leftover in (tmp, final):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+            raise
+        return dataclasses.replace(msg, id=qid, spool=qid)
+
+    def remove_orphans(self) -> int:
+        """Delete spool files without a queue record (a crash between the file and the commit).
+        Only at daemon start: while sessions run, a file may be durable and its record not yet."""
+        if not self.spool_dir.exists():
+            return 0
+        known = {row[0] for row in self._conn().execute("SELECT spool FROM message WHERE spool IS NOT NULL")}
+        removed = 0
+        for name in os.listdir(self.spool_dir):
+            if name not in known:
+                os.unlink(self.spool_dir / name)
+                removed += 1
+        return removed
+
+    def _unlink_spools(self, names) -> None:
+        for name in names:
+            if name:
+                try:
+                    os.unlink(self.spool_dir / name)
+                except FileNotFoundError:
+                    pass
 
     def mark_delay_dsn_sent(self, message_id: str) -> None:
         self._conn().execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (message_id,))
@@ -445,16 +518,28 @@ class Queue:
 
     def delete(self, message_id: str) -> None:
         self._ids_for(message_id)
-        self._conn().execute("DELETE FROM message WHERE id = ?", (message_id,))
+        conn = self._conn()
+        spools = [r[0] for r in conn.execute("SELECT spool FROM message WHERE id = ?", (message_id,))]
+        conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
+        self._unlink_spools(spools)  # after the record is gone: a crash in between leaves an orphan
 
     def purge_final(self, keep_for: float) -> int:
         """Remove messages whose recipients are all final (delivered/bounced) for longer than keep_for."""
         cutoff = self.now() - keep_for
-        cur = self._conn().execute(
-            "DELETE FROM message WHERE id IN (SELECT message_id FROM recipient GROUP BY message_id"
-            " HAVING SUM(state NOT IN ('delivered','bounced')) = 0 AND MAX(updated) < ?)",
-            (cutoff,),
+        conn = self._conn()
+        done = (
+            "SELECT message_id FROM recipient GROUP BY message_id"
+            " HAVING SUM(state NOT IN ('delivered','bounced')) = 0 AND MAX(updated) < ?"
         )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            spools = [r[0] for r in conn.execute(f"SELECT spool FROM message WHERE id IN ({done})", (cutoff,))]
+            cur = conn.execute(f"DELETE FROM message WHERE id IN ({done})", (cutoff,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._unlink_spools(spools)
         return cur.rowcount
 
     def _notify(self) -> None:

@@ -55,6 +55,9 @@ class Backend:
         cfg = self.config
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         self.queue = await self.run_blocking(Queue, cfg.queue_db)
+        orphans = await self.run_blocking(self.queue.remove_orphans)
+        if orphans:
+            log.info("removed %d spooled bodies without a queue record (interrupted before their 250)", orphans)
         users = UserDB(cfg.passwd_file)
         directory = Directory(cfg, users)
         tls = make_tls_context(cfg)

@@ -101,6 +101,15 @@ def from_addresses(header: bytes) -> list[str] | None:
     return addrs or None
 
 
+def _finish_lines(run: bytes) -> bytes:
+    """Transparency and line endings for a run of whole lines (each ends in CRLF, the run starts
+    at a line start): a leading dot of a line is removed, then lone CR/LF become CRLF."""
+    if run.startswith(b"."):
+        run = run[1:]
+    run = run.replace(b"\r\n.", b"\r\n")
+    return normalize_line_endings(run)
+
+
 @dataclass
 class AuthLimiter:
     """Failed AUTH attempts per real client address in a sliding window (Postfix's anvil, smaller)."""
@@ -310,14 +319,17 @@ class HomeSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     # -- DATA (RFC 5321 4.1.1.4, 4.5.2) ----------------------------------------------------------
-    # aiosmtpd reads DATA one line at a time on the event loop: a 25 MB message is some 400,000
-    # Python iterations during which no other session runs (docs/benchmarks.md, B6). This reads
-    # 64 KiB chunks with the same rules, doing the per-line work with C-level bytes methods:
+    # aiosmtpd reads DATA one line at a time on the event loop, then post-processes the whole
+    # message in one go: a 25 MB message is some 400,000 Python iterations plus several full
+    # passes during which no other session runs (docs/benchmarks.md, B6). This reads 64 KiB
+    # chunks with the same rules and finishes each run of complete lines as it arrives, with
+    # C-level bytes methods, yielding to other sessions between megabytes:
     # - the end is <CRLF>.<CRLF> only (the DATA command's own CRLF counts as the first CRLF), so a
     #   lone LF or CR never ends DATA (no SMTP smuggling);
     # - a line is what lies between two CRLFs; one longer than DATA_LINE_MAX is refused (500);
     # - a message larger than SIZE is read to its end and refused (552), keeping nothing;
     # - transparency: a dot starting a line is removed (4.5.2);
+    # - then lone CR/LF are normalised to CRLF (the stored message is CRLF-canonical);
     # - bytes after the terminator (pipelined commands) go back to the command reader.
 
     DATA_CHUNK = 65536
@@ -337,9 +349,9 @@ class HomeSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.data_size_limit
-        buf = bytearray(b"\r\n")  # the CRLF that ended the DATA command
-        line_from = 2  # start of the current (incomplete) line in buf
-        dropped = 0  # bytes discarded after a limit was hit
+        pending = bytearray(b"\r\n")  # not yet processed; starts with the CRLF that ended DATA
+        parts: list[bytes] = []  # finished runs of complete lines
+        size = 0
         state = "ok"
         since_yield = 0
         while True:
@@ -347,28 +359,34 @@ class HomeSMTP(SMTP):
             if not chunk:
                 return  # connection gone: nothing was accepted
             self._reset_timeout()  # RFC 5321 4.5.3.2.5/6: the timeout is per data block
-            search_from = max(0, len(buf) - 4)
-            buf += chunk
-            end = buf.find(b"\r\n.\r\n", search_from)
-            body_end = end + 2 if end >= 0 else len(buf)
-            if state == "ok":
-                lines = bytes(buf[line_from:body_end]).split(b"\r\n")
-                if max(map(len, lines)) > self.DATA_LINE_MAX:
-                    state = "too_long"
-                elif limit and body_end - 2 + dropped > limit:
-                    state = "too_big"
-                else:
-                    line_from = body_end - len(lines[-1])
+            search_from = max(0, len(pending) - 4)
+            pending += chunk
+            end = pending.find(b"\r\n.\r\n", search_from)
+            # Finish everything up to the last complete line (up to the terminator's first CRLF).
+            cut = end + 2 if end >= 0 else pending.rfind(b"\r\n") + 2
+            if cut > 2:
+                run = bytes(pending[2:cut])  # lines, each ending in CRLF
+                del pending[: cut - 2]  # keep the CRLF that ended the run (for the searches)
+                size += len(run)
+                if state == "ok":
+                    if max(map(len, run.split(b"\r\n"))) > self.DATA_LINE_MAX:
+                        state = "too_long"
+                    elif limit and size > limit:
+                        state = "too_big"
+                    else:
+                        parts.append(_finish_lines(run))
+                if state != "ok":
+                    parts.clear()
             if end >= 0:
-                leftover = bytes(buf[end + 5 :])
+                leftover = bytes(pending[5:])
                 if leftover:
                     self._reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
                 break
-            if state != "ok" and len(buf) > 8:
-                # Keep only what the terminator search needs; the rest is refused anyway.
-                dropped += len(buf) - 4
-                del buf[:-4]
-                line_from = 0
+            if state == "ok" and len(pending) - 2 > self.DATA_LINE_MAX:
+                state = "too_long"  # an unfinished line is already too long
+                parts.clear()
+            if state != "ok" and len(pending) > 8:
+                del pending[2:-4]  # keep only what the terminator search needs
             since_yield += len(chunk)
             if since_yield >= 1 << 20:
                 since_yield = 0
@@ -378,13 +396,11 @@ class HomeSMTP(SMTP):
             self._set_post_data_state()
             await self.push(R.R500_LINE_TOO_LONG if state == "too_long" else R.R552_TOO_BIG)
             return
-        content = bytes(buf[2 : end + 2])
-        del buf
-        if content.startswith(b"."):
-            content = content[1:]
-        content = content.replace(b"\r\n.", b"\r\n")
+        content = b"".join(parts)
+        parts.clear()
         self.envelope.content = content
         self.envelope.original_content = content
+        self.envelope.canonical = True  # type: ignore[attr-defined]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(R.R250_OK if status is MISSING else status)
@@ -582,7 +598,9 @@ class Handler:
     async def handle_DATA(self, server: HomeSMTP, session: Session, envelope: Envelope) -> str:
         listener = self.ctx.listener.name
         try:
-            content = normalize_line_endings(envelope.original_content or b"")
+            content = envelope.original_content or b""
+            if not getattr(envelope, "canonical", False):
+                content = normalize_line_endings(content)
             header, _ = split_header(content)
             if count_received(header) >= self.ctx.listener.max_received_headers:
                 server._reject("mail_loop")
@@ -607,6 +625,8 @@ class Handler:
                 auth_user=server.auth_user if session.authenticated else None,
                 id=qid,
             )
+            if len(content) > self.ctx.queue.SPOOL_THRESHOLD:
+                msg = await self.ctx.run_blocking(self.ctx.queue.spool_large, msg)
             # The queue's writer thread commits it with whatever else is pending (group commit);
             # waiting on its future takes no worker thread.
             await asyncio.wrap_future(self.ctx.queue.submit(msg))

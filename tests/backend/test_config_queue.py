@@ -108,3 +108,25 @@ def test_group_commit_many_concurrent_enqueues(tmp_path):
     # Durable on disk: a fresh handle (as after a restart) sees everything.
     assert len(Queue(tmp_path / "q.db", group_commit=False).list()) == 200
     assert os.path.exists(tmp_path / "q.db")
+
+
+def test_large_bodies_spooled_to_files_and_cleaned_up(tmp_path):
+    q = Queue(tmp_path / "q.db")
+    big = NewMessage("a@example.org", (NewRecipient("r@remote.example", "r@remote.example", False),),
+                     b"Subject: big\r\n\r\n" + b"z" * (Queue.SPOOL_THRESHOLD + 10), "lan")
+    spooled = q.spool_large(big)
+    assert spooled.spool and (tmp_path / "spool" / spooled.spool).read_bytes() == big.content
+    assert q.spool_large(_msg()).spool is None  # small bodies stay in the database
+    qid = q.enqueue(spooled)
+    assert q.content(qid) == big.content and q.get(qid).size == len(big.content)
+    # The body is not in the database (only the record is committed through the group writer).
+    import sqlite3
+
+    assert sqlite3.connect(tmp_path / "q.db").execute("SELECT length(content) FROM message").fetchone()[0] == 0
+    # A body whose record never committed (crash before the 250) is an orphan: removed at start.
+    (tmp_path / "spool" / "ORPHAN").write_bytes(b"x")
+    (tmp_path / "spool" / "ORPHAN2.tmp").write_bytes(b"x")
+    assert q.remove_orphans() == 2 and (tmp_path / "spool" / spooled.spool).exists()
+    q.delete(qid)
+    assert not (tmp_path / "spool" / spooled.spool).exists()
+    q.close()
