@@ -11,6 +11,8 @@ import socket
 import time
 from pathlib import Path
 
+from backend.durable import fsync_dir, unlink_quietly
+
 _SLICE = 1 << 20
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
@@ -18,14 +20,6 @@ _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 def ensure_maildir(path: Path) -> None:
     for sub in ("cur", "new", "tmp"):
         (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def already_delivered(maildir: Path, unique: str) -> bool:
@@ -74,10 +68,7 @@ def deliver(maildir: Path, message: bytes, unique: str, header_prefix: bytes = b
         final = maildir / "new" / name
         os.rename(tmp, final)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        unlink_quietly(tmp)
         raise
-    _fsync_dir(maildir / "new")
+    fsync_dir(maildir / "new")
     return final

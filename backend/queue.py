@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from backend.durable import fsync_dir, unlink_quietly
+
 log = logging.getLogger("homemx.queue")
 
 QUEUED, DEFERRED, DELIVERED, BOUNCED, HELD = "queued", "deferred", "delivered", "bounced", "held"
@@ -386,17 +388,9 @@ class Queue:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, final)
-            dfd = os.open(self.spool_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.spool_dir)
         except BaseException:
-            for leftover in (tmp, final):
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    pass
+            unlink_quietly(tmp, final)
             raise
         return dataclasses.replace(msg, id=qid, spool=qid)
 
@@ -414,12 +408,7 @@ class Queue:
         return removed
 
     def _unlink_spools(self, names) -> None:
-        for name in names:
-            if name:
-                try:
-                    os.unlink(self.spool_dir / name)
-                except FileNotFoundError:
-                    pass
+        unlink_quietly(*(self.spool_dir / n for n in names if n))
 
     def mark_delay_dsn_sent(self, message_id: str) -> None:
         self._conn().execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (message_id,))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import bcrypt
 
+from backend.durable import fsync_dir, unlink_quietly
+
 SCHEME = "{BLF-CRYPT}"
 BCRYPT_ROUNDS = 12  # ~250 ms on a small box: cheap for a login, expensive for a guesser
 
@@ -130,11 +132,9 @@ class UserDB:
             except FileNotFoundError:
                 os.chmod(tmp, 0o640)
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            unlink_quietly(Path(tmp))
             raise
 
     def add(self, address: str, password: str) -> None:
