@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Awaitable, Callable
@@ -42,7 +43,17 @@ Connector = Callable[[tuple[str, int]], Awaitable[trio.abc.HalfCloseableStream]]
 
 
 async def tcp_connect(address: tuple[str, int]) -> trio.SocketStream:
-    return await trio.open_tcp_stream(*address)
+    """Dial an upstream given as an IP literal (config guarantees it). A plain socket connect:
+    trio.open_tcp_stream's happy-eyeballs machinery (resolver call, nursery, attempt tasks) costs
+    a tenth of the gateway's CPU per relayed session and buys nothing for a literal address."""
+    host, port = address
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 class UpstreamUnavailable(Exception):
