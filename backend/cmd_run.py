@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="run a local stack on loopback with a generated default config")
     p.add_argument("--dir", default="demo", help="data directory for the demo (default ./demo)")
-    p.add_argument("--port-base", type=int, default=2500,
+    p.add_argument("--port-base", type=int, default=2500,  # ports BASE+25 … BASE+192
                    help="gateway on BASE+25/+65/+87, backend on BASE+125/+126/+165/+187, metrics BASE+91/+92")
     p.add_argument("--prepare", action="store_true",
                    help="only write the demo configs (backend.toml, gateway.toml), certificate and user, then exit")
@@ -189,7 +189,17 @@ def cmd_demo(args) -> int:
     if not (d / "tls" / "cert.pem").exists():
         write_self_signed(d / "tls" / "cert.pem", d / "tls" / "key.pem", "mail.example.test")
     if not cfg_path.exists():
-        cfg_path.write_text(demo_config_text(d, args.port_base))
+        text = demo_config_text(d, args.port_base)
+        from backend.dkim import generate_key
+
+        # Demo mail is signed like real mail: one RSA and one Ed25519 key for example.test.
+        for algorithm, selector in (("rsa", "demo-rsa"), ("ed25519", "demo-ed")):
+            key = d / "dkim" / f"example.test.{selector}.{'rsa.pem' if algorithm == 'rsa' else 'ed25519'}"
+            if not key.exists():
+                key = generate_key("example.test", selector, algorithm, d / "dkim").path
+            text += (f'\n[[dkim]]\ndomain = "example.test"\nselector = "{selector}"\n'
+                     f'algorithm = "{algorithm}"\nprivate_key = "{key}"\n')
+        cfg_path.write_text(text)
     if not (d / "gateway.toml").exists():
         (d / "gateway.toml").write_text(demo_gateway_config_text(args.port_base))
     pw_file = d / "demo-password"
