@@ -18,6 +18,12 @@ Roles (addresses are RFC 5737 documentation ranges, nothing leaves the machine):
 - home (192.0.2.2, tunnel 10.77.0.2): ``homemx-backend run`` (mx/submission/submissions behind
   PROXY v2 on the tunnel address, lan on the LAN address), Dovecot IMAPS with haproxy = yes.
 
+Optional (``MailLab(relay_listener=True)``, off by default, for benchmark B5): a sink host
+198.51.100.60 on the internet segment with ``sink.test``'s MX pointing at it (the caller runs the
+receiver there, e.g. Postfix's smtp-sink), and a relaying path for internet senders: gateway
+198.51.100.10:2526 (no greet wait, no per-client limits) → tunnel → a backend ``lan`` listener on
+10.77.0.2:2526 behind PROXY v2 trusting 198.51.100.1 and .50. ``log_level`` sets both daemons'.
+
 Every daemon is started through its CLI with config files like a user's. Teardown (``close``, also
 from ``with``, a failed ``start``, atexit, SIGTERM/SIGHUP, Ctrl-C) is the Lab's: every process in
 the namespaces is killed, namespaces, /etc/netns dirs, wireguard-go sockets and files removed.
@@ -60,6 +66,10 @@ BACKEND_METRICS_PORT = 9325
 GATEWAY_METRICS_PORT = 9101
 MAIL_UID = 65534  # nobody: the backend runs as this user and Dovecot's userdb maps every user to it
 GATEWAY_PORTS = {"mx": 25, "submission": 587, "submissions": 465, "imaps": 993}
+# relay_listener=True: the relaying path (gateway port → backend lan listener on the tunnel) and the sink host.
+RELAY_PORT = 2526
+SINK_ADDR = "198.51.100.60"
+SINK_DOMAIN = "sink.test"
 
 _PROBE = """
 import socket, sys
@@ -82,12 +92,25 @@ def wait_until(pred, timeout: float, what: str, step: float = 0.05):
         time.sleep(step)
 
 
+class _NSDWithoutRateLimit(NSD):
+    """nsd with response rate limiting off (``rrl-ratelimit: 0``, nsd.conf(5)): a Postfix relaying hundreds
+    of messages/s looks up the MX per delivery without a cache and would hit the 200 qps default, which the
+    recursive resolver of a real deployment never passes on."""
+
+    def _write(self) -> None:
+        super()._write()
+        conf = self.workdir / "nsd.conf"
+        conf.write_text(conf.read_text().replace("server:\n", "server:\n  rrl-ratelimit: 0\n", 1))
+
+
 class MailLab:
     """Builds the topology on ``start()`` (or ``with``) and removes it on ``close()``."""
 
     def __init__(self, *, greet_wait: str = "300ms", retry_schedule: tuple[str, ...] = ("2s",),
-                 gateway_connect_timeout: str = "2s"):
+                 gateway_connect_timeout: str = "2s", relay_listener: bool = False, log_level: str = "debug"):
         self.greet_wait = greet_wait
+        self.relay_listener = relay_listener
+        self.log_level = log_level
         self.retry_schedule = retry_schedule
         self.gateway_connect_timeout = gateway_connect_timeout
         self.lab: Lab | None = None
@@ -103,6 +126,8 @@ class MailLab:
     gateway_addr = "198.51.100.10"
     internet_addr = "198.51.100.1"
     sender_addr = SENDER_ADDR
+    sink_addr = SINK_ADDR
+    relay_port = RELAY_PORT
     home_addr = "192.0.2.2"
     home_tunnel_addr = HOME_TUN
     gateway_tunnel_addr = GW_TUN
@@ -153,6 +178,8 @@ class MailLab:
         self.work.chmod(0o711)
         self.tunnel = make_tunnel_lab(self.lab)
         self.internet.run(["ip", "addr", "add", f"{SENDER_ADDR}/24", "dev", "br0"])
+        if self.relay_listener:
+            self.internet.run(["ip", "addr", "add", f"{SINK_ADDR}/24", "dev", "br0"])
         self.tunnel.up()
         # The unprivileged backend binds the LAN submission port 587 (as CAP_NET_BIND_SERVICE would allow).
         self.home.sysctl("net.ipv4.ip_unprivileged_port_start", "0")
@@ -197,12 +224,17 @@ class MailLab:
                           f'proxy_protocol = true\ntrusted_proxies = ["{GW_TUN}/32"]\n\n')
         listeners += (f'[[listener]]\nname = "lan"\nkind = "lan"\nlisten = "{self.home_addr}:{LAN_PORT}"\n'
                       f'trusted_networks = ["192.0.2.0/24"]\n\n')
+        if self.relay_listener:
+            # Internet senders relay without AUTH, as a LAN app would: the client address is the PROXY header's.
+            listeners += (f'[[listener]]\nname = "relay"\nkind = "lan"\nlisten = "{HOME_TUN}:{RELAY_PORT}"\n'
+                          f'proxy_protocol = true\ntrusted_proxies = ["{GW_TUN}/32"]\n'
+                          f'trusted_networks = ["{self.internet_addr}/32", "{SENDER_ADDR}/32"]\n\n')
         schedule = ", ".join(f'"{s}"' for s in self.retry_schedule)
         self.backend_conf = home / "backend.toml"
         self.backend_conf.write_text(f"""[server]
 hostname = "{HOSTNAME}"
 data_dir = "{self.data_dir}"
-log_level = "debug"
+log_level = "{self.log_level}"
 metrics_listen = "{self.home_addr}:{BACKEND_METRICS_PORT}"
 
 [tls]
@@ -240,6 +272,8 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
                                             stdout=open(self.backend_log, "ab"), stderr=subprocess.STDOUT)
         self._wait_port(self.home, self.home_addr, LAN_PORT, self.backend_proc, "backend lan listener")
         self._wait_port(self.home, HOME_TUN, BACKEND_PORTS["mx"], self.backend_proc, "backend mx listener")
+        if self.relay_listener:
+            self._wait_port(self.home, HOME_TUN, RELAY_PORT, self.backend_proc, "backend relay listener")
 
     def kill_backend(self) -> None:
         """SIGKILL, as a crash would: no drain, no cleanup."""
@@ -265,7 +299,11 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
             REMOTE_DOMAIN: zone_text(REMOTE_DOMAIN, remote, ns_address=ns),
             reverse_zone_name(self.gateway_addr): zone_text(reverse_zone_name(self.gateway_addr), ptr),
         }
-        self.nsd = NSD(zones, address=ns, port=53, netns_exec=self.internet.cmd([]), workdir=self.work / "nsd")
+        if self.relay_listener:
+            zones[SINK_DOMAIN] = zone_text(SINK_DOMAIN, f"@\tIN\tMX\t10 mx.{SINK_DOMAIN}.\nmx\tIN\tA\t{SINK_ADDR}\n",
+                                           ns_address=ns)
+        nsd_class = _NSDWithoutRateLimit if self.relay_listener else NSD
+        self.nsd = nsd_class(zones, address=ns, port=53, netns_exec=self.internet.cmd([]), workdir=self.work / "nsd")
         self.nsd.start()
         for n in (self.internet, self.gateway, self.router, self.home):
             n.etc_file("resolv.conf", f"nameserver {ns}\n")
@@ -286,10 +324,15 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
             if name == "mx":
                 listeners += f'greet_wait = "{self.greet_wait}"\n'
             listeners += "\n"
+        if self.relay_listener:
+            # One benchmark client opens many sessions: no greet wait, per-client limits out of the way.
+            listeners += (f'[[listener]]\nname = "relay"\nkind = "smtp"\nlisten = "{self.gateway_addr}:{RELAY_PORT}"\n'
+                          f'upstream = "{HOME_TUN}:{RELAY_PORT}"\nconnect_timeout = "{self.gateway_connect_timeout}"\n'
+                          f'greet_wait = 0\nmax_per_client = 1000\nrate = 1000000\nburst = 1000000\n\n')
         self.gateway_conf = gw / "gateway.toml"
         self.gateway_conf.write_text(f"""[server]
 hostname = "{HOSTNAME}"
-log_level = "debug"
+log_level = "{self.log_level}"
 metrics_listen = "{GW_TUN}:{GATEWAY_METRICS_PORT}"
 tunnel_interface = "{self.tunnel.gw_if}"
 shutdown_grace = "2s"
@@ -300,7 +343,7 @@ shutdown_grace = "2s"
         self.gateway_proc = self.gateway.popen([GATEWAY_CLI, "run", "-c", str(self.gateway_conf)],
                                                stdout=open(self.gateway_log, "ab"), stderr=subprocess.STDOUT,
                                                env=self.tunnel.env)
-        for port in GATEWAY_PORTS.values():
+        for port in [*GATEWAY_PORTS.values(), *([RELAY_PORT] if self.relay_listener else [])]:
             self._wait_port(self.internet, self.gateway_addr, port, self.gateway_proc, f"gateway port {port}")
 
     # ------------------------------------------------------------ tunnel outage
