@@ -305,19 +305,28 @@ class Queue:
 
     # -- scheduling ----------------------------------------------------------------------------
 
-    def claim_due(self, limit: int, retry_delay: Callable[[int], float], local: bool | None = None) -> list[Recipient]:
+    def claim_due(
+        self,
+        limit: int,
+        retry_delay: Callable[[int], float],
+        local: bool | None = None,
+        exclude: frozenset[int] = frozenset(),
+    ) -> list[Recipient]:
         """Pick up to ``limit`` recipients whose next attempt is due, and move their next attempt
         forward *before* the attempt is made, so a crash mid-delivery never re-hammers the
         destination on restart (mox does the same). ``retry_delay(attempts_so_far)`` gives the
-        back-off. Returns the claimed recipients with their attempt count already incremented."""
+        back-off. ``exclude``: recipient ids whose attempt is still under way (never claimed twice).
+        Returns the claimed recipients with their attempt count already incremented."""
         where = "state IN ('queued','deferred') AND next_attempt <= ?"
         if local is not None:
             where += f" AND local = {int(bool(local))}"
 
         def claim(conn: sqlite3.Connection, now: float) -> list[int]:
             rows = conn.execute(
-                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?", (now, limit)
+                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?",
+                (now, limit + len(exclude)),
             ).fetchall()
+            rows = [r for r in rows if r[0] not in exclude][:limit]
             conn.executemany(
                 "UPDATE recipient SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, updated = ?"
                 " WHERE id = ?",

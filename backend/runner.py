@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -52,6 +53,7 @@ class QueueRunner:
         self.wakeup = asyncio.Event()
         self.retry_delay = retry_delay_for(config.delivery.retry_schedule)
         self._tasks: set[asyncio.Task] = set()
+        self._in_flight: set[int] = set()  # recipient ids with a remote attempt under way
         self._last_purge = 0.0
 
     def poke(self) -> None:
@@ -84,7 +86,11 @@ class QueueRunner:
         # Remote recipients wait when there is no outbound delivery or it is paused for maintenance;
         # local ones are always delivered.
         local_only = None if self.remote is not None and not self.config.delivery.paused else True
-        claimed = await self.run_blocking(self.queue.claim_due, BATCH, self.retry_delay, local_only)
+        # Recipients whose attempt is still running are never claimed again, however long it takes
+        # (their planned next attempt may already have passed): no second copy in flight.
+        claimed = await self.run_blocking(
+            self.queue.claim_due, BATCH, self.retry_delay, local_only, frozenset(self._in_flight)
+        )
         by_message: dict[str, list[Recipient]] = defaultdict(list)
         for r in claimed:
             by_message[r.message_id].append(r)
@@ -94,12 +100,18 @@ class QueueRunner:
             if local:
                 await self._deliver_local(mid, local)
             if remote and self.remote is not None:
+                ids = {r.id for r in remote}
+                self._in_flight |= ids
                 task = asyncio.create_task(self.remote.deliver(mid, remote))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(functools.partial(self._attempt_done, ids))
         if self.now() - self._last_purge > 300:
             self._last_purge = self.now()
             await self.run_blocking(self.queue.purge_final, self.config.delivery.keep_final)
+
+    def _attempt_done(self, ids: set[int], task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= ids
 
     async def _deliver_local(self, message_id: str, rcpts: list[Recipient]) -> None:
         content = await self.run_blocking(self.queue.content, message_id)

@@ -130,3 +130,56 @@ def test_large_bodies_spooled_to_files_and_cleaned_up(tmp_path):
     q.delete(qid)
     assert not (tmp_path / "spool" / spooled.spool).exists()
     q.close()
+
+
+def test_claim_never_returns_recipients_still_in_flight(tmp_path):
+    clock = [1000.0]
+    q = Queue(tmp_path / "q.db", now=lambda: clock[0])
+    q.enqueue(_msg(2))
+    first = q.claim_due(10, lambda a: 2)
+    clock[0] += 5  # the attempt outlives its retry delay
+    assert q.claim_due(10, lambda a: 2, exclude=frozenset(r.id for r in first)) == []
+    assert len(q.claim_due(10, lambda a: 2)) == 2  # once finished (not excluded) they are due again
+    q.close()
+
+
+@pytest.mark.asyncio
+async def test_runner_does_not_start_a_second_attempt_while_one_runs(tmp_path):
+    """The double delivery the namespace lab found: an attempt slower than the retry delay."""
+    import asyncio
+
+    from backend.config import load_config
+    from backend.metrics import BackendMetrics
+    from backend.runner import QueueRunner
+
+    cfg = load_config(_cfg(tmp_path, extra=""))
+    clock = [1000.0]
+    q = Queue(tmp_path / "q.db", now=lambda: clock[0])
+    release = asyncio.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    class SlowRemote:  # stands in for a remote MX that takes longer than the retry delay to answer
+        async def deliver(self, message_id, recipients):
+            calls.append((message_id, [r.id for r in recipients]))
+            await release.wait()
+            for r in recipients:
+                await asyncio.to_thread(q.set_result, r.id, DELIVERED, "250 ok")
+
+    async def run_blocking(fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    runner = QueueRunner(cfg, q, BackendMetrics(), run_blocking, remote=SlowRemote(), now=lambda: clock[0])
+    runner.retry_delay = lambda attempts: 2.0
+    q.enqueue(_msg(2))
+    await runner.run_once()
+    await asyncio.sleep(0.05)
+    clock[0] += 10  # well past the planned retry, the first attempt still running
+    await runner.run_once()
+    await asyncio.sleep(0.05)
+    assert len(calls) == 1
+    release.set()
+    await runner.drain(5)
+    clock[0] += 10
+    await runner.run_once()
+    assert len(calls) == 1  # delivered: nothing left to attempt
+    q.close()
