@@ -40,7 +40,7 @@ import dns.resolver
 from backend import dsn
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.mtasts import MTASTS, Policy
+from backend.mtasts import ASYNCIO_DNS, MTASTS, Policy
 from backend.queue import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue, QueueEntry, Recipient
 
 log = logging.getLogger("homemx.delivery")
@@ -166,7 +166,7 @@ async def _addresses(resolver, host: str, families: tuple[int, ...]) -> tuple[li
     for fam in families:
         rtype = "A" if fam == 4 else "AAAA"
         try:
-            ans = await resolver.resolve(host, rtype)
+            ans = await resolver.resolve(host, rtype, backend=ASYNCIO_DNS)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             continue
         except dns.exception.DNSException as e:
@@ -185,7 +185,7 @@ async def resolve_destination(resolver, domain: str, families: tuple[int, ...] =
     (SERVFAIL, timeout).
     """
     try:
-        ans = await resolver.resolve(domain, "MX")
+        ans = await resolver.resolve(domain, "MX", backend=ASYNCIO_DNS)
         records = [(r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in ans]
     except dns.resolver.NXDOMAIN:
         raise PermanentFailure(R_NO_DOMAIN) from None

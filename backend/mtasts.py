@@ -15,11 +15,16 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
 log = logging.getLogger("homemx.mtasts")
+
+# DNS runs on asyncio's backend, named rather than sniffed: dnspython caches the first async library
+# it detects for the whole process.
+ASYNCIO_DNS = dns.asyncbackend.get_backend("asyncio")
 
 MODES = ("enforce", "testing", "none")
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may limit the policy size; 64 KiB as in mox
@@ -133,7 +138,7 @@ class MTASTS:
     async def _txt_id(self, domain: str) -> tuple[str | None, bool]:
         """(policy id, whether the answer is authoritative). A DNS failure is not "no policy"."""
         try:
-            ans = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT")
+            ans = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT", backend=ASYNCIO_DNS)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None, True
         except dns.exception.DNSException as e:

@@ -47,10 +47,14 @@ def is_listing(answers: list[str]) -> bool:
 
 def dnspython_lookup(nameservers: tuple[str, ...], port: int, timeout: float) -> Lookup:
     """A Lookup using dnspython's async resolver, which runs on trio through its trio backend."""
+    import dns.asyncbackend
     import dns.asyncresolver
     import dns.exception
     import dns.resolver
 
+    # Name the trio backend: dnspython otherwise sniffs the running library once and caches the
+    # answer process-wide, so whatever async library touched it first would win.
+    backend = dns.asyncbackend.get_backend("trio")
     resolver = dns.asyncresolver.Resolver(configure=not nameservers)
     if nameservers:
         resolver.nameservers = list(nameservers)
@@ -59,7 +63,7 @@ def dnspython_lookup(nameservers: tuple[str, ...], port: int, timeout: float) ->
 
     async def lookup(name: str) -> list[str]:
         try:
-            answer = await resolver.resolve(name, "A", search=False)
+            answer = await resolver.resolve(name, "A", search=False, backend=backend)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         return [r.address for r in answer]

@@ -68,7 +68,7 @@ class _Resolver:
     def __init__(self):
         self.txt: list[str] | Exception = []
 
-    async def resolve(self, name, rtype):
+    async def resolve(self, name, rtype, **kwargs):
         if isinstance(self.txt, Exception):
             raise self.txt
         if not self.txt:
