@@ -9,6 +9,7 @@ import logging
 import signal
 import ssl
 
+from backend import outbound
 from backend.config import BackendConfig
 from backend.directory import Directory
 from backend.metrics import BackendMetrics
@@ -42,14 +43,9 @@ class Backend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
-    def _plugins(self) -> None:
-        """Optional parts (DKIM signing, outbound delivery) hooked in when their modules exist."""
-        try:
-            from backend import outbound  # backend part 2
-        except ImportError:
-            outbound = None
-        if outbound is not None:
-            self.signer, self.remote = outbound.build(self)
+    def _outbound(self) -> None:
+        """DKIM signing and outbound delivery (backend/outbound.py); a broken key stops the start."""
+        self.signer, self.remote = outbound.build(self)
 
     async def start(self) -> None:
         cfg = self.config
@@ -62,7 +58,7 @@ class Backend:
         directory = Directory(cfg, users)
         tls = make_tls_context(cfg)
         self.metrics.watch_queue(self.queue.stats)
-        self._plugins()
+        self._outbound()
         loop = asyncio.get_running_loop()
         try:
             for lc in cfg.listeners:
