@@ -183,3 +183,27 @@ async def test_runner_does_not_start_a_second_attempt_while_one_runs(tmp_path):
     await runner.run_once()
     assert len(calls) == 1  # delivered: nothing left to attempt
     q.close()
+
+
+def test_group_commit_isolates_a_failing_write_from_its_batch(tmp_path):
+    import threading
+
+    q = Queue(tmp_path / "q.db")
+    gate = threading.Event()
+
+    def slow(conn, now):  # holds the writer so the next writes queue up and share one batch
+        gate.wait(5)
+
+    def bad(conn, now):
+        raise OSError(28, "No space left on device")
+
+    first = q._submit_op(slow)
+    failing = q._submit_op(bad)
+    good = q.submit(_msg())
+    gate.set()
+    first.result(5)
+    with pytest.raises(OSError):
+        failing.result(5)
+    qid = good.result(5)
+    assert [e.id for e in q.list()] == [qid]
+    q.close()

@@ -409,18 +409,20 @@ async def test_queue_failure_451_and_session_recovers(backend, monkeypatch):
     """A failing disk injected at the storage layer (the real full-disk case is tested with a tmpfs
     in test_process.py): 451 4.3.0, envelope reset, next transaction on the same connection works."""
     q = backend.queue
-    real = q._run_ops
+    real_insert_op = q._insert_op
     calls = {"n": 0}
 
-    def failing(ops):
-        # The first transaction that stores a message fails (other writers, such as the queue
-        # runner's claims, go through the same writer and are left alone).
-        if calls["n"] == 0 and any(op.__name__ == "insert" for op in ops):
-            calls["n"] += 1
-            raise OSError(28, "No space left on device")
-        return real(ops)
+    def failing_insert_op(msg):
+        # Storing the first message fails (every time it is tried: alone or in a batch).
+        calls["n"] += 1
+        if calls["n"] == 1:
+            def insert(conn, now):
+                raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(q, "_run_ops", failing)
+            return insert
+        return real_insert_op(msg)
+
+    monkeypatch.setattr(q, "_insert_op", failing_insert_op)
     c = await RawSMTP.connect(backend.bound_port("mxplain"))
     await c.reply()
     await c.cmd("EHLO x.example")
