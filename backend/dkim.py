@@ -16,7 +16,6 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
@@ -25,6 +24,8 @@ import dkim.canonicalization as _dkimpy_canon
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from backend.message import crlf_canonical, from_addresses, split_header
 
 RSA_BITS = 2048  # RFC 8301 3.2: signers MUST use at least 1024 bits, SHOULD use 2048
 ALGORITHMS = ("rsa", "ed25519")
@@ -307,24 +308,9 @@ def generate_key(domain: str, selector: str, algorithm: str, directory: str | os
 
 # ---------------------------------------------------------------- signing
 
-_BARE_LF = re.compile(rb"\r?\n")
-
-
-def crlf_canonical(message: bytes) -> bytes:
-    """Every line ending as CRLF and a final CRLF (RFC 5322 2.1).
-
-    Done before signing so that nothing downstream (aiosmtplib's line-ending normalisation,
-    dot-stuffing) changes the bytes the body hash covers.
-    """
-    out = _BARE_LF.sub(b"\r\n", message)
-    if not out.endswith(b"\r\n"):
-        out += b"\r\n"
-    return out
-
 
 def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
+    return split_header(message)[0]
 
 
 def _header_names(message: bytes) -> list[bytes]:
@@ -347,13 +333,9 @@ def headers_to_sign(message: bytes) -> list[bytes]:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the (first) From address, lower-case; None when there is none."""
-    for line in _unfolded_headers(message):
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "from":
-            for _, addr in getaddresses([value]):
-                if "@" in addr:
-                    return addr.rpartition("@")[2].strip().rstrip(">").lower()
-            return None
+    for addr in from_addresses(_header_block(message)) or ():
+        if "@" in addr:
+            return addr.rpartition("@")[2].strip().rstrip(">").lower()
     return None
 
 
@@ -398,10 +380,23 @@ def sign_message(
     back canonicalised but unsigned. relaxed/relaxed canonicalisation, From oversigned.
     Thread-safe: a fresh dkimpy signer per signature, keys shared read-only.
     """
+    message, signatures = make_signatures(message, keys, select_by_from=select_by_from, _fast_rsa=_fast_rsa)
+    return b"".join(signatures) + message
+
+
+def make_signatures(
+    message: bytes,
+    keys: Sequence[DKIMKeyLike],
+    *,
+    select_by_from: bool = True,
+    _fast_rsa: bool = True,
+) -> tuple[bytes, list[bytes]]:
+    """(the CRLF-canonical message, its DKIM-Signature header fields): what ``sign_message``
+    joins, for callers that want the signatures themselves (metrics count them)."""
     message = crlf_canonical(message)
     chosen = keys_for_domain(from_domain(message), keys) if select_by_from else list(keys)
     if not chosen:
-        return message
+        return message, []
     include = headers_to_sign(message)
     if b"from" not in include[:-1]:
         raise ValueError("message has no From header: RFC 6376 5.4 requires From to be signed")
@@ -424,7 +419,7 @@ def sign_message(
             include_headers=include,
         )
         signatures.append(sig)
-    return b"".join(signatures) + message
+    return message, signatures
 
 
 def signature_count_by_algorithm(signed: bytes) -> dict[str, int]:

@@ -30,12 +30,11 @@ def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Cal
         dkim.load_key(k)  # raises DKIMKeyError naming the file
 
     def sign(message: bytes, envelope_sender: str) -> bytes:
-        signed = dkim.sign_message(message, keys)
-        added = len(signed) - len(dkim.crlf_canonical(message))
-        if added > 0:
-            for alg, n in dkim.signature_count_by_algorithm(signed[:added]).items():
+        message, signatures = dkim.make_signatures(message, keys)
+        if signatures:
+            for alg, n in dkim.signature_count_by_algorithm(b"".join(signatures)).items():
                 metrics.dkim_signatures.labels(alg).inc(n)
-        return signed
+        return b"".join(signatures) + message
 
     return sign
 

@@ -44,6 +44,7 @@ from backend import replies as R
 from backend.addresses import Address, PathError, parse_address, parse_path, split_path_and_params
 from backend.config import BackendConfig, ListenerConfig
 from backend.directory import Directory
+from backend.message import count_received, crlf_canonical, from_addresses, split_header
 from backend.metrics import BackendMetrics
 from backend.queue import NewMessage, NewRecipient, Queue, new_queue_id
 from backend.users import UserDB
@@ -56,49 +57,6 @@ warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TL
 
 PROXY_TIMEOUT = 10.0  # the gateway sends the header at once; anything slower is not the gateway
 _conn_ids = itertools.count(1)
-_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
-
-
-def normalize_line_endings(data: bytes) -> bytes:
-    """Every lone CR, lone LF and CRLF becomes CRLF (stored messages are CRLF-canonical)."""
-    # Fast path for the usual, already canonical message: when every CR and every LF belongs to a
-    # CRLF the substitution is the identity. Three C-level counts take ~40 ms on 25 MB where the
-    # regex took ~280 ms, all of it on the event loop (docs/benchmarks.md, B6).
-    if data.count(b"\r\n") == data.count(b"\r") == data.count(b"\n"):
-        out = data
-    else:
-        out = _LINE_END_RE.sub(b"\r\n", data)
-    if out and not out.endswith(b"\r\n"):
-        out += b"\r\n"
-    return out
-
-
-def split_header(message: bytes) -> tuple[bytes, bytes]:
-    """(header block incl. the blank line, body) of a CRLF message."""
-    i = message.find(b"\r\n\r\n")
-    if i < 0:
-        return message, b""
-    return message[: i + 4], message[i + 4 :]
-
-
-def count_received(header: bytes) -> int:
-    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")
-
-
-_FROM_RE = re.compile(rb"^From[ \t]*:(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-
-
-def from_addresses(header: bytes) -> list[str] | None:
-    """Addresses in the From header(s) of a CRLF header block; None if missing or unparsable.
-    (A regex for the field plus email.utils for the addresses: the full email parser costs ten
-    times more and this runs for every submitted message.)"""
-    values = [
-        m.group(1).replace(b"\r\n", b"").decode("utf-8", "surrogateescape") for m in _FROM_RE.finditer(header)
-    ]
-    if not values:
-        return None
-    addrs = [a for _, a in email.utils.getaddresses(values) if a]
-    return addrs or None
 
 
 def _finish_lines(run: bytes) -> bytes:
@@ -107,7 +65,7 @@ def _finish_lines(run: bytes) -> bytes:
     if run.startswith(b"."):
         run = run[1:]
     run = run.replace(b"\r\n.", b"\r\n")
-    return normalize_line_endings(run)
+    return crlf_canonical(run)
 
 
 @dataclass
@@ -600,7 +558,7 @@ class Handler:
         try:
             content = envelope.original_content or b""
             if not getattr(envelope, "canonical", False):
-                content = normalize_line_endings(content)
+                content = crlf_canonical(content)
             header, _ = split_header(content)
             if count_received(header) >= self.ctx.listener.max_received_headers:
                 server._reject("mail_loop")

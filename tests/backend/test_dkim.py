@@ -106,6 +106,14 @@ def test_body_is_crlf_canonical_and_tampering_is_detected(keys):
     assert verify_all(signed.replace(b"\r\n", b"\n"), keys) == [True, True]
 
 
+def test_lone_cr_is_canonicalised_before_signing_so_relay_normalisation_keeps_it_valid(keys):
+    # aiosmtplib turns a lone CR into CRLF on the way out; the signature must already cover that form.
+    signed = dkim.sign_message(MESSAGE.replace(b"Hello Bob", b"Hello\rBob"), [k for k, _ in keys.values()])
+    assert b"\r" not in signed.replace(b"\r\n", b"")
+    relayed = re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", signed)
+    assert relayed == signed and verify_all(relayed, keys) == [True, True]
+
+
 def test_keys_are_chosen_by_from_domain(keys):
     allkeys = [k for k, _ in keys.values()]
     other = MESSAGE.replace(b"alice@example.org", b"alice@elsewhere.test")
