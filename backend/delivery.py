@@ -263,6 +263,20 @@ class Target:
         return f"{self.host_name}[{self.address}]:{self.port}"
 
 
+def _dsn_recipient(r, reply: str, remote: str | None, now: float, action: str, retry_until: float | None = None):
+    """One recipient's part of a DSN: failed (permanent status) or delayed (will retry until)."""
+    return dsn.DSNRecipient(
+        final_recipient=r.address,
+        original_recipient=r.orig_address,
+        action=action,
+        status=dsn.status_from_reply(reply, permanent=action == dsn.FAILED),
+        diagnostic=reply,
+        remote_mta=f"dns; {remote.split('[')[0]}" if remote else None,
+        last_attempt=now,
+        will_retry_until=retry_until,
+    )
+
+
 class Deliverer:
     """The outbound half of the backend: what the queue runner calls ``remote``."""
 
@@ -368,34 +382,13 @@ class Deliverer:
                 entry.id, r.address, state, remote or "-", tls, r.attempts, reply,
             )
             if state == BOUNCED:
-                bounced.append(
-                    dsn.DSNRecipient(
-                        final_recipient=r.address,
-                        original_recipient=r.orig_address,
-                        action=dsn.FAILED,
-                        status=dsn.status_from_reply(reply, permanent=True),
-                        diagnostic=reply,
-                        remote_mta=f"dns; {remote.split('[')[0]}" if remote else None,
-                        last_attempt=now,
-                    )
-                )
+                bounced.append(_dsn_recipient(r, reply, remote, now, dsn.FAILED))
         if bounced:
             await self._send_dsn(entry, bounced, "failed")
         d_after = self.d.delay_notice_after
         if deferred_any and d_after is not None and not entry.delay_dsn_sent and now - entry.created >= d_after:
-            delayed = [
-                dsn.DSNRecipient(
-                    final_recipient=r.address,
-                    original_recipient=r.orig_address,
-                    action=dsn.DELAYED,
-                    status=dsn.status_from_reply(reply, permanent=False),
-                    diagnostic=reply,
-                    remote_mta=f"dns; {remote.split('[')[0]}" if remote else None,
-                    last_attempt=now,
-                    will_retry_until=entry.created + self.d.max_queue_age,
-                )
-                for r, reply, remote in deferred_any
-            ]
+            until = entry.created + self.d.max_queue_age
+            delayed = [_dsn_recipient(r, reply, remote, now, dsn.DELAYED, until) for r, reply, remote in deferred_any]
             await self.run_blocking(self.queue.mark_delay_dsn_sent, entry.id)
             await self._send_dsn(entry, delayed, "delayed")
 
