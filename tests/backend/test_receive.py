@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import ssl
 import subprocess
@@ -53,16 +54,23 @@ def all_listeners(**lan) -> str:
     )
 
 
-@pytest_asyncio.fixture
-async def backend(tmp_path):
-    cfg_path = write_config(tmp_path, all_listeners(), aliases={"postmaster": [ALICE], "team": [ALICE, BOB]})
+@contextlib.asynccontextmanager
+async def started(cfg_path):
+    """A backend running in this event loop for the duration of the block."""
     b = Backend(load_config(cfg_path))
     await b.start()
-    b.tmp = tmp_path  # type: ignore[attr-defined]
     try:
         yield b
     finally:
         await b.stop(grace=0.5)
+
+
+@pytest_asyncio.fixture
+async def backend(tmp_path):
+    cfg_path = write_config(tmp_path, all_listeners(), aliases={"postmaster": [ALICE], "team": [ALICE, BOB]})
+    async with started(cfg_path) as b:
+        b.tmp = tmp_path  # type: ignore[attr-defined]
+        yield b
 
 
 def queue_rows(b: Backend):
@@ -138,9 +146,7 @@ async def test_mx_without_valid_header_closed_before_banner(backend, prefix):
 @pytest.mark.asyncio
 async def test_mx_untrusted_peer_closed_before_banner(tmp_path):
     cfg_path = write_config(tmp_path, listener_block("mx", "mx", proxy_protocol=True, trusted_proxies=["127.0.0.2/32"]))
-    b = Backend(load_config(cfg_path))
-    await b.start()
-    try:
+    async with started(cfg_path) as b:
         c = await RawSMTP.connect(b.bound_port("mx"), prefix=encode_proxy_v2(REAL_CLIENT, ("198.51.100.1", 25)))
         assert await c.closed_without_banner()
         # ... while the trusted address gets through.
@@ -149,8 +155,6 @@ async def test_mx_untrusted_peer_closed_before_banner(tmp_path):
         )
         assert (await c.reply()).startswith("220 ")
         c.close()
-    finally:
-        await b.stop(grace=0.5)
 
 
 # ---------------------------------------------------------------- recipients and relay
@@ -390,15 +394,11 @@ async def test_lan_trusted_cannot_use_foreign_sender(backend):
 @pytest.mark.asyncio
 async def test_lan_untrusted_must_auth(tmp_path):
     cfg = write_config(tmp_path, listener_block("lan", "lan", trusted_networks=["10.0.0.0/8"]))
-    b = Backend(load_config(cfg))
-    await b.start()
-    try:
+    async with started(cfg) as b:
         c = await RawSMTP.connect(b.bound_port("lan"))
         await c.reply()
         await c.cmd("EHLO app")
         assert (await c.cmd("MAIL FROM:<nas@example.org>")).startswith("530 5.7.0")
-    finally:
-        await b.stop(grace=0.5)
 
 
 # ---------------------------------------------------------------- storage faults
@@ -481,9 +481,7 @@ async def test_metrics_endpoint_counts_outcomes(tmp_path):
         listener_block("mx", "mx") + listener_block("sub", "submission", auth_failure_delay=0),
         server_extra='metrics_listen = "127.0.0.1:0"',
     )
-    b = Backend(load_config(cfg_path))
-    await b.start()
-    try:
+    async with started(cfg_path) as b:
         c = await RawSMTP.connect(b.bound_port("mx"))
         await c.reply()
         await c.cmd("EHLO x.example")
@@ -514,8 +512,6 @@ async def test_metrics_endpoint_counts_outcomes(tmp_path):
         assert m[("homemx_backend_maildir_deliveries_total", (("result", "delivered"),))] == 1
         assert m[("homemx_backend_queue_recipients", (("state", "delivered"),))] == 1
         assert ("homemx_backend_queue_oldest_age_seconds", ()) in m
-    finally:
-        await b.stop(grace=0.5)
 
 
 @pytest.mark.asyncio
@@ -527,9 +523,7 @@ async def test_submissions_behind_proxy_tls_after_header(tmp_path):
         tmp_path,
         listener_block("smtps", "submissions", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]),
     )
-    b = Backend(load_config(cfg_path))
-    await b.start()
-    try:
+    async with started(cfg_path) as b:
         sock = socketmod.create_connection(("127.0.0.1", b.bound_port("smtps")))
         sock.sendall(encode_proxy_v2(REAL_CLIENT, ("198.51.100.1", 465)))
         sock.setblocking(False)
@@ -541,8 +535,6 @@ async def test_submissions_behind_proxy_tls_after_header(tmp_path):
         assert entry.client_addr == REAL_CLIENT[0]
         stored = Queue(b.config.queue_db, group_commit=False).content(entry.id)
         assert b"[203.0.113.7]" in stored and b"with ESMTPSA" in stored
-    finally:
-        await b.stop(grace=0.5)
 
 
 @pytest.mark.asyncio
@@ -552,9 +544,7 @@ async def test_paused_delivery_queues_remote_and_still_delivers_local(tmp_path):
         listener_block("lan", "lan", trusted_networks=["127.0.0.0/8"]),
         extra='[delivery]\npaused = true\nnameservers = ["127.0.0.1"]\ndns_port = 9\n',
     )
-    b = Backend(load_config(cfg_path))
-    await b.start()
-    try:
+    async with started(cfg_path) as b:
         def send():
             with smtplib.SMTP("127.0.0.1", b.bound_port("lan")) as s:
                 s.sendmail("nas@example.org", ["alice@example.org", "someone@remote.example"],
@@ -566,8 +556,6 @@ async def test_paused_delivery_queues_remote_and_still_delivers_local(tmp_path):
         [entry] = queue_rows(b)
         remote = [r for r in entry.recipients if not r.local][0]
         assert (remote.state, remote.attempts) == ("queued", 0)
-    finally:
-        await b.stop(grace=0.5)
 
 
 @pytest.mark.asyncio
