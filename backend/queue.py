@@ -369,6 +369,45 @@ class Queue:
 
         self._write(update)
 
+    def record_outcomes(
+        self,
+        outcomes: Iterable[tuple[int, str, str | None, float | None]],
+        dsns: Iterable[NewMessage] = (),
+        delay_dsn_for: str | None = None,
+    ) -> list[str]:
+        """Record the outcomes of one delivery round and queue its reports in ONE commit.
+
+        ``outcomes``: (recipient id, state, last reply, next attempt or None) per recipient, as
+        ``set_result`` takes them (a held recipient keeps its state). ``dsns``: reports to queue
+        (failed and/or delayed DSNs, from ``<>``). ``delay_dsn_for``: a message id whose "delay
+        notice sent" flag is set in the same commit (the delayed DSN among ``dsns``).
+
+        Either everything is durable when this returns, or nothing is (it raises): a crash can
+        never leave a recipient bounced without its DSN queued, nor a delay notice marked sent
+        without the notice (issue 11 point 2). It is one group-commit operation, so it batches
+        with other writes like any of them. Returns the queue ids of ``dsns``, in order.
+        """
+        rows = list(outcomes)
+        for _, state, _, _ in rows:
+            if state not in STATES:
+                raise ValueError(state)
+        inserts = [self._insert_op(m) for m in dsns]
+
+        def record(conn: sqlite3.Connection, now: float) -> list[str]:
+            conn.executemany(
+                "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = COALESCE(?, next_attempt),"
+                " updated = ? WHERE id = ? AND state != 'held'",
+                [(state, reply, nxt, now, rid) for rid, state, reply, nxt in rows],
+            )
+            if delay_dsn_for is not None:
+                conn.execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (delay_dsn_for,))
+            return [insert(conn, now) for insert in inserts]
+
+        qids = self._write(record)
+        if qids:
+            self._notify()
+        return qids  # type: ignore[return-value]
+
     def content(self, message_id: str) -> bytes:
         row = self._conn().execute("SELECT content, spool FROM message WHERE id = ?", (message_id,)).fetchone()
         if row is None:
@@ -420,7 +459,9 @@ class Queue:
         unlink_quietly(*(self.spool_dir / n for n in names if n))
 
     def mark_delay_dsn_sent(self, message_id: str) -> None:
-        self._conn().execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (message_id,))
+        """Remember that the message's one "delayed" notice went out (prefer ``record_outcomes``,
+        which does this in the same commit as the notice itself)."""
+        self.record_outcomes([], delay_dsn_for=message_id)
 
     # -- reading -------------------------------------------------------------------------------
 
