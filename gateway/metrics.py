@@ -82,8 +82,11 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-async def serve_metrics(metrics: GatewayMetrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED):
-    """Serve ``GET /metrics`` (any path, in fact) as Prometheus text over HTTP/1.0 until cancelled."""
+async def serve_metrics(
+    metrics: GatewayMetrics, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED
+):
+    """Serve ``GET /metrics`` (any path, in fact) as Prometheus text over HTTP/1.0 on already bound
+    listeners until cancelled."""
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -108,4 +111,4 @@ async def serve_metrics(metrics: GatewayMetrics, host: str, port: int, *, task_s
         finally:
             await trio.aclose_forcefully(stream)
 
-    await trio.serve_tcp(handle, port, host=host, task_status=task_status)
+    await trio.serve_listeners(handle, listeners, task_status=task_status)

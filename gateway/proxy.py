@@ -136,6 +136,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._drain = trio.Event()
         self.metrics_address: tuple[str, int] | None = None
+        self._bound: tuple[list[tuple[ListenerRuntime, list[trio.SocketListener]]], list[trio.SocketListener]] | None = None
 
     # ------------------------------------------------------------ serving
 
@@ -143,34 +144,52 @@ class Gateway:
         """Stop accepting; running sessions get ``shutdown_grace`` seconds to finish."""
         self._drain.set()
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind every listener (all or nothing), report started, serve until drained."""
-        sockets: list[tuple[ListenerRuntime, list[trio.SocketListener]]] = []
+    async def bind(self) -> None:
+        """Bind every listener and the metrics endpoint (all or nothing) without serving yet.
+
+        Called before any nursery opens, so a failure reaches the caller as one BindError (one
+        line naming the address and the reason) instead of an ExceptionGroup from a nursery."""
+        if self._bound is not None:
+            return
+        groups: list[tuple[ListenerRuntime, list[trio.SocketListener]]] = []
+        metrics: list[trio.SocketListener] = []
+
+        async def open_listeners(what: str, host: str, port: int) -> list[trio.SocketListener]:
+            try:
+                return await trio.open_tcp_listeners(port, host=host)
+            except OSError as e:
+                raise BindError(f"{what}: cannot bind {host}:{port}: {e.strerror or e}") from None
+
         try:
             for lr in self.listeners.values():
-                group = []
+                group: list[trio.SocketListener] = []
+                groups.append((lr, group))
                 for host, port in lr.config.listen:
-                    try:
-                        group += await trio.open_tcp_listeners(port, host=host)
-                    except OSError as e:
-                        raise BindError(f"listener {lr.config.name}: cannot bind {host}:{port}: {e.strerror or e}") from None
+                    group += await open_listeners(f"listener {lr.config.name}", host, port)
                 lr.bound = [_addr(s.socket.getsockname()) for s in group]
-                sockets.append((lr, group))
+            m = self.config.server.metrics_listen
+            if m is not None:
+                metrics += await open_listeners("metrics", m[0], m[1])
+                self.metrics_address = _addr(metrics[0].socket.getsockname())
         except BaseException:
-            for _, group in sockets:
-                for s in group:
-                    await trio.aclose_forcefully(s)
+            for s in metrics + [s for _, group in groups for s in group]:
+                await trio.aclose_forcefully(s)
             raise
+        self._bound = (groups, metrics)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Bind (unless ``bind`` already did), report started, serve until drained."""
+        await self.bind()
+        assert self._bound is not None
+        sockets, metrics_listeners = self._bound
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accepting:
                 for lr, group in sockets:
                     accepting.start_soon(
                         partial(trio.serve_listeners, partial(self._handle, lr), group, handler_nursery=handlers)
                     )
-                m = self.config.server.metrics_listen
-                if m is not None:
-                    ml = await accepting.start(serve_metrics, self.metrics, m[0], m[1])
-                    self.metrics_address = _addr(ml[0].socket.getsockname())
+                if metrics_listeners:
+                    await accepting.start(serve_metrics, self.metrics, metrics_listeners)
                 for lr in self.listeners.values():
                     log.info("listener %s (%s) on %s → %s", lr.config.name, lr.config.kind,
                              ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in lr.bound),

@@ -28,8 +28,10 @@ def raise_nofile_limit() -> int:
 
 
 async def run_gateway(config: GatewayConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until SIGTERM or SIGINT, then drain within server.shutdown_grace."""
+    """Serve until SIGTERM or SIGINT, then drain within server.shutdown_grace. A listener that
+    cannot be bound raises BindError before any nursery opens (the caller prints one line)."""
     gateway = Gateway(config)
+    await gateway.bind()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.serve)

@@ -87,16 +87,32 @@ def test_sigterm_grace_deadline_cuts_idle_sessions(tmp_path):
     assert "outcome=shutdown" in log.read_text()
 
 
-def test_bind_error_is_reported(tmp_path):
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    cfg = tmp_path / "gateway.toml"
-    port = busy.getsockname()[1]
-    cfg.write_text(f'[server]\nhostname = "mx.example.org"\n[[listener]]\nname = "mx"\nkind = "smtp"\n'
-                   f'listen = "127.0.0.1:{port}"\nupstream = "127.0.0.1:1"\n')
-    r = subprocess.run(GATEWAY + ["run", "-c", str(cfg)], capture_output=True, text=True, timeout=30,
-                       cwd=Path(__file__).parents[2])
-    busy.close()
+def run_with_busy_port(tmp_path, toml: str) -> subprocess.CompletedProcess:
+    """`homemx-gateway run` with {busy} in ``toml`` replaced by a port this test holds bound."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "gateway.toml"
+        cfg.write_text(toml.replace("{busy}", str(port)))
+        r = subprocess.run(GATEWAY + ["run", "-c", str(cfg)], capture_output=True, text=True, timeout=30,
+                           cwd=Path(__file__).parents[2])
+    r.port = port  # type: ignore[attr-defined]
+    return r
+
+
+LISTENER = '[[listener]]\nname = "mx"\nkind = "smtp"\nlisten = "127.0.0.1:{listen}"\nupstream = "127.0.0.1:1"\n'
+
+
+def test_bind_error_is_one_line_and_exit_1(tmp_path):
+    r = run_with_busy_port(tmp_path, '[server]\nhostname = "mx.example.org"\n' + LISTENER.replace("{listen}", "{busy}"))
     assert r.returncode == 1
-    assert f"listener mx: cannot bind 127.0.0.1:{port}" in r.stderr
+    # One line naming the listener, the address and the reason; no traceback, no ExceptionGroup.
+    assert r.stderr == f"homemx-gateway: listener mx: cannot bind 127.0.0.1:{r.port}: Address already in use\n"
+
+
+def test_metrics_bind_error_is_one_line_and_exit_1(tmp_path):
+    r = run_with_busy_port(tmp_path, '[server]\nhostname = "mx.example.org"\nmetrics_listen = "127.0.0.1:{busy}"\n'
+                           + LISTENER.replace("{listen}", "0"))
+    assert r.returncode == 1
+    assert r.stderr == f"homemx-gateway: metrics: cannot bind 127.0.0.1:{r.port}: Address already in use\n"
