@@ -9,6 +9,7 @@ session. Until the backend's banner has been relayed, any byte from the client i
     event \\ state      WAITING              CONNECTING          (terminal)
     client_bytes       → REJECTED (554)     → REJECTED (554)    ignored
     client_gone (EOF)  → REJECTED (silent)  → REJECTED (silent) ignored
+    client_reset (RST) → REJECTED (silent)  → REJECTED (silent) ignored
     dnsbl_listed       → REJECTED (554)     → REJECTED (554)    ignored
     wait_over          → CONNECTING          -                   ignored
     upstream_failed    -                    → UNAVAILABLE (421) ignored
@@ -43,6 +44,7 @@ OUT_EARLY_TALKER = "early_talker"
 OUT_DNSBL = "dnsbl_listed"
 OUT_UNAVAILABLE = "upstream_unavailable"
 OUT_CLIENT_GONE = "client_gone"
+OUT_CLIENT_RESET = "client_reset"  # a normal outcome too: scanners and impatient clients abort with RST
 
 
 def reply(template: str, **fields: str) -> bytes:
@@ -80,6 +82,13 @@ class PreGreeting:
             return Decision(self.state)
         self.state = REJECTED
         return Decision(REJECTED, None, OUT_CLIENT_GONE)
+
+    def client_reset(self) -> Decision:
+        """The client aborted (RST) before the banner: like client_gone, told apart only in logs and metrics."""
+        if self._done():
+            return Decision(self.state)
+        self.state = REJECTED
+        return Decision(REJECTED, None, OUT_CLIENT_RESET)
 
     def dnsbl_listed(self, zone: str) -> Decision:
         if self._done():

@@ -328,7 +328,16 @@ class Gateway:
 
         async def watch_client(cancel: trio.CancelScope) -> None:
             nonlocal decision, late
-            data = await client.receive_some(cfg.buffer_size)
+            try:
+                data = await client.receive_some(cfg.buffer_size)
+            except trio.BrokenResourceError:
+                # A reset is a normal way to leave (scanners do it all day): an outcome, not an
+                # exception escaping this nursery as an ExceptionGroup. Raced with the banner: the
+                # banner write that follows meets the broken socket and ends the session as a reset.
+                if pg.state != edge.PASSED:
+                    decision = pg.client_reset()
+                    cancel.cancel()
+                return
             if pg.state == edge.PASSED:  # raced with the banner: the bytes are ordinary input
                 late = data
                 return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import imaplib
+import logging
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 from contextlib import asynccontextmanager
 from functools import partial
@@ -43,6 +45,24 @@ def bound(gw, name, family=socket.AF_INET):
         if (":" in host) == (family == socket.AF_INET6):
             return host, port
     raise LookupError(name)
+
+
+def sample(gw, name, **labels) -> float | None:
+    """One series of the gateway's registry through prometheus_client's public API (None when absent)."""
+    return gw.metrics.registry.get_sample_value(name, labels)
+
+
+async def wait_sample(gw, name, value, timeout=10.0, **labels) -> None:
+    """Wait until a series reaches ``value`` (a real socket's progress shows only in the metrics)."""
+    with trio.fail_after(timeout):
+        while sample(gw, name, **labels) != value:
+            await trio.sleep(0.01)
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends RST instead of FIN (RFC 793 abort)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def smtplib_send(host, port, source, marker):
@@ -99,7 +119,33 @@ async def test_early_talker_over_real_socket(tmp_path):
                 reply += chunk
             s.close()
     assert reply.startswith(b"554 5.5.0 mx.example.org ")
-    assert gw.metrics.connections.labels("mx", "early_talker")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="early_talker") == 1
+
+
+@pytest.mark.trio
+async def test_client_reset_during_greet_wait_is_a_normal_outcome(caplog):
+    """A client (scanner) that resets while held in the greet wait: one INFO line with
+    outcome=client_reset, no traceback, nothing dialled; the gateway goes on serving."""
+    caplog.set_level(logging.INFO, "homemx.gateway")
+    dialled = []
+
+    async def connect(address):
+        dialled.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                          "upstream": "127.0.0.1:9", "proxy_v2": False, "greet_wait": "30s"})
+    async with running(cfg, connect=connect) as gw:
+        s = socket.create_connection(bound(gw, "mx"))
+        # Admitted (the gauge counts it) means accepted and past getpeername: the RST lands in the wait.
+        await wait_sample(gw, "homemx_gateway_active_connections", 1, listener="mx")
+        rst_close(s)
+        await wait_sample(gw, "homemx_gateway_connections_total", 1, listener="mx", outcome="client_reset")
+        assert sample(gw, "homemx_gateway_active_connections", listener="mx") == 0
+    assert dialled == []
+    assert [r.levelname for r in caplog.records if "conn=1 " in r.getMessage()] == ["INFO"]
+    assert "outcome=client_reset" in caplog.text
+    assert not any(r.exc_info for r in caplog.records) and "Traceback" not in caplog.text
 
 
 def imap_login(port):
@@ -242,10 +288,10 @@ async def test_upstream_stopped_gives_421_and_recovers_without_restart(tmp_path)
         assert reply == b"421 4.3.2 mx.example.org Service not available, try again later\r\n"
         reply6 = await trio.to_thread.run_sync(smtp_banner, *bound(gw, "mx", socket.AF_INET6))
         assert reply6.startswith(b"421 4.3.2 ")
-        assert gw.metrics.upstream_up.labels("mx")._value.get() == 0
+        assert sample(gw, "homemx_gateway_upstream_up", listener="mx") == 0
         with smtp_sink(tmp_path, port=port, dump=False):
             assert (await trio.to_thread.run_sync(smtp_banner, *addr)).startswith(b"220 ")
-        assert gw.metrics.upstream_up.labels("mx")._value.get() == 1
+        assert sample(gw, "homemx_gateway_upstream_up", listener="mx") == 1
 
 
 @pytest.mark.trio

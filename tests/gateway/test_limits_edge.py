@@ -74,5 +74,11 @@ def test_pregreeting_table():
     assert pg.client_bytes(b"late").state == edge.PASSED
 
     pg = edge.PreGreeting("mx.example.org", "192.0.2.1")
+    pg.wait_over()
+    d = pg.client_reset()  # RST while dialling: silent, no reply to a socket that is gone
+    assert (d.state, d.reply, d.outcome) == (edge.REJECTED, None, edge.OUT_CLIENT_RESET)
+    assert pg.banner().state == edge.REJECTED
+
+    pg = edge.PreGreeting("mx.example.org", "192.0.2.1")
     d = pg.dnsbl_listed("zen.example")
     assert d.reply.startswith(b"554 5.7.1 mx.example.org") and b"[192.0.2.1]" in d.reply
