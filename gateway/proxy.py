@@ -35,6 +35,10 @@ OUT_CLIENT_GONE = edge.OUT_CLIENT_GONE
 OUT_ERROR = "error"
 OUT_SHUTDOWN = "shutdown"
 
+# The two ends of a splice.
+CLIENT = "client"
+UPSTREAM = "upstream"
+
 REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is not waited for
 LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
 LINGER_DISCARD = 65536
@@ -272,11 +276,13 @@ class Gateway:
     async def _session(self, lr: ListenerRuntime, conn: _Conn, client, upstream: list) -> None:
         cfg = lr.config
         pending = b""
+        last_from = None  # which side spoke last when the splice begins
         if cfg.speaks_smtp_replies and (cfg.greet_wait > 0 or (cfg.dnsbl and self.dnsbl is not None)):
             result = await self._pregreet(lr, conn, client, upstream)
             if result is None:
                 return
             banner, pending = result
+            last_from = CLIENT if pending else UPSTREAM
             await client.send_all(banner)
             conn.down += len(banner)
             self.metrics.bytes.labels(cfg.name, "upstream_to_client").inc(len(banner))
@@ -292,7 +298,7 @@ class Gateway:
         if pending:
             await upstream[0].send_all(pending)
             conn.up += len(pending)
-        conn.outcome = await self._splice(cfg, conn, client, upstream[0])
+        conn.outcome = await self._splice(cfg, conn, client, upstream[0], last_from)
 
     async def _dial(self, lr: ListenerRuntime, conn: _Conn) -> trio.abc.HalfCloseableStream:
         """Connect upstream and write the PROXY v2 header, within connect_timeout."""
@@ -387,31 +393,43 @@ class Gateway:
             await self._reply_and_close(client, decision.reply)
         return None
 
-    async def _splice(self, cfg: ListenerConfig, conn: _Conn, client, upstream) -> str:
+    async def _splice(self, cfg: ListenerConfig, conn: _Conn, client, upstream, last_from: str | None = None) -> str:
         """Copy both ways until both sides have sent EOF; returns the outcome.
 
         Backpressure: each direction holds at most one buffer_size chunk and does not read more
         until send_all has handed it to the kernel. A FIN from one side becomes send_eof on the
         other (half-close), and the session ends when both directions are finished. Any activity
-        in either direction pushes back the shared idle deadline.
+        in either direction pushes back the shared idle deadline. A side that resets ends the
+        session; ``reset_is_close`` decides whether that was a normal end. ``last_from`` says which
+        side spoke last before the splice began (the banner relayed by the pre-greeting).
         """
         idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
-        reset = False
+        failed: str | None = None  # CLIENT or UPSTREAM: the side whose socket broke
+        eof = {CLIENT: False, UPSTREAM: False}
+        writing = {CLIENT: False, UPSTREAM: False}  # a chunk read but not yet handed to this side
         up_bytes = self.metrics.bytes.labels(cfg.name, "client_to_upstream")
         down_bytes = self.metrics.bytes.labels(cfg.name, "upstream_to_client")
         size = cfg.buffer_size
 
         async def pump(src, dst, upward: bool, nursery: trio.Nursery) -> None:
-            nonlocal reset
+            nonlocal failed, last_from
             counter = up_bytes if upward else down_bytes
+            src_side, dst_side = (CLIENT, UPSTREAM) if upward else (UPSTREAM, CLIENT)
+            side = src_side
             try:
                 while True:
+                    side = src_side
                     data = await src.receive_some(size)
+                    side = dst_side
                     if not data:
+                        eof[src_side] = True
                         await dst.send_eof()
                         return
+                    last_from = src_side
                     idle.deadline = trio.current_time() + cfg.idle_timeout
+                    writing[dst_side] = True
                     await dst.send_all(data)
+                    writing[dst_side] = False
                     idle.deadline = trio.current_time() + cfg.idle_timeout
                     counter.inc(len(data))
                     if upward:
@@ -420,7 +438,8 @@ class Gateway:
                         conn.down += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # One side reset: nothing more can flow either way that anybody would read.
-                reset = True
+                if failed is None:
+                    failed = side
                 nursery.cancel_scope.cancel()
 
         with idle:
@@ -429,7 +448,9 @@ class Gateway:
                 await pump(client, upstream, True, nursery)
         if idle.cancelled_caught:
             return OUT_IDLE
-        return OUT_RESET if reset else OUT_RELAYED
+        if failed is None or reset_is_close(failed, eof, last_from, writing):
+            return OUT_RELAYED
+        return OUT_RESET
 
     async def _reply_and_close(self, client, data: bytes) -> None:
         """Write one reply, send FIN, and briefly drain the client so unread input does not turn
@@ -447,6 +468,26 @@ class Gateway:
                     discarded += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+
+def reset_is_close(failed: str, eof: dict[str, bool], last_from: str | None, writing: dict[str, bool]) -> bool:
+    """Whether a reset that ended a splice was in fact the normal end of the session (pure).
+
+    The gateway sees no protocol inside TLS, so it judges by what was in flight. A reset is a
+    normal close when nothing was lost: both sides had already sent EOF; or the client reset after
+    the upstream had closed; or the upstream spoke last and all of it reached the client (the
+    session was at rest, waiting for the client, which may leave at that point). The common case:
+    after QUIT the backend sends 221 and its TLS close_notify (RFC 8446 6.1) together and waits for
+    the client's close_notify; a client that reads the 221 and closes without reading the alert
+    makes its kernel answer with RST, not FIN (unread data on close, RFC 2525 2.17). A reset while
+    the client's last bytes await an answer, or while a chunk is being written, is a real reset.
+    """
+    if eof[CLIENT] and eof[UPSTREAM]:
+        return True
+    if failed == CLIENT and eof[UPSTREAM]:
+        return True
+    return last_from == UPSTREAM and not writing[CLIENT]
 
 
 def _fmt(addr: tuple[str, int]) -> str:

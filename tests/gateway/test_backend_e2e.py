@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.backend.helpers import BACKEND_CLI, listener_block, maildir_files, write_config
+from tests.backend.helpers import BACKEND_CLI, client_tls, listener_block, maildir_files, write_config
 from tests.gateway.peers import free_port, stop, wait_port
-from tests.gateway.test_integration import bound, gateway_config, running, smtp_banner
+from tests.gateway.test_integration import bound, gateway_config, running, sample, smtp_banner, wait_sample
 
 
 def start_backend(cfg: Path, port: int) -> subprocess.Popen:
@@ -67,3 +67,48 @@ async def test_gateway_into_real_backend(tmp_path):
             await trio.to_thread.run_sync(wait_maildir, tmp_path, 3)
     finally:
         stop(backend)
+
+
+def starttls_quit(host, port):
+    """EHLO, STARTTLS, EHLO, QUIT → 221, then close the way smtplib (and most clients) do: without
+    reading the backend's TLS close_notify that follows the 221."""
+    s = smtplib.SMTP(host, port, timeout=20)
+    s.ehlo("client.example")
+    s.starttls(context=client_tls())
+    s.ehlo("client.example")
+    return s.quit()[0]
+
+
+@pytest.mark.trio
+async def test_tls_session_ending_with_quit_is_a_normal_close(tmp_path):
+    """STARTTLS through the gateway to the real backend, QUIT, 221: counted and logged as a normal
+    close (outcome relayed), not a reset, though the client's kernel answers the unread close_notify
+    with RST (RFC 2525 2.17)."""
+    port = free_port()
+    cfg = write_config(tmp_path, listener_block(
+        "mx", "mx", f"127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]))
+    backend = start_backend(cfg, port)
+    sessions = 5
+    try:
+        gcfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                               "upstream": f"127.0.0.1:{port}", "greet_wait": "0s"},
+                              metrics_listen="127.0.0.1:0")
+        async with running(gcfg) as gw:
+            for _ in range(sessions):
+                assert await trio.to_thread.run_sync(starttls_quit, *bound(gw, "mx")) == 221
+            await wait_sample(gw, "homemx_gateway_active_connections", 0, listener="mx")
+            text = await trio.to_thread.run_sync(scrape, gw.metrics_address)
+        assert f'homemx_gateway_connections_total{{listener="mx",outcome="relayed"}} {sessions}.0' in text
+        assert 'outcome="reset"' not in text
+    finally:
+        stop(backend)
+
+
+def scrape(address) -> str:
+    """The gateway's /metrics page, as Prometheus would read it."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        body = b""
+        while chunk := s.recv(65536):
+            body += chunk
+    return body.decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import imaplib
 import logging
@@ -146,6 +147,36 @@ async def test_client_reset_during_greet_wait_is_a_normal_outcome(caplog):
     assert [r.levelname for r in caplog.records if "conn=1 " in r.getMessage()] == ["INFO"]
     assert "outcome=client_reset" in caplog.text
     assert not any(r.exc_info for r in caplog.records) and "Traceback" not in caplog.text
+
+
+@pytest.mark.trio
+async def test_client_reset_with_a_request_outstanding_is_a_reset():
+    """The counterpart of a normal close: a client that pipelines its last commands and resets
+    before the upstream answered abandoned the session mid-exchange: outcome reset."""
+    got_quit = trio.Event()
+
+    async def silent_mta(stream):
+        await stream.send_all(b"220 fake ESMTP\r\n")
+        seen = b""
+        with contextlib.suppress(trio.BrokenResourceError):  # however the gateway hangs up
+            while chunk := await stream.receive_some(4096):
+                seen += chunk
+                if seen.endswith(b"QUIT\r\n"):
+                    got_quit.set()  # and never answer: the client's request stays outstanding
+
+    async with trio.open_nursery() as n:
+        up = await n.start(partial(trio.serve_tcp, silent_mta, 0, host="127.0.0.1"))
+        cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0", "proxy_v2": False,
+                              "upstream": f"127.0.0.1:{up[0].socket.getsockname()[1]}"})
+        async with running(cfg) as gw:
+            s = socket.create_connection(bound(gw, "mx"))
+            assert await trio.to_thread.run_sync(s.recv, 4096) == b"220 fake ESMTP\r\n"
+            s.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nbody\r\n.\r\nQUIT\r\n")
+            await got_quit.wait()
+            rst_close(s)
+            await wait_sample(gw, "homemx_gateway_connections_total", 1, listener="mx", outcome="reset")
+        n.cancel_scope.cancel()
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="relayed") is None
 
 
 def imap_login(port):

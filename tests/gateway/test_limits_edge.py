@@ -2,6 +2,7 @@
 
 from gateway import edge
 from gateway.dnsbl import is_listing, query_name
+from gateway.proxy import CLIENT, UPSTREAM, reset_is_close
 from gateway.limits import REFUSE_GLOBAL, REFUSE_PER_CLIENT, REFUSE_RATE, Admission, ClientLimiter, GlobalCap, client_key
 
 
@@ -82,3 +83,20 @@ def test_pregreeting_table():
     pg = edge.PreGreeting("mx.example.org", "192.0.2.1")
     d = pg.dnsbl_listed("zen.example")
     assert d.reply.startswith(b"554 5.7.1 mx.example.org") and b"[192.0.2.1]" in d.reply
+
+
+def test_reset_is_close_table():
+    none = {CLIENT: False, UPSTREAM: False}
+    # The upstream spoke last and all of it reached the client: the client may leave (TLS after 221).
+    assert reset_is_close(CLIENT, none, UPSTREAM, none)
+    # The client's request awaits an answer: it abandoned the exchange.
+    assert not reset_is_close(CLIENT, none, CLIENT, none)
+    # A chunk was being written to the client when it reset: data lost.
+    assert not reset_is_close(CLIENT, none, UPSTREAM, {CLIENT: True, UPSTREAM: False})
+    # The upstream had closed: whatever the client does next ends nothing.
+    assert reset_is_close(CLIENT, {CLIENT: False, UPSTREAM: True}, CLIENT, none)
+    # Both sides had sent EOF (the final FIN to a client that already reset fails).
+    assert reset_is_close(CLIENT, {CLIENT: True, UPSTREAM: True}, CLIENT, none)
+    # The upstream broke while the client waited for an answer; or before anything moved.
+    assert not reset_is_close(UPSTREAM, none, CLIENT, none)
+    assert not reset_is_close(CLIENT, none, None, none)
