@@ -10,6 +10,7 @@ sender is ``<>``, which is what stops bounce loops.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import secrets
@@ -61,8 +62,13 @@ def status_from_reply(reply: str | None, permanent: bool) -> str:
     return STATUS_PERMANENT_DEFAULT if permanent else STATUS_TEMPORARY_DEFAULT
 
 
-def _rfc822_date(ts: float) -> str:
-    return email.utils.formatdate(ts, usegmt=True)
+def rfc5322_date(ts: float) -> str:
+    """A date-time as RFC 5322 3.3 writes it, in UTC: "Tue, 14 Nov 2023 22:13:20 +0000".
+
+    Never the obsolete zone name "GMT" (RFC 5322 4.3, what ``formatdate(usegmt=True)`` writes)
+    nor "-0000" (RFC 5322 3.3: "no information about the local time zone").
+    """
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
 
 
 def _xtext_free(value: str) -> str:
@@ -71,10 +77,23 @@ def _xtext_free(value: str) -> str:
     return re.sub(r"[^\x20-\x7e]", "?", value)
 
 
+def _xtext_free_header(text: str) -> str:
+    # Control characters never reach a header; UTF-8 letters (an internationalised sender) may.
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "?", text)
+
+
+def _utf8_addr_xtext(addr: str) -> str:
+    # RFC 6533 3: in a message/delivery-status body a utf-8 address is written as
+    # utf-8-addr-xtext: printable ASCII except "\\", "+" and "=" stays, anything else becomes
+    # EmbeddedUnicodeChar "\\x{HEX}", so the report stays 7-bit (the form for RFC 3464 parsers).
+    return "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "\\+=" else f"\\x{{{ord(c):X}}}" for c in addr)
+
+
 def _address_field(addr: str) -> str:
-    # RFC 3464 2.3.2: address-type "rfc822" (or "utf-8" for an internationalised address, RFC 6533).
-    kind = "rfc822" if addr.isascii() else "utf-8"
-    return f"{kind};{_xtext_free(addr) if kind == 'rfc822' else addr}"
+    # RFC 3464 2.3.2: address-type "rfc822", or "utf-8" for an internationalised address (RFC 6533).
+    if addr.isascii():
+        return f"rfc822;{_xtext_free(addr)}"
+    return f"utf-8;{_utf8_addr_xtext(addr)}"
 
 
 def original_headers(message: bytes) -> bytes:
@@ -129,14 +148,15 @@ def build_dsn(
         )
     lines_human = [intro]
     for r in recipients:
-        lines_human.append(f"\r\n<{_xtext_free(r.final_recipient)}>: {_xtext_free(r.diagnostic or r.status)}\r\n")
+        shown = r.final_recipient if r.final_recipient.isascii() else _utf8_addr_xtext(r.final_recipient)
+        lines_human.append(f"\r\n<{_xtext_free(shown)}>: {_xtext_free(r.diagnostic or r.status)}\r\n")
     human = "".join(lines_human)
 
     # RFC 3464 2.2: per-message fields, then a blank line before each recipient's fields.
     status_lines = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Homemx-Queue-ID: {queue_id}",  # extension field (RFC 3464 2.2: X- fields allowed)
-        f"Arrival-Date: {_rfc822_date(arrival)}",
+        f"Arrival-Date: {rfc5322_date(arrival)}",
     ]
     for r in recipients:
         status_lines.append("")
@@ -150,16 +170,16 @@ def build_dsn(
         if r.diagnostic:
             status_lines.append(f"Diagnostic-Code: smtp; {_xtext_free(r.diagnostic)}")
         if r.last_attempt is not None:
-            status_lines.append(f"Last-Attempt-Date: {_rfc822_date(r.last_attempt)}")
+            status_lines.append(f"Last-Attempt-Date: {rfc5322_date(r.last_attempt)}")
         if r.will_retry_until is not None and r.action == DELAYED:
-            status_lines.append(f"Will-Retry-Until: {_rfc822_date(r.will_retry_until)}")
+            status_lines.append(f"Will-Retry-Until: {rfc5322_date(r.will_retry_until)}")
     delivery_status = "\r\n".join(status_lines) + "\r\n"
 
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
         f"Subject: {subject}",
-        f"Date: {_rfc822_date(now)}",
+        f"Date: {rfc5322_date(now)}",
         f"Message-ID: {msgid}",
         # RFC 3834 5: an automatic response; RFC 3464 says nothing else should answer it.
         "Auto-Submitted: auto-replied",
@@ -168,7 +188,8 @@ def build_dsn(
     ]
     orig = original_headers(headers)
     parts = [
-        "\r\n".join(head).encode("ascii", "replace") + b"\r\n\r\n",
+        # A UTF-8 sender address stays UTF-8 in To (RFC 6532 3.2); delivery then asks for SMTPUTF8.
+        _xtext_free_header("\r\n".join(head)).encode("utf-8") + b"\r\n\r\n",
         b"This is a MIME-encapsulated message.\r\n\r\n",
         f"--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n".encode(),
         human.encode("ascii", "replace"),

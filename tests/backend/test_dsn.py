@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
+import re
 
 import pytest
 
@@ -60,7 +62,7 @@ def test_failed_report_structure_and_fields():
     assert status.get_content_type() == "message/delivery-status"
     per_msg, per_rcpt = status.get_payload()
     assert per_msg["Reporting-MTA"] == "dns; mail.example.org"
-    assert per_msg["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 GMT"
+    assert per_msg["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 +0000"
     assert per_rcpt["Original-Recipient"] == "rfc822;team@example.org"
     assert per_rcpt["Final-Recipient"] == "rfc822;bob@remote.test"
     assert per_rcpt["Action"] == "failed"
@@ -79,6 +81,29 @@ def test_delay_report_says_delayed_and_until_when():
     assert per_rcpt["Action"] == "delayed" and per_rcpt["Status"] == "4.2.2"
     assert per_rcpt["Will-Retry-Until"]
     assert msg["Subject"].startswith("Delayed")
+
+
+@pytest.mark.parametrize("action", [dsn.FAILED, dsn.DELAYED])
+def test_every_date_is_rfc5322_with_a_numeric_zone(action):
+    # RFC 5322 3.3: zone is +0000; "GMT" is obsolete syntax (4.3) and "-0000" means "zone unknown".
+    raw = report(action).decode()
+    dated = re.findall(r"^(Date|Arrival-Date|Last-Attempt-Date|Will-Retry-Until): (.*)$", raw, re.M)
+    names = {n for n, _ in dated}
+    assert names == {"Date", "Arrival-Date", "Last-Attempt-Date"} | ({"Will-Retry-Until"} if action == dsn.DELAYED else set())
+    for name, value in dated:
+        assert value.rstrip("\r").endswith(" +0000"), (name, value)
+        assert email.utils.parsedate_to_datetime(value).timestamp() in (1_700_000_000.0, 1_700_000_100.0, 1_700_000_200.0, 1_700_400_000.0)
+    assert "GMT" not in raw and "-0000" not in raw
+
+
+def test_utf8_recipient_is_written_as_rfc6533_xtext_in_the_7bit_report():
+    raw = report(final_recipient="jösé+x@bücher.test", original_recipient=None)
+    _, (human, status, _) = parts(raw)
+    per_rcpt = status.get_payload()[1]
+    # RFC 6533 3: utf-8-addr-xtext in message/delivery-status; "+" is not a QCHAR either.
+    assert per_rcpt["Final-Recipient"] == "utf-8;j\\x{F6}s\\x{E9}\\x{2B}x@b\\x{FC}cher.test"
+    assert raw.split(b"\r\n\r\n", 1)[1].isascii()
+    assert "j\\x{F6}s\\x{E9}" in human.get_payload()
 
 
 def test_original_recipient_omitted_when_same_as_final():
