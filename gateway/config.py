@@ -21,7 +21,11 @@ MX_PORT = 25
 DEFAULT_GREET_WAIT = 6.0  # Postfix postscreen_greet_wait default
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_BANNER_TIMEOUT = 30.0
-DEFAULT_SMTP_IDLE = 300.0  # RFC 5321 4.5.3.2: 5 min per command is the client's patience too
+# RFC 5321 4.5.3.2: a server waits 5 min for a command; the backend's listener timeout is exactly
+# that and it then replies 421 4.4.2 and closes. The gateway waits 30 s longer so that 421 (not a
+# silent cut by the gateway) is what an idle client reads: the backend's timer starts when it wrote
+# its last reply, ours when that reply crossed the tunnel, and the 421 must cross it too.
+DEFAULT_SMTP_IDLE = 330.0
 DEFAULT_SMTP_SESSION = 3600.0
 DEFAULT_TCP_IDLE = 1800.0  # RFC 2177: IMAP IDLE re-issued at least every 29 min
 DEFAULT_TCP_SESSION = 86400.0

@@ -112,3 +112,33 @@ def scrape(address) -> str:
         while chunk := s.recv(65536):
             body += chunk
     return body.decode()
+
+
+def idle_client(host, port) -> bytes:
+    """Read the banner, then stay silent: everything the server says until the connection closes."""
+    with socket.create_connection((host, port), timeout=20) as s:
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data
+
+
+@pytest.mark.trio
+async def test_idle_client_reads_the_backends_421_through_the_gateway(tmp_path):
+    """Short injected timeouts in the shipped relation (gateway idle > backend listener timeout):
+    the idle client reads the backend's 421 4.4.2 and the gateway counts a normal close."""
+    port = free_port()
+    cfg = write_config(tmp_path, listener_block(
+        "mx", "mx", f"127.0.0.1:{port}", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"], timeout="1s"))
+    backend = start_backend(cfg, port)
+    try:
+        gcfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                               "upstream": f"127.0.0.1:{port}", "greet_wait": "0s", "idle_timeout": "4s"})
+        async with running(gcfg) as gw:
+            transcript = await trio.to_thread.run_sync(idle_client, *bound(gw, "mx"))
+            await wait_sample(gw, "homemx_gateway_connections_total", 1, listener="mx", outcome="relayed")
+        assert transcript.startswith(b"220 ")
+        assert transcript.endswith(b"\r\n") and transcript.split(b"\r\n")[-2].startswith(b"421 4.4.2 ")
+        assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="idle_timeout") is None
+    finally:
+        stop(backend)

@@ -86,3 +86,20 @@ def test_config_check_command(tmp_path, capsys):
     bad.write_text("[server]\nhostname='mx.example.org'\nport=25\n")
     assert main(["config", "check", "-c", str(bad)]) == 2
     assert f"{bad}: server.port: unknown key" in capsys.readouterr().err
+
+
+def test_smtp_idle_default_outlasts_the_backend_listener_timeout(tmp_path):
+    """The client must read the backend's own `421 4.4.2` idle reply before the gateway cuts the
+    splice: the gateway's default SMTP idle timeout exceeds every backend listener's default
+    timeout, with room for the 421 to cross the tunnel. Both daemons' real loaders, defaults only."""
+    from backend.config import LISTENER_KINDS, load_config as load_backend_config
+    from tests.backend.helpers import listener_block, write_config
+
+    backend = load_backend_config(write_config(
+        tmp_path / "backend", "".join(listener_block(k, k, "127.0.0.1:0") for k in LISTENER_KINDS)))
+    gateway = load_config(write(tmp_path, "".join(
+        f'[[listener]]\nname = "l{port}"\nkind = "smtp"\nlisten = "0.0.0.0:{port}"\nupstream = "10.8.0.2:2{port}"\n'
+        for port in (25, 465, 587))))
+    for g in gateway.listeners:
+        for b in backend.listeners:
+            assert g.idle_timeout >= b.timeout + 10, (g.name, g.idle_timeout, b.name, b.timeout)
