@@ -13,6 +13,7 @@ from tests.lab.proxyv2_decoder import parse_proxy_v2
 from gateway.config import config_from_dict
 from gateway.dnsbl import DnsblChecker
 from gateway.proxy import Gateway
+from tests.gateway.test_integration import sample
 
 HOST = "mx.example.org"
 CLIENT = ("203.0.113.7", 40001)
@@ -90,7 +91,7 @@ async def test_early_talker_gets_554_and_never_reaches_home(autojump_clock):
         reply = await read_until_eof(client)
     assert reply == b"554 5.5.0 mx.example.org Protocol error: client sent data before the greeting\r\n"
     assert home.dials == []
-    assert gw.metrics.connections.labels("mx", "early_talker")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="early_talker") == 1
 
 
 @pytest.mark.trio
@@ -116,7 +117,7 @@ async def test_greet_wait_then_banner_relayed_with_real_address(autojump_clock):
         assert await client.receive_some(4096) == b"221 bye\r\n"
         await home.sessions[0].aclose()
         assert await client.receive_some(4096) == b""
-    assert gw.metrics.connections.labels("mx", "relayed")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="relayed") == 1
 
 
 @pytest.mark.trio
@@ -141,7 +142,7 @@ async def test_client_closing_during_wait_dials_nothing(autojump_clock):
         client = await start_conn(n, gw)
         await client.aclose()
     assert home.dials == []
-    assert gw.metrics.connections.labels("mx", "client_gone")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="client_gone") == 1
 
 
 @pytest.mark.trio
@@ -155,7 +156,7 @@ async def test_upstream_connect_timeout_gives_421(autojump_clock):
         reply = await read_until_eof(client)
     assert reply == b"421 4.3.2 mx.example.org Service not available, try again later\r\n"
     assert 5 <= trio.current_time() - t0 < 10
-    assert gw.metrics.upstream_up.labels("mx")._value.get() == 0
+    assert sample(gw, "homemx_gateway_upstream_up", listener="mx") == 0
 
 
 @pytest.mark.trio
@@ -208,7 +209,7 @@ async def test_per_client_cap_keyed_by_ipv6_64(autojump_clock):
         again = await start_conn(n, gw, peer=("2001:db8:1:2::ffff", 1003))  # slot released
         assert await again.receive_some(100) == b"220 home ESMTP\r\n"
         n.cancel_scope.cancel()
-    assert gw.metrics.refusals.labels("mx", "per_client_cap")._value.get() == 1
+    assert sample(gw, "homemx_gateway_refusals_total", listener="mx", reason="per_client_cap") == 1
 
 
 @pytest.mark.trio
@@ -247,7 +248,7 @@ async def test_rate_limit_token_bucket(autojump_clock):
     assert (await one()).startswith(b"421 4.7.0 mx.example.org Connection rate limit exceeded")
     await trio.sleep(2)  # one token back at 0.5/s
     assert await one() == b"220 x\r\n"
-    assert gw.metrics.refusals.labels("mx", "rate")._value.get() == 1
+    assert sample(gw, "homemx_gateway_refusals_total", listener="mx", reason="rate") == 1
 
 
 @pytest.mark.trio
@@ -261,7 +262,7 @@ async def test_tcp_listener_refusal_just_closes(autojump_clock):
         second = await start_conn(n, gw, listener="imaps")
         assert await read_until_eof(second) == b""
         n.cancel_scope.cancel()
-    assert gw.metrics.refusals.labels("imaps", "per_client_cap")._value.get() == 1
+    assert sample(gw, "homemx_gateway_refusals_total", listener="imaps", reason="per_client_cap") == 1
 
 
 @pytest.mark.trio
@@ -301,7 +302,7 @@ async def test_session_timeout_despite_activity(autojump_clock):
                 await home.sessions[0].receive_some(100)
                 await trio.sleep(30)
         assert 600 <= trio.current_time() - t0 < 640
-    assert gw.metrics.connections.labels("mx", "session_timeout")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="session_timeout") == 1
 
 
 @pytest.mark.trio
@@ -338,4 +339,4 @@ async def test_handler_never_raises(autojump_clock, caplog):
         client = await start_conn(n, gw)
         assert await read_until_eof(client) == b""
     assert "conn=1 listener=mx" in caplog.text and "boom" in caplog.text
-    assert gw.metrics.connections.labels("mx", "error")._value.get() == 1
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="error") == 1
