@@ -160,6 +160,12 @@ def _check_domain(domain: str) -> str:
     return domain.lower()
 
 
+def is_bare_postmaster(path: str) -> bool:
+    """``<Postmaster>`` without a domain (any case): RFC 5321 4.5.1 requires accepting it as a
+    recipient, meaning the postmaster of the receiving server."""
+    return path.lower() == "<postmaster>"
+
+
 def parse_address(text: str) -> Address:
     """Parse a bare ``local@domain`` (config files, CLI arguments, header addresses)."""
     return parse_path(f"<{text.strip()}>")  # type: ignore[return-value]

@@ -99,15 +99,23 @@ def cmd_queue(args) -> int:
 
 
 def _read_password(args) -> str:
-    if args.password_file == "-":
-        pw = sys.stdin.readline().rstrip("\n")
+    if args.password_file == "-" or (args.password_file is None and not sys.stdin.isatty()):
+        # Piped in (a script, provisioning): the first line of standard input is the password;
+        # prompting twice would read the second prompt's answer from an exhausted pipe.
+        line = sys.stdin.readline()
+        if not line:
+            raise UserError("no password on standard input (pipe one line, or use --password-file FILE)")
+        pw = line.rstrip("\r\n")
     elif args.password_file:
         with open(args.password_file, encoding="utf-8") as f:
-            pw = f.readline().rstrip("\n")
+            pw = f.readline().rstrip("\r\n")
     else:
-        pw = getpass.getpass(f"password for {args.address}: ")
-        if pw != getpass.getpass("again: "):
-            raise UserError("passwords do not match")
+        try:
+            pw = getpass.getpass(f"password for {args.address}: ")
+            if pw != getpass.getpass("again: "):
+                raise UserError("passwords do not match")
+        except EOFError:
+            raise UserError("no password given (use --password-file - to read it from standard input)") from None
     if len(pw) < 8:
         raise UserError("password too short (8 characters at least)")
     return pw

@@ -59,9 +59,13 @@ def run_daemon(cfg) -> int:
     setup_logging(cfg.server.log_level)
     from backend.run import serve
 
+    from backend.dkim import DKIMKeyError
+    from backend.smtpd import TLSSetupError
+
     try:
         asyncio.run(serve(cfg))
-    except OSError as e:
+    except (OSError, DKIMKeyError, TLSSetupError) as e:
+        # A port in use, an unusable DKIM key or certificate: one line naming it, no traceback.
         print(f"homemx-backend: cannot start: {e}", file=sys.stderr)
         return 1
     return 0

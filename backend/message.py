@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
+import time
 
 _LINE_END_RE = re.compile(rb"\r\n|\r|\n")
 _FROM_RE = re.compile(rb"^From[ \t]*:(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+# RFC 5322 4.5 (obs-optional): white space may stand between a field name and its colon.
+_RECEIVED_RE = re.compile(rb"^Received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 
 
 def crlf_canonical(data: bytes) -> bytes:
@@ -37,7 +41,21 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
 
 
 def count_received(header: bytes) -> int:
-    return sum(1 for line in header.split(b"\r\n") if line[:9].lower() == b"received:")
+    """Received fields in a CRLF header block (loop detection, RFC 5321 6.3)."""
+    return len(_RECEIVED_RE.findall(header))
+
+
+def has_field(header: bytes, name: bytes) -> bool:
+    """Whether a CRLF header block has a field ``name`` (case-insensitive, obsolete white space
+    before the colon allowed)."""
+    return re.search(rb"^" + re.escape(name) + rb"[ \t]*:", header, re.IGNORECASE | re.MULTILINE) is not None
+
+
+def rfc5322_date(when: float | None = None) -> str:
+    """A date-time in RFC 5322 3.3 form with a numeric zone (``+0000``), never the obsolete ``GMT``
+    (4.3), for Date and Received fields."""
+    moment = datetime.datetime.fromtimestamp(time.time() if when is None else when, datetime.timezone.utc)
+    return email.utils.format_datetime(moment)
 
 
 def from_addresses(header: bytes) -> list[str] | None:

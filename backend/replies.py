@@ -44,6 +44,14 @@ R235_AUTH_OK = "235 2.7.0 Authentication successful"
 R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R454_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
 R503_ALREADY_AUTH = "503 5.5.1 Already authenticated"
+# Like Postfix on a port without SASL: the mx listener never takes AUTH (RFC 4954 is for submission).
+R503_AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
+
+# STARTTLS (RFC 3207)
+R503_TLS_ACTIVE = "503 5.5.1 TLS already active"
+
+# aiosmtpd's reply before it closes a session that sent too many unknown commands.
+R502_TOO_MANY_BAD_PREFIX = "502 5.5.1 Too many unrecognized commands"
 
 
 def queued(queue_id: str) -> str:
@@ -69,6 +77,11 @@ AIOSMTPD_REWRITES_EXACT = {
     "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
     "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
     "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
+    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
+    "501 Too many values": "501 5.5.4 Too many values",
+    "501 Not enough value": "501 5.5.4 Not enough value",
+    "454 TLS not available": "454 4.7.0 TLS not available",
     "553 5.1.3 Error: malformed address": R501_PATH_SYNTAX,
 }
 AIOSMTPD_REWRITES_PREFIX = (
@@ -79,6 +92,9 @@ AIOSMTPD_REWRITES_PREFIX = (
     ("500 Error: strict ASCII", "500 5.6.7 Error: strict ASCII"),
     ("501 Error: ", "501 5.5.4 Error: "),
     ("502 ", "502 5.5.1 "),
+    ("250 Syntax: ", "250 2.0.0 Syntax: "),  # HELP <command>
+    ("250 Supported commands: ", "250 2.0.0 Supported commands: "),  # HELP
+    ("501 Supported commands: ", "501 5.5.4 Supported commands: "),  # HELP <unknown>
 )
 
 

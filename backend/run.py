@@ -15,7 +15,14 @@ from backend.directory import Directory
 from backend.metrics import BackendMetrics
 from backend.queue import Queue
 from backend.runner import QueueRunner
-from backend.smtpd import AuthLimiter, ListenerContext, make_tls_context, protocol_factory
+from backend.smtpd import (
+    PROXY_TIMEOUT,
+    AuthLimiter,
+    ListenerContext,
+    SessionRegistry,
+    make_tls_context,
+    protocol_factory,
+)
 from backend.users import UserDB
 
 log = logging.getLogger("homemx.backend")
@@ -26,8 +33,13 @@ SHUTDOWN_GRACE = 10.0
 class Backend:
     """One running backend. ``start`` binds every listener; ``stop`` closes them and drains."""
 
-    def __init__(self, config: BackendConfig):
+    def __init__(self, config: BackendConfig, proxy_timeout: float = PROXY_TIMEOUT):
         self.config = config
+        self.proxy_timeout = proxy_timeout
+        # One of each for all listeners: a lockout earned on one port holds on the others, and a
+        # shutdown drains every session.
+        self.auth_limiter = AuthLimiter()
+        self.sessions = SessionRegistry()
         self.metrics = BackendMetrics()
         # SQLite commits, bcrypt and signing run here; a few threads are plenty on a home box.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="backend-io")
@@ -56,11 +68,12 @@ class Backend:
             log.info("removed %d spooled bodies without a queue record (interrupted before their 250)", orphans)
         users = UserDB(cfg.passwd_file)
         directory = Directory(cfg, users)
-        tls = make_tls_context(cfg)
         self.metrics.watch_queue(self.queue.stats)
-        self._outbound()
         loop = asyncio.get_running_loop()
         try:
+            # An unusable certificate or DKIM key stops the start (cmd_run prints one line).
+            tls = make_tls_context(cfg)
+            self._outbound()
             for lc in cfg.listeners:
                 ctx = ListenerContext(
                     config=cfg,
@@ -70,9 +83,11 @@ class Backend:
                     queue=self.queue,
                     metrics=self.metrics,
                     tls_context=tls,
-                    auth_limiter=AuthLimiter(lc.auth_max_failures, lc.auth_failure_window),
+                    auth_limiter=self.auth_limiter,
+                    sessions=self.sessions,
                     signer=self.signer,
                     run_blocking=self.run_blocking,
+                    proxy_timeout=self.proxy_timeout,
                 )
                 # Implicit TLS: the event loop does the handshake, unless a PROXY header comes
                 # first (then the session starts TLS itself after reading it).
@@ -82,7 +97,7 @@ class Backend:
                 self.servers.append(server)
                 bound = server.sockets[0].getsockname()
                 log.info("listener %s (%s) on %s port %d", lc.name, lc.kind, bound[0], bound[1])
-        except OSError:
+        except Exception:
             await self.stop()
             raise
         if cfg.server.metrics_listen:
@@ -99,8 +114,10 @@ class Backend:
         raise KeyError(name)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Close the listeners, give deliveries in flight ``grace`` seconds, then cancel them
-        (their next attempt is already recorded) and close the queue."""
+        """Close the listeners first (new connections are refused), then drain within ``grace``
+        seconds: idle sessions get 421 4.3.2, a DATA in progress may finish (its message is
+        committed and answered), deliveries in flight may finish (then they are cancelled; their
+        next attempt is already recorded); finally close the queue."""
         for s in self.servers:
             s.close()
         if self._runner_task is not None:
@@ -109,8 +126,11 @@ class Backend:
                 await self._runner_task
             except asyncio.CancelledError:
                 pass
-        if self.runner is not None:
-            await self.runner.drain(grace)
+        # Sessions and deliveries drain side by side: one grace for both.
+        await asyncio.gather(
+            self.sessions.drain(grace),
+            self.runner.drain(grace) if self.runner is not None else asyncio.sleep(0),
+        )
         if self.remote is not None and hasattr(self.remote, "close"):
             await self.remote.close()  # QUIT idle outbound sessions
         if self.metrics_server is not None:

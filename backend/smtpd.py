@@ -9,7 +9,12 @@ STARTTLS, SIZE); this module adds what a mail server on the internet needs on to
   replaces ``session`` after STARTTLS (RFC 3207 4.2 reset) and the new session's peer is the gateway.
 - Strict path parsing (backend.addresses) before aiosmtpd's lenient one, so relay disguises get 5xx.
 - AUTH PLAIN/LOGIN checked against the passwd-file in a worker thread (bcrypt is slow on purpose),
-  with a per-client failure limiter.
+  with one failure limiter for all listeners, keyed by client (an IPv4 address or an IPv6 /64);
+  never AUTH on the mx listener (it would be a password oracle on port 25).
+- A message is committed by a task of its own (``SessionRegistry.commits``): a client that vanishes
+  after the final dot cancels its session, never a half-done commit.
+- Shutdown drains (RFC 5321 3.8): listeners close first, idle sessions get 421 4.3.2, a DATA in
+  progress may finish within the grace (its message is committed and answered), then 421.
 - Line endings: aiosmtpd ends DATA only on <CRLF>.<CRLF> and splits lines on CRLF, so <LF>.<CR><LF>,
   <LF>.<LF> and <CR>.<CR> are plain content. Our one policy: a lone CR or LF in DATA is normalised to
   CRLF when the message is stored (and the end of DATA is never affected by it). Commands may end in
@@ -22,38 +27,41 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime
-import email.utils
+import dataclasses
 import inspect
 import ipaddress
 import itertools
 import logging
 import re
+import secrets
 import ssl
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from asyncio import sslproto
 
 import aiosmtpd.smtp as aiosmtpd_smtp
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+import google_crc32c
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
 from backend import replies as R
-from backend.addresses import Address, PathError, parse_address, parse_path, split_path_and_params
+from backend.addresses import (
+    Address,
+    PathError,
+    is_bare_postmaster,
+    parse_address,
+    parse_path,
+    split_path_and_params,
+)
 from backend.config import BackendConfig, ListenerConfig
 from backend.directory import Directory
-from backend.message import count_received, crlf_canonical, from_addresses, split_header
+from backend.message import count_received, crlf_canonical, from_addresses, has_field, rfc5322_date, split_header
 from backend.metrics import BackendMetrics
 from backend.queue import NewMessage, NewRecipient, Queue, new_queue_id
 from backend.users import UserDB
 
 log = logging.getLogger("homemx.smtp")
-
-# aiosmtpd warns when AUTH is allowed without STARTTLS; on the submissions listener the socket is
-# TLS from the first byte (implicit TLS, RFC 8314), which aiosmtpd cannot see.
-warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 PROXY_TIMEOUT = 10.0  # the gateway sends the header at once; anything slower is not the gateway
 _conn_ids = itertools.count(1)
@@ -68,32 +76,121 @@ def _finish_lines(run: bytes) -> bytes:
     return crlf_canonical(run)
 
 
+AUTH_DELAY_MAX = 10.0  # seconds: the longest wait before a failed AUTH is answered
+
+
+def client_key(host: str) -> str:
+    """The unit a limit applies to: an IPv4 address, or the /64 of an IPv6 address (one home or
+    one server usually holds a whole /64, so counting single IPv6 addresses limits nothing).
+    An IPv4-mapped IPv6 address counts as the IPv4 address it maps."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def auth_delay(failures: int, step: float) -> float:
+    """How long to wait before answering the n-th failed AUTH in the window: cheap for a user who
+    mistyped once, slow for a guesser."""
+    return min(failures * step, AUTH_DELAY_MAX)
+
+
 @dataclass
 class AuthLimiter:
-    """Failed AUTH attempts per real client address in a sliding window (Postfix's anvil, smaller)."""
+    """Failed AUTH attempts per client (``client_key``) in a sliding window, one for every
+    listener (Postfix's anvil, smaller): a lockout earned on 465 holds on 587 too. Each listener
+    applies its own limit and window to the shared history."""
 
-    max_failures: int
-    window: float
     now: Callable[[], float] = time.monotonic
     _failures: dict[str, collections.deque] = field(default_factory=dict)
+    _horizon: float = 0.0  # the longest window any listener asked about
+    _since_sweep: int = 0
 
-    def _recent(self, client: str) -> collections.deque:
-        dq = self._failures.setdefault(client, collections.deque())
-        cutoff = self.now() - self.window
-        while dq and dq[0] < cutoff:
+    def _recent(self, key: str, window: float) -> collections.deque:
+        dq = self._failures.get(key)
+        if dq is None:
+            return collections.deque()
+        cutoff = self.now() - window
+        return collections.deque(t for t in dq if t >= cutoff)
+
+    def count(self, host: str, window: float) -> int:
+        """Failures of this client within the last ``window`` seconds."""
+        return len(self._recent(client_key(host), window))
+
+    def blocked(self, host: str, max_failures: int, window: float) -> bool:
+        return self.count(host, window) >= max_failures
+
+    def failed(self, host: str, window: float) -> int:
+        """Record a failure; returns the client's failures within ``window`` (this one included)."""
+        key = client_key(host)
+        self._horizon = max(self._horizon, window)
+        now = self.now()
+        dq = self._failures.setdefault(key, collections.deque())
+        while dq and dq[0] < now - self._horizon:
             dq.popleft()
-        if not dq:
-            self._failures.pop(client, None)
-        return dq
+        dq.append(now)
+        self._since_sweep += 1
+        if self._since_sweep >= 1024:
+            # Guessers from many addresses must not grow the table for ever.
+            self._since_sweep = 0
+            stale = [k for k, d in self._failures.items() if d[-1] < now - self._horizon]
+            for k in stale:
+                del self._failures[k]
+        return self.count(host, window)
 
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= self.max_failures
 
-    def failed(self, client: str) -> int:
-        dq = self._recent(client)
-        dq.append(self.now())
-        self._failures[client] = dq
-        return len(dq)
+class SessionRegistry:
+    """The open SMTP sessions of every listener and the message commits they started: what a
+    shutdown drains. One per daemon."""
+
+    def __init__(self) -> None:
+        self.sessions: set["HomeSMTP"] = set()
+        self.commits: set[asyncio.Task] = set()
+        self.closing = False
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, session: "HomeSMTP") -> None:
+        self.sessions.add(session)
+        self._empty.clear()
+
+    def discard(self, session: "HomeSMTP") -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._empty.set()
+
+    def track_commit(self, task: asyncio.Task) -> None:
+        # The registry holds the only strong reference to a commit whose session has gone (the
+        # event loop keeps tasks weakly), and shutdown waits for it before closing the queue.
+        self.commits.add(task)
+        task.add_done_callback(self.commits.discard)
+
+    async def drain(self, grace: float) -> None:
+        """RFC 5321 3.8: 421 to every idle session now, to a session in DATA once its message is
+        answered (or when ``grace`` runs out), then wait for the commits in flight. Call after
+        the listeners are closed, so no session starts meanwhile."""
+        self.closing = True
+        for s in list(self.sessions):
+            if not s.in_data:
+                s.hang_up(R.R421_SHUTTING_DOWN, "shutdown")
+        if self.sessions:
+            log.info("draining: %d session(s) in DATA, %.1fs grace", len(self.sessions), grace)
+            try:
+                await asyncio.wait_for(self._empty.wait(), grace)
+            except asyncio.TimeoutError:
+                for s in list(self.sessions):
+                    s.hang_up(R.R421_SHUTTING_DOWN, "shutdown")  # nothing of theirs was acknowledged
+        if self.commits:
+            # Committing takes an fsync; a commit that outlives a second grace is reported and the
+            # queue closes anyway (its message then has no 250 and no record, or a record).
+            done, pending = await asyncio.wait(set(self.commits), timeout=max(grace, 1.0))
+            if pending:
+                log.error("shutdown: %d message commit(s) still pending", len(pending))
 
 
 @dataclass
@@ -107,17 +204,60 @@ class ListenerContext:
     queue: Queue
     metrics: BackendMetrics
     tls_context: ssl.SSLContext | None
-    auth_limiter: AuthLimiter
+    auth_limiter: AuthLimiter  # one for all listeners
+    sessions: SessionRegistry  # one for all listeners
     # DKIM signing hook (backend part 2): (message bytes, envelope sender) -> signed bytes. Blocking.
     signer: Callable[[bytes, str], bytes] | None = None
     # Runs blocking work (queue, bcrypt, signing) off the event loop.
     run_blocking: Callable[..., Awaitable] | None = None
+    # How long the PROXY header (and, on submissions behind the gateway, the TLS handshake) may take.
+    proxy_timeout: float = PROXY_TIMEOUT
 
     def trusted_proxy(self, host: str) -> bool:
         return _in_networks(host, self.listener.trusted_proxies)
 
     def trusted_network(self, host: str) -> bool:
         return _in_networks(host, self.listener.trusted_networks)
+
+    @property
+    def primary_domain(self) -> str:
+        """The first configured domain: where mail to a bare ``<postmaster>`` goes."""
+        return next(iter(self.config.domains))
+
+
+PP2_TYPE_CRC32C = 0x03  # PROXY protocol spec 2.2.5
+
+
+def proxy_checksum_ok(proxy_data) -> bool:
+    """PROXY protocol 2.2.5: a header that carries a PP2_TYPE_CRC32C TLV is valid only if the
+    CRC32c (RFC 4960 appendix B, network byte order) of the whole header, with the checksum field
+    set to zero, equals it. A header without one passes; a malformed TLV block or a second or
+    wrongly sized checksum fails.
+
+    The TLVs are walked here rather than with aiosmtpd's ProxyTLV, whose offsets are wrong for
+    TLVs nested in PP2_TYPE_SSL and which keeps only the last of two TLVs of one type."""
+    tlvs = bytes(proxy_data.rest)
+    if not tlvs:
+        return True
+    i, crc_at = 0, None
+    while i < len(tlvs):
+        if i + 3 > len(tlvs):
+            return False
+        kind, length = tlvs[i], int.from_bytes(tlvs[i + 1 : i + 3], "big")
+        if i + 3 + length > len(tlvs):
+            return False
+        if kind == PP2_TYPE_CRC32C:
+            if length != 4 or crc_at is not None:
+                return False
+            crc_at = i + 3
+        i += 3 + length
+    if crc_at is None:
+        return True
+    header = bytearray(proxy_data.whole_raw)
+    at = proxy_data.tlv_start + crc_at
+    expected = int.from_bytes(header[at : at + 4], "big")
+    header[at : at + 4] = bytes(4)
+    return google_crc32c.value(bytes(header)) == expected
 
 
 def _in_networks(host: str, networks) -> bool:
@@ -128,6 +268,13 @@ def _in_networks(host: str, networks) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
     return any(ip in n for n in networks)
+
+
+class HomeSession(Session):
+    """aiosmtpd's Session without its deprecated ``login_data`` property, which logs a warning
+    each time aiosmtpd itself sets it after a successful AUTH (we use ``auth_data``)."""
+
+    login_data: Any = None
 
 
 class HomeSMTP(SMTP):
@@ -141,8 +288,19 @@ class HomeSMTP(SMTP):
         self.accepted = 0
         self.outcome = "closed"
         self.auth_user: str | None = None  # survives STARTTLS too (AUTH is only allowed after it anyway)
+        self.in_data = False  # from the 354 to the reply after the dot: shutdown lets this finish
+        self._greeted = False  # a reply (the banner) was sent: the peer now reads SMTP replies
         self._reply_lines: list[str] = []
+        self._registered = False
         super().__init__(handler, **kwargs)
+        if ctx.listener.kind == "submissions":
+            # Implicit TLS (RFC 8314): every byte is encrypted from the start, which aiosmtpd
+            # cannot see (it knows STARTTLS only), so AUTH is allowed without STARTTLS here.
+            # Set after __init__: passing auth_require_tls=False makes aiosmtpd warn per connection.
+            self._auth_require_tls = False
+
+    def _create_session(self) -> Session:
+        return HomeSession(self.loop)
 
     # -- connection lifecycle ------------------------------------------------------------------
 
@@ -159,24 +317,51 @@ class HomeSMTP(SMTP):
             return
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if peer else ("unknown", 0)
+        self.ctx.sessions.add(self)
+        self._registered = True
         if self.ctx.listener.proxy_protocol and not self.ctx.trusted_proxy(self.client[0]):
             # Only the gateway may speak PROXY to us; anyone else is closed before any byte.
             self.outcome = "untrusted-peer"
             self.ctx.metrics.rejections.labels(self.ctx.listener.name, "untrusted_proxy_peer").inc()
             transport.close()
+        elif self.ctx.sessions.closing:
+            # Accepted just before the listener closed: RFC 5321 3.1, a 421 greeting.
+            self.hang_up(R.R421_SHUTTING_DOWN, "shutdown")
 
     def connection_lost(self, error: Exception | None) -> None:
-        log.info(
-            "conn=%s listener=%s client=%s outcome=%s accepted=%d duration=%.3fs",
-            self.conn_id,
-            self.ctx.listener.name,
-            self.client_host,
-            self.outcome,
-            self.accepted,
-            time.monotonic() - self.started,
-        )
-        self.ctx.metrics.connections.labels(self.ctx.listener.name, self.outcome).inc()
+        # aiosmtpd calls this itself after a failed STARTTLS handshake, then asyncio calls it
+        # again: the outcome is logged and counted once.
+        if self._registered:
+            self._registered = False
+            self.ctx.sessions.discard(self)
+            log.info(
+                "conn=%s listener=%s client=%s outcome=%s accepted=%d duration=%.3fs",
+                self.conn_id,
+                self.ctx.listener.name,
+                self.client_host,
+                self.outcome,
+                self.accepted,
+                time.monotonic() - self.started,
+            )
+            self.ctx.metrics.connections.labels(self.ctx.listener.name, self.outcome).inc()
         super().connection_lost(error)
+
+    def hang_up(self, reply: str | None, outcome: str) -> None:
+        """Send a last reply (when the peer reads replies yet) and close. Commands the client
+        already pipelined behind are dropped, never executed."""
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self.outcome = outcome
+        # Before the banner a PROXY listener's peer is the gateway, or a TLS handshake is still
+        # to come (submissions behind the gateway): no reply then, just close.
+        if reply and (self._greeted or not self.ctx.listener.proxy_protocol):
+            try:
+                transport.write((reply + "\r\n").encode())
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        transport.close()
 
     async def start_implicit_tls(self) -> bool:
         """Implicit TLS (RFC 8314) on a listener that first reads a PROXY header: the header is
@@ -197,7 +382,7 @@ class HomeSMTP(SMTP):
             buf[: len(leftover)] = leftover
             self._tls_protocol.buffer_updated(len(leftover))
         try:
-            await asyncio.wait_for(waiter, PROXY_TIMEOUT)
+            await asyncio.wait_for(waiter, self.ctx.proxy_timeout)
         except (asyncio.TimeoutError, ssl.SSLError, ConnectionError, OSError) as e:
             log.info("conn=%s client=%s TLS handshake failed: %r", self.conn_id, self.client_host, e)
             self.outcome = "tls-failed"
@@ -213,10 +398,15 @@ class HomeSMTP(SMTP):
         return self._tls_protocol is not None or self.ctx.listener.kind == "submissions"
 
     async def push(self, status) -> None:
+        self._greeted = True
+        closing = False
         if isinstance(status, str):
             status = R.enhance(status)
-            if status.startswith("421"):
-                self.outcome = "421"
+            # A 421 (RFC 5321 3.8) and aiosmtpd's "too many unrecognized commands" 502 are
+            # followed by a close: nothing the client pipelined behind may run.
+            closing = status.startswith("421") or status.startswith(R.R502_TOO_MANY_BAD_PREFIX)
+            if closing:
+                self.outcome = status[:3]
             # aiosmtpd pushes a multi-line reply (EHLO) one line at a time, a send() each; hold
             # the continuation lines ("250-...") and write the reply in one piece.
             if status[3:4] == "-":
@@ -226,14 +416,11 @@ class HomeSMTP(SMTP):
                 status = "\r\n".join([*self._reply_lines, status])
                 self._reply_lines.clear()
         await super().push(status)
+        if closing:
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
 
     def _timeout_cb(self):
-        self.outcome = "timeout"
-        if self.transport is not None and not self.transport.is_closing():
-            try:
-                self.transport.write((R.R421_TIMEOUT + "\r\n").encode())
-            except Exception:  # noqa: BLE001 - closing anyway
-                pass
+        self.hang_up(R.R421_TIMEOUT, "timeout")
         super()._timeout_cb()
 
     # -- commands ------------------------------------------------------------------------------
@@ -249,6 +436,30 @@ class HomeSMTP(SMTP):
             await self.push(R.R501_BARE_CR)
             return
         await super().smtp_HELO(hostname)
+
+    async def smtp_STARTTLS(self, arg: str | None):
+        if self.tls_active:
+            # A second STARTTLS would stack TLS inside TLS (aiosmtpd does not check); asyncio's
+            # SSLProtocol cannot run over its own transport (TypeError on the first error).
+            await self.push(R.R503_TLS_ACTIVE)
+            return
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as e:
+            # After "220 Ready to start TLS" the handshake failed (a scanner, no common cipher, a
+            # reset): a normal network outcome, one line. aiosmtpd then closes the connection.
+            log.info("conn=%s client=%s STARTTLS handshake failed: %r", self.conn_id, self.client_host, e.__cause__)
+            self.outcome = "tls-failed"
+            raise
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if self.ctx.listener.kind == "mx":
+            # Port 25 is for mail to our users, not for logins: accepting AUTH here (even unadvertised)
+            # would give password guessers a second door that the submission ports' policy does not see.
+            self._reject("auth_on_mx")
+            await self.push(R.R503_AUTH_NOT_ENABLED)
+            return
+        await super().smtp_AUTH(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg is not None and self.session is not None and self.session.host_name:
@@ -268,7 +479,12 @@ class HomeSMTP(SMTP):
             stripped = self._strip_command_keyword("TO:", arg)
             if stripped is not None:
                 try:
-                    path, _ = split_path_and_params(stripped)
+                    path, params = split_path_and_params(stripped)
+                    if is_bare_postmaster(path):
+                        # RFC 5321 4.5.1: <Postmaster> without a domain MUST be accepted; it is the
+                        # postmaster of this server, i.e. of our primary domain.
+                        path = f"<postmaster@{self.ctx.primary_domain}>"
+                        arg = f"TO:{path} {params}".rstrip()
                     parse_path(path)
                 except PathError as e:
                     self._reject("bad_path")
@@ -306,6 +522,17 @@ class HomeSMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.in_data = True
+        try:
+            await self._read_data()
+        finally:
+            self.in_data = False
+        if self.ctx.sessions.closing:
+            # Shutting down: the message was answered; nothing more on this session.
+            self.hang_up(R.R421_SHUTTING_DOWN, "shutdown")
+
+    async def _read_data(self) -> None:
+        assert self.envelope is not None
         limit = self.data_size_limit
         pending = bytearray(b"\r\n")  # not yet processed; starts with the CRLF that ended DATA
         parts: list[bytes] = []  # finished runs of complete lines
@@ -430,7 +657,8 @@ class HomeSMTP(SMTP):
             return None
 
     async def _auth_blocked(self) -> bool:
-        if self.ctx.auth_limiter.blocked(self.client_host):
+        lc = self.ctx.listener
+        if self.ctx.auth_limiter.blocked(self.client_host, lc.auth_max_failures, lc.auth_failure_window):
             self._reject("auth_lockout")
             await self.push(R.R421_AUTH_LOCKOUT)
             if self.transport is not None:
@@ -452,11 +680,11 @@ class HomeSMTP(SMTP):
         return AuthResult(success=True, auth_data=user, message=R.R235_AUTH_OK)
 
     async def _auth_failed(self) -> AuthResult:
-        n = self.ctx.auth_limiter.failed(self.client_host)
-        self.ctx.metrics.auth_failures.labels(self.ctx.listener.name).inc()
+        lc = self.ctx.listener
+        n = self.ctx.auth_limiter.failed(self.client_host, lc.auth_failure_window)
+        self.ctx.metrics.auth_failures.labels(lc.name).inc()
         log.info("conn=%s client=%s AUTH failed (%d in window)", self.conn_id, self.client_host, n)
-        # Growing delay: cheap for a user who mistyped once, slow for a guesser.
-        delay = min(n * self.ctx.listener.auth_failure_delay, 10.0)
+        delay = auth_delay(n, lc.auth_failure_delay)
         if delay:
             await asyncio.sleep(delay)
         return AuthResult(success=False, handled=False, message=R.R535_AUTH_FAILED)
@@ -483,6 +711,11 @@ class Handler:
             server.outcome = "bad-proxy-header"
             server._reject("bad_proxy_header")
             log.info("conn=%s peer=%s refused PROXY header %r", server.conn_id, server.client_host, proxy_data)
+            return False
+        if not proxy_checksum_ok(proxy_data):
+            server.outcome = "bad-proxy-checksum"
+            server._reject("bad_proxy_checksum")
+            log.info("conn=%s peer=%s refused PROXY header: bad CRC32C or TLV block", server.conn_id, server.client_host)
             return False
         server.client = (str(proxy_data.src_addr), int(proxy_data.src_port or 0))
         if self.kind == "submissions":
@@ -555,35 +788,48 @@ class Handler:
 
     async def handle_DATA(self, server: HomeSMTP, session: Session, envelope: Envelope) -> str:
         listener = self.ctx.listener.name
-        try:
-            content = envelope.original_content or b""
-            if not getattr(envelope, "canonical", False):
-                content = crlf_canonical(content)
-            header, _ = split_header(content)
-            if count_received(header) >= self.ctx.listener.max_received_headers:
-                server._reject("mail_loop")
+        content = envelope.original_content or b""
+        if not getattr(envelope, "canonical", False):
+            content = crlf_canonical(content)
+        header, _ = split_header(content)
+        if count_received(header) >= self.ctx.listener.max_received_headers:
+            server._reject("mail_loop")
+            self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
+            return R.R554_LOOP
+        if self.kind != "mx":
+            reply = self._check_from_header(server, session, header)
+            if reply:
+                server._reject("from_not_allowed")
                 self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
-                return R.R554_LOOP
-            if self.kind != "mx":
-                reply = self._check_from_header(server, session, header)
-                if reply:
-                    server._reject("from_not_allowed")
-                    self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
-                    return reply
-            qid = new_queue_id(time.time())
-            content = self._received_header(server, session, envelope, qid) + content
+                return reply
+        qid = new_queue_id(time.time())
+        prefix = self._received_header(server, session, envelope, qid)
+        if self.kind != "mx":
+            prefix += self._submission_fields(header, qid)
+        msg = NewMessage(
+            sender="" if envelope.mail_from == "<>" else envelope.mail_from,
+            recipients=tuple(getattr(envelope, "resolved", [])),
+            content=prefix + content,
+            listener=listener,
+            client_addr=server.client_host,
+            auth_user=server.auth_user if session.authenticated else None,
+            id=qid,
+        )
+        # The commit runs as a task of its own: when the client vanishes after the dot, aiosmtpd
+        # cancels this session, and the shield keeps that cancellation away from the commit (and
+        # from the queue writer's future), so the message is either stored whole or not at all.
+        commit = asyncio.ensure_future(self._commit(server, msg, getattr(envelope, "started", time.monotonic())))
+        self.ctx.sessions.track_commit(commit)
+        return await asyncio.shield(commit)
+
+    async def _commit(self, server: HomeSMTP, msg: NewMessage, started: float) -> str:
+        """Sign (submission), spool (large bodies) and store ``msg``; the reply for the dot."""
+        listener = self.ctx.listener.name
+        try:
             if self.ctx.signer is not None and self.kind != "mx":
-                content = await self.ctx.run_blocking(self.ctx.signer, content, envelope.mail_from)
-            msg = NewMessage(
-                sender="" if envelope.mail_from == "<>" else envelope.mail_from,
-                recipients=tuple(getattr(envelope, "resolved", [])),
-                content=content,
-                listener=listener,
-                client_addr=server.client_host,
-                auth_user=server.auth_user if session.authenticated else None,
-                id=qid,
-            )
-            if len(content) > self.ctx.queue.SPOOL_THRESHOLD:
+                signed = await self.ctx.run_blocking(self.ctx.signer, msg.content, msg.sender or "<>")
+                msg = dataclasses.replace(msg, content=signed)
+            if len(msg.content) > self.ctx.queue.SPOOL_THRESHOLD:
                 msg = await self.ctx.run_blocking(self.ctx.queue.spool_large, msg)
             # The queue's writer thread commits it with whatever else is pending (group commit);
             # waiting on its future takes no worker thread.
@@ -597,10 +843,23 @@ class Handler:
         self.ctx.metrics.messages_received.labels(listener, "accepted").inc()
         log.info(
             "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d duration=%.3fs",
-            server.conn_id, server.client_host, qid, msg.sender, len(msg.recipients), len(content),
-            time.monotonic() - getattr(envelope, "started", time.monotonic()),
+            server.conn_id, server.client_host, msg.id, msg.sender, len(msg.recipients), len(msg.content),
+            time.monotonic() - started,
         )
-        return R.queued(qid)
+        return R.queued(msg.id)
+
+    def _submission_fields(self, header: bytes, qid: str) -> bytes:
+        """RFC 6409 8.2-8.3: a submission server adds Date and Message-ID when the client left
+        them out (before DKIM signing, so the signature covers them)."""
+        out = b""
+        if not has_field(header, b"Date"):
+            out += b"Date: " + rfc5322_date().encode() + b"\r\n"
+        if not has_field(header, b"Message-ID"):
+            # RFC 5322 3.6.4: unique worldwide; the queue id is unique here, the random part
+            # keeps it so across data directories.
+            mid = f"<{qid}.{secrets.token_hex(6)}@{self.ctx.config.server.hostname}>"
+            out += b"Message-ID: " + mid.encode() + b"\r\n"
+        return out
 
     def _check_from_header(self, server: HomeSMTP, session: Session, header: bytes) -> str | None:
         addrs = from_addresses(header)
@@ -626,7 +885,7 @@ class Handler:
         ip = server.client_host
         lit = f"IPv6:{ip}" if ":" in ip else ip
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        date = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc))
+        date = rfc5322_date()
         line = (
             f"Received: from {helo} ([{lit}])\r\n\tby {self.ctx.config.server.hostname} (homemx) with {proto}"
             f" id {qid}{rcpt};\r\n\t{date}\r\n"
@@ -634,6 +893,9 @@ class Handler:
         return line.encode("utf-8", "surrogateescape")
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # Logged by HomeSMTP.smtp_STARTTLS; aiosmtpd closes without sending this reply.
+            return R.R451_LOCAL_ERROR
         log.error("SMTP session error: %r", error)
         return R.R451_LOCAL_ERROR
 
@@ -673,11 +935,19 @@ class _AiosmtpdInspect:
         return sig
 
 
+class TLSSetupError(Exception):
+    """The certificate or key cannot be used; the message names the files and the reason."""
+
+
 def make_tls_context(config: BackendConfig) -> ssl.SSLContext | None:
     if config.tls.cert is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    try:
+        ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    except (ssl.SSLError, OSError) as e:
+        # The config loader tries this too; the files may have changed since (a renewal).
+        raise TLSSetupError(f"certificate {config.tls.cert} and key {config.tls.key}: {e}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
@@ -704,10 +974,9 @@ def protocol_factory(ctx: ListenerContext) -> Callable[[], HomeSMTP]:
             require_starttls=False,
             timeout=lc.timeout,
             auth_required=kind in ("submission", "submissions"),
-            # submissions is TLS from the first byte; aiosmtpd only knows about STARTTLS.
-            auth_require_tls=kind != "submissions",
+            auth_require_tls=True,  # submissions (implicit TLS): see HomeSMTP.__init__
             command_call_limit=call_limit,
-            proxy_protocol_timeout=PROXY_TIMEOUT if lc.proxy_protocol else None,
+            proxy_protocol_timeout=ctx.proxy_timeout if lc.proxy_protocol else None,
         )
 
     return factory
