@@ -1,8 +1,12 @@
-"""MTA-STS (RFC 8461): discover a destination's policy (TXT + HTTPS), cache it, and say which MX hosts it allows.
+"""MTA-STS (RFC 8461): discover a destination's policy (TXT + HTTPS), cache it durably, and say which MX hosts it allows.
 
 Pure parsing (``parse_txt``, ``parse_policy``, ``mx_matches``) sits apart from the lookups
 (``MTASTS.policy``). The policy fetcher is injectable, and the default one takes the HTTPS port and
 CA file as parameters, so tests can serve a policy from a loopback HTTPS server with their own CA.
+
+The cache outlives the process (``PolicyStore``, a small SQLite file in the data directory): RFC
+8461 5.1 keeps a cached policy in force until its max_age even when a refresh fails, and an
+attacker who blocks the policy host must not win by waiting for a restart (issue 11 point 4).
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sqlite3
 import ssl
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import dns.asyncbackend
@@ -111,10 +118,76 @@ def mx_matches(pattern: str, host: str) -> bool:
 
 Fetcher = Callable[[str], Awaitable[str]]
 
+STORE_FILE = "mta-sts.sqlite3"  # in the data directory, beside the queue
+
+_STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy (
+    domain    TEXT PRIMARY KEY,
+    policy_id TEXT,                 -- the TXT id it was fetched under (RFC 8461 3.1)
+    mode      TEXT NOT NULL,
+    mx        TEXT NOT NULL,        -- the mx patterns, one per line
+    max_age   INTEGER NOT NULL,
+    fetched   REAL NOT NULL,
+    expires   REAL NOT NULL         -- fetched + max_age: never applied after this
+);
+"""
+
+
+class PolicyStore:
+    """Durable MTA-STS policy cache in its own SQLite file. Blocking: call from a worker thread.
+
+    A separate file rather than a table in the queue database: it is written rarely (once per
+    fetched policy), never in a transaction with queue state, and losing it costs only refetches.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA synchronous=FULL")  # a policy we act on survives power loss
+            db.executescript(_STORE_SCHEMA)
+            self._db = db
+        return self._db
+
+    def load(self, now: float) -> dict[str, Policy]:
+        """Every policy still within its max_age (expired rows are removed)."""
+        with self._lock:
+            db = self._conn()
+            db.execute("DELETE FROM policy WHERE expires <= ?", (now,))
+            rows = db.execute("SELECT domain, policy_id, mode, mx, max_age, fetched FROM policy").fetchall()
+        return {
+            domain: Policy(mode=mode, mx=tuple(m for m in mx.split("\n") if m), max_age=max_age, id=pid, fetched=fetched)
+            for domain, pid, mode, mx, max_age, fetched in rows
+        }
+
+    def save(self, domain: str, policy: Policy) -> None:
+        with self._lock:
+            self._conn().execute(
+                "INSERT OR REPLACE INTO policy (domain, policy_id, mode, mx, max_age, fetched, expires)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (domain, policy.id, policy.mode, "\n".join(policy.mx), policy.max_age, policy.fetched, policy.expires()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+async def _to_thread(fn, *args):
+    return await asyncio.to_thread(fn, *args)
+
 
 class MTASTS:
-    """Policy lookups with an in-memory cache (RFC 8461 5.1: a cached policy stays in force until it
-    expires even if the TXT record disappears, which is what defeats an attacker stripping DNS)."""
+    """Policy lookups with a cache (RFC 8461 5.1: a cached policy stays in force until it expires
+    even if the TXT record disappears or the refresh fails, which is what defeats an attacker
+    stripping DNS or blocking the policy host). With a ``store`` the cache survives restarts."""
 
     def __init__(
         self,
@@ -125,6 +198,8 @@ class MTASTS:
         ca_file: str | None = None,
         now: Callable[[], float] = time.time,
         timeout: float = FETCH_TIMEOUT,
+        store: PolicyStore | None = None,
+        run_blocking: Callable[..., Awaitable] = _to_thread,
     ):
         self.resolver = resolver
         self.fetcher = fetcher or self.fetch_https
@@ -134,6 +209,28 @@ class MTASTS:
         self.timeout = timeout
         self._cache: dict[str, Policy] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self.store = store
+        self.run_blocking = run_blocking
+        self._loaded: asyncio.Future | None = None  # the one load of the store, shared by all callers
+
+    async def _load_store(self) -> None:
+        """Fill the cache from the store once (the first lookup after start waits for it)."""
+        if self.store is None:
+            return
+        if self._loaded is None:
+            self._loaded = asyncio.ensure_future(self._read_store())
+        await asyncio.shield(self._loaded)
+
+    async def _read_store(self) -> None:
+        try:
+            stored = await self.run_blocking(self.store.load, self.now())
+        except Exception as e:  # noqa: BLE001 - an unreadable store costs refetches, not delivery
+            log.error("mta-sts: cannot read the policy store %s: %s", self.store.path, e)
+            return
+        for domain, pol in stored.items():
+            self._cache.setdefault(domain, pol)
+        if stored:
+            log.info("mta-sts: %d cached policies loaded from %s", len(stored), self.store.path)
 
     async def _txt_id(self, domain: str) -> tuple[str | None, bool]:
         """(policy id, whether the answer is authoritative). A DNS failure is not "no policy"."""
@@ -165,6 +262,7 @@ class MTASTS:
                 fut.add_done_callback(lambda _f: self._inflight.pop(domain, None))
 
     async def _policy(self, domain: str) -> Policy | None:
+        await self._load_store()
         now = self.now()
         cached = self._cache.get(domain)
         if cached is not None and cached.expires() <= now:
@@ -184,6 +282,11 @@ class MTASTS:
             log.warning("mta-sts: policy fetch for %s failed: %s", domain, e)
             return cached
         self._cache[domain] = pol
+        if self.store is not None:
+            try:
+                await self.run_blocking(self.store.save, domain, pol)
+            except Exception as e:  # noqa: BLE001 - still applied now; only a restart would forget it
+                log.error("mta-sts: cannot store the policy of %s in %s: %s", domain, self.store.path, e)
         log.info("mta-sts: %s policy mode=%s mx=%s max_age=%d", domain, pol.mode, ",".join(pol.mx), pol.max_age)
         return pol
 

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from backend.config import config_from_dict
 from backend.delivery import Deliverer, make_resolver
 from backend.metrics import BackendMetrics
-from backend.mtasts import MTASTS
+from backend.mtasts import MTASTS, STORE_FILE, PolicyStore
 from backend.queue import NewMessage, NewRecipient, Queue
 from backend.runner import QueueRunner
 from tests.lab.nsd import NSD
@@ -116,6 +116,7 @@ class Received:
     tls: bool
     connection: int  # identifies the SMTP session (connection reuse)
     auth: str | None = None
+    mail_options: list[str] = field(default_factory=list)  # MAIL FROM parameters (SIZE, SMTPUTF8, ...)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Sink:
                 tls=session.ssl is not None,
                 connection=id(server),
                 auth=login.decode() if isinstance(login, bytes) else (str(login) if login else None),
+                mail_options=list(envelope.mail_options),
             )
         )
         self.arrived.set()
@@ -189,11 +191,14 @@ class Receivers:
         hostname: str = "mx.test",
         tls_context: ssl.SSLContext | None = None,
         auth: tuple[str, str] | None = None,
+        smtputf8: bool = False,
     ) -> Sink:
         def factory():
             kwargs = {}
             if auth is not None:
                 kwargs = dict(auth_required=True, auth_require_tls=True, authenticator=_authenticator(*auth))
+            if smtputf8:
+                kwargs["enable_SMTPUTF8"] = True  # RFC 6531: offers SMTPUTF8, takes UTF-8 addresses
             proto = SMTP(sink, hostname=hostname, tls_context=tls_context, **kwargs)
             sink.connections += 1
             return proto
@@ -322,7 +327,7 @@ async def run_blocking(fn, *args):
 class Harness:
     """Queue + QueueRunner + Deliverer on an injected clock: ``await h.round()`` is one runner pass."""
 
-    def __init__(self, tmp: Path, config, *, ca_file=None, mtasts_port=None):
+    def __init__(self, tmp: Path, config, *, ca_file=None, mtasts_port=None, signer=None):
         self.clock = Clock()
         self.config = config
         self.queue = Queue(config.queue_db, now=self.clock)
@@ -330,10 +335,15 @@ class Harness:
         resolver = make_resolver(config.delivery.nameservers, config.delivery.dns_port, timeout=3.0)
         mtasts = None
         if config.delivery.mta_sts:
-            mtasts = MTASTS(resolver, https_port=mtasts_port or 443, ca_file=str(ca_file) if ca_file else None, now=self.clock)
+            # Policies persist in the data directory, as the daemon keeps them (a second harness
+            # on the same tmp is a restart).
+            mtasts = MTASTS(
+                resolver, https_port=mtasts_port or 443, ca_file=str(ca_file) if ca_file else None, now=self.clock,
+                store=PolicyStore(config.server.data_dir / STORE_FILE), run_blocking=run_blocking,
+            )
         self.deliverer = Deliverer(
             config, self.queue, self.metrics, run_blocking, now=self.clock, resolver=resolver, mtasts=mtasts,
-            ca_file=str(ca_file) if ca_file else None,
+            ca_file=str(ca_file) if ca_file else None, signer=signer,
         )
         self.runner = QueueRunner(config, self.queue, self.metrics, run_blocking, remote=self.deliverer, now=self.clock)
 
