@@ -10,11 +10,14 @@ was decided makes us try the next one. Every recipient ends the attempt with one
     2xx                                  → delivered
     4xx, connection error, timeout,      → deferred, next attempt from the retry schedule
     no reply after the final dot           (bounced instead once max_queue_age has passed)
-    5xx, null MX, NXDOMAIN               → bounced
+    5xx, null MX, NXDOMAIN,              → bounced
+    SMTPUTF8 needed but not offered
 
-Bounced recipients get one RFC 3464 report per message and attempt (never to ``<>``); a message
-still deferred after ``delay_notice_after`` gets one "delayed" report. Reports are queued as new
-messages from ``<>``: the runner puts them in the Maildir of a local sender or delivers them here.
+Each destination's outcomes are committed as soon as it is done, in the same transaction as one
+RFC 3464 report for its bounced recipients (never to ``<>``), so a crash cannot separate a bounce
+from its report. A message still deferred after ``delay_notice_after`` gets one "delayed" report,
+queued in the commit that marks it sent. Reports are DKIM-signed and queued as new messages from
+``<>``: the runner puts them in the Maildir of a local sender or delivers them here.
 
 Sessions stay open after a transaction (RSET, then idle in a pool) so that the next message to
 the same host reuses them; a global and a per-destination semaphore bound concurrency.
@@ -40,7 +43,7 @@ import dns.resolver
 from backend import dsn
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.mtasts import ASYNCIO_DNS, MTASTS, Policy
+from backend.mtasts import ASYNCIO_DNS, MTASTS, STORE_FILE, Policy, PolicyStore
 from backend.queue import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue, QueueEntry, Recipient
 
 log = logging.getLogger("homemx.delivery")
@@ -60,6 +63,8 @@ R_MTASTS_NO_MX = "451 4.7.5 No MX host of {domain} matches its MTA-STS policy"
 R_SMARTHOST_AUTH = "421 4.7.0 Smarthost {host} refused our credentials: {error}"
 R_NO_DATA_REPLY = "451 4.4.2 No reply from {host} after end of data (may or may not be delivered)"
 R_EXPIRED = "554 5.4.7 Delivery time expired after {age}; last error: {last}"
+R_NO_SMTPUTF8 = "554 5.6.7 {host} does not support SMTPUTF8, required for this {what} (RFC 6531 3.5)"
+R_LOCAL_ERROR = "451 4.3.0 Local error during delivery: {error}"
 
 # TLS status of a session, the ``tls`` label of delivery metrics.
 TLS_NONE, TLS_UNVERIFIED, TLS_VERIFIED = "none", "unverified", "verified"
@@ -123,6 +128,22 @@ def next_attempt_after(now: float, attempts: int, schedule: tuple[float, ...]) -
 def expired(created: float, now: float, max_queue_age: float) -> bool:
     """RFC 5321 4.5.4.1: give up after a few days (the configured max_queue_age)."""
     return now - created >= max_queue_age
+
+
+def headers_need_smtputf8(message: bytes) -> bool:
+    """Whether the header section holds internationalised headers (RFC 6532: raw UTF-8).
+
+    Other 8-bit bytes in headers (a legacy charset sent raw) are not UTF-8 headers; such mail
+    goes out as it always has, without SMTPUTF8.
+    """
+    head = message.partition(b"\r\n\r\n")[0]
+    if head.isascii():
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def human_age(seconds: float) -> str:
@@ -292,6 +313,7 @@ class Deliverer:
         mtasts: MTASTS | None = None,
         ca_file: str | None = None,
         local_domains: Callable[[str], bool] | None = None,
+        signer: Callable[[bytes, str], bytes] | None = None,
     ):
         self.config = config
         self.d = config.delivery
@@ -301,7 +323,12 @@ class Deliverer:
         self.now = now
         self.resolver = resolver or make_resolver(self.d.nameservers, self.d.dns_port)
         self.ca_file = ca_file  # None: the system trust store (tests point it at their CA)
-        self.mtasts = mtasts if mtasts is not None else (MTASTS(self.resolver, now=now) if self.d.mta_sts else None)
+        if mtasts is None and self.d.mta_sts:
+            store = PolicyStore(config.server.data_dir / STORE_FILE)
+            mtasts = MTASTS(self.resolver, now=now, store=store, run_blocking=run_blocking)
+        self.mtasts = mtasts
+        # DSNs are signed like every other message we originate (blocking: runs in run_blocking).
+        self.signer = signer
         self.is_local_domain = local_domains or (lambda dom: dom.lower() in config.domains)
         self._global = asyncio.Semaphore(self.d.concurrency)
         self._per_dest: dict[str, asyncio.Semaphore] = {}
@@ -334,7 +361,14 @@ class Deliverer:
     # ------------------------------------------------------------ entry point
 
     async def deliver(self, message_id: str, recipients: list[Recipient]) -> None:
-        """Attempt the claimed ``recipients`` of one message and record each outcome in the queue."""
+        """Attempt the claimed ``recipients`` of one message and record each outcome in the queue.
+
+        Each destination's outcomes are committed as soon as that destination is done, together
+        with the DSN for its bounced recipients: a slow MX elsewhere does not hold them back (a
+        crash meanwhile would make us deliver them again), and a crash can never leave a
+        recipient bounced without its report. One message may so produce several DSNs, one per
+        destination that bounced something, which RFC 3464 allows.
+        """
         try:
             entry = await self.run_blocking(self.queue.get, message_id)
             content = await self.run_blocking(self.queue.content, message_id)
@@ -346,26 +380,40 @@ class Deliverer:
         for r in recipients:
             dom = r.domain.lower()
             groups[SMARTHOST if self._smarthost_for(dom) else dom].append(r)
-        results = await asyncio.gather(
-            *(self._deliver_domain(entry, content, dom, rcpts) for dom, rcpts in groups.items()),
-            return_exceptions=True,
-        )
-        outcomes: dict[int, tuple[str, str, str | None, str]] = {}
-        for (dom, rcpts), res in zip(groups.items(), results):
-            if isinstance(res, BaseException):
-                log.error("queue=%s domain=%s delivery crashed: %r", message_id, dom, res, exc_info=res)
-                res = {r.id: (DEFERRED, "451 4.3.0 Local error during delivery", None, TLS_NONE) for r in rcpts}
-            outcomes.update(res)
-        await self._record(entry, recipients, outcomes)
+        deferred: list[tuple[Recipient, str, str | None]] = []
+
+        async def attempt(dest: str, rcpts: list[Recipient]) -> None:
+            try:
+                outcomes = await self._deliver_domain(entry, content, dest, rcpts)
+            except Exception as e:  # noqa: BLE001 - a bug defers the recipients; it never strands them
+                log.error("queue=%s domain=%s delivery crashed: %r", message_id, dest, e, exc_info=e)
+                reply = R_LOCAL_ERROR.format(error=e.__class__.__name__)
+                outcomes = {r.id: (DEFERRED, reply, None, TLS_NONE) for r in rcpts}
+            deferred.extend(await self._record(entry, content, rcpts, outcomes))
+
+        results = await asyncio.gather(*(attempt(d, rs) for d, rs in groups.items()), return_exceptions=True)
+        for dest, res in zip(groups, results):
+            if isinstance(res, Exception):
+                # Nothing of this destination was committed (one transaction); the next attempt
+                # was stored when the recipients were claimed, so they are tried again then.
+                log.error("queue=%s domain=%s outcomes not recorded, retried later: %s", message_id, dest, res)
+        try:
+            await self._delay_notice(entry, content, deferred)
+        except Exception as e:  # noqa: BLE001 - not marked sent either: the next attempt sends it
+            log.error("queue=%s delay notice not queued, next attempt tries again: %s", message_id, e)
         self._sweep_idle()
 
     # ------------------------------------------------------------ recording and DSNs
 
-    async def _record(self, entry: QueueEntry, recipients: list[Recipient], outcomes) -> None:
+    async def _record(self, entry: QueueEntry, content: bytes, rcpts: list[Recipient], outcomes):
+        """Commit one destination's outcomes and the DSN of its bounced recipients in one
+        transaction (``Queue.record_outcomes``). Returns the deferred (recipient, reply, remote)."""
         now = self.now()
+        rows: list[tuple[int, str, str, float | None]] = []
+        done: list[tuple[Recipient, str, str, str | None, str]] = []
         bounced: list[dsn.DSNRecipient] = []
-        deferred_any: list[tuple[Recipient, str, str | None]] = []
-        for r in recipients:
+        deferred: list[tuple[Recipient, str, str | None]] = []
+        for r in rcpts:
             state, reply, remote, tls = outcomes[r.id]
             next_attempt = None
             if state == DEFERRED:
@@ -374,30 +422,47 @@ class Deliverer:
                     reply = R_EXPIRED.format(age=human_age(now - entry.created), last=reply)
                 else:
                     next_attempt = next_attempt_after(now, r.attempts, self.d.retry_schedule)
-                    deferred_any.append((r, reply, remote))
-            await self.run_blocking(self.queue.set_result, r.id, state, reply, next_attempt)
+                    deferred.append((r, reply, remote))
+            rows.append((r.id, state, reply, next_attempt))
+            done.append((r, state, reply, remote, tls))
+            if state == BOUNCED:
+                bounced.append(_dsn_recipient(r, reply, remote, now, dsn.FAILED))
+        report = await self._dsn_message(entry, content, bounced, dsn.FAILED) if bounced else None
+        qids = await self.run_blocking(self.queue.record_outcomes, rows, [report] if report else [])
+        for r, state, reply, remote, tls in done:
             self.metrics.delivery_attempts.labels(state, tls).inc()
             log.info(
                 "queue=%s rcpt=%s %s via=%s tls=%s attempt=%d reply=%r",
                 entry.id, r.address, state, remote or "-", tls, r.attempts, reply,
             )
-            if state == BOUNCED:
-                bounced.append(_dsn_recipient(r, reply, remote, now, dsn.FAILED))
-        if bounced:
-            await self._send_dsn(entry, bounced, "failed")
-        d_after = self.d.delay_notice_after
-        if deferred_any and d_after is not None and not entry.delay_dsn_sent and now - entry.created >= d_after:
-            until = entry.created + self.d.max_queue_age
-            delayed = [_dsn_recipient(r, reply, remote, now, dsn.DELAYED, until) for r, reply, remote in deferred_any]
-            await self.run_blocking(self.queue.mark_delay_dsn_sent, entry.id)
-            await self._send_dsn(entry, delayed, "delayed")
+        if report is not None:
+            self._dsn_queued(entry, dsn.FAILED, qids[0], report)
+        return deferred
 
-    async def _send_dsn(self, entry: QueueEntry, rcpts: list[dsn.DSNRecipient], kind: str) -> None:
+    async def _delay_notice(self, entry: QueueEntry, content: bytes, deferred) -> None:
+        """One "delayed" report per message, once it has waited ``delay_notice_after``.
+
+        Sent after every destination of the attempt has finished, so it lists all the deferred
+        recipients; queued in the same commit that marks it sent. A crash before that commit only
+        postpones it to the next attempt (the deferrals themselves are already recorded).
+        """
+        now = self.now()
+        d_after = self.d.delay_notice_after
+        if not deferred or d_after is None or entry.delay_dsn_sent or now - entry.created < d_after:
+            return
+        until = entry.created + self.d.max_queue_age
+        delayed = [_dsn_recipient(r, reply, remote, now, dsn.DELAYED, until) for r, reply, remote in deferred]
+        notice = await self._dsn_message(entry, content, delayed, dsn.DELAYED)
+        qids = await self.run_blocking(self.queue.record_outcomes, [], [notice] if notice else [], entry.id)
+        if notice is not None:
+            self._dsn_queued(entry, dsn.DELAYED, qids[0], notice)
+
+    async def _dsn_message(self, entry: QueueEntry, content: bytes, rcpts: list[dsn.DSNRecipient], kind: str):
+        """The report to queue (a DKIM-signed NewMessage from ``<>``), or None for a ``<>`` sender."""
         if not dsn.should_send(entry.sender):
             # RFC 5321 4.5.5 / RFC 3464: a message from <> (itself a DSN) never gets one.
             log.info("queue=%s %s, sender is <>: no DSN", entry.id, kind)
-            return
-        content = await self.run_blocking(self.queue.content, entry.id)
+            return None
         report = dsn.build_dsn(
             reporting_mta=self.config.server.hostname,
             sender=entry.sender,
@@ -407,16 +472,25 @@ class Deliverer:
             headers=dsn.original_headers(content),
             now=self.now(),
         )
+        if self.signer is not None:
+            # Signed like every message we originate: without it DMARC on a report from
+            # MAILER-DAEMON@<hostname> rests on the HELO SPF check alone (issue 11 point 9).
+            try:
+                report = await self.run_blocking(self.signer, report, "")
+            except Exception as e:  # noqa: BLE001 - an unsigned report still beats a lost one
+                log.error("queue=%s %s DSN left unsigned: DKIM signing failed: %s", entry.id, kind, e)
         local = self.is_local_domain(entry.sender.rpartition("@")[2])
-        msg = NewMessage(
+        return NewMessage(
             sender="",
             recipients=(NewRecipient(entry.sender, entry.sender, local),),
             content=report,
             listener="dsn",
         )
-        qid = await self.run_blocking(self.queue.enqueue, msg)
+
+    def _dsn_queued(self, entry: QueueEntry, kind: str, qid: str, report: NewMessage) -> None:
         self.metrics.bounces.labels(kind).inc()
-        log.info("queue=%s %s DSN queued as %s to <%s> (%s)", entry.id, kind, qid, entry.sender, "local" if local else "remote")
+        where = "local" if report.recipients[0].local else "remote"
+        log.info("queue=%s %s DSN queued as %s to <%s> (%s)", entry.id, kind, qid, entry.sender, where)
 
     # ------------------------------------------------------------ one destination
 
@@ -498,6 +572,14 @@ class Deliverer:
                 last_reply = e.reply
                 log.info("queue=%s %s: %s (trying next host)", entry.id, target.peer, e.reply)
                 continue
+            except Exception as e:  # noqa: BLE001 - whatever it was, the session is in an unknown state
+                # No exception may leave a session neither released nor discarded, nor skip the
+                # outcomes: what was not decided is deferred (a duplicate is possible if the error
+                # came after the final dot; losing the message is not).
+                self._discard(session)
+                log.error("queue=%s %s: transaction failed: %r", entry.id, target.peer, e, exc_info=e)
+                last_reply = R_LOCAL_ERROR.format(error=e.__class__.__name__)
+                break
             finally:
                 self.metrics.delivery_duration.observe(time.monotonic() - started)
             if reusable:
@@ -711,19 +793,41 @@ class Deliverer:
             options.append(f"SIZE={len(content)}")  # RFC 1870
         if c.supports_extension("8bitmime") and not content.isascii():
             options.append("BODY=8BITMIME")  # RFC 6152
+        # RFC 6531 3.4: a transaction carrying a UTF-8 address or UTF-8 headers says SMTPUTF8 in
+        # MAIL; 3.5: a server that does not offer it must not be sent either, and we do not
+        # downgrade (RFC 6857), so those recipients bounce with 5.6.7.
+        message_utf8 = not sender.isascii() or headers_need_smtputf8(content)
+        utf8_rcpts = [r for r in rcpts if not r.address.isascii()]
+        if message_utf8 or utf8_rcpts:
+            if c.supports_extension("smtputf8"):
+                options.append("SMTPUTF8")
+            elif message_utf8:
+                what = "sender address" if not sender.isascii() else "message's headers"
+                return {r.id: (BOUNCED, R_NO_SMTPUTF8.format(host=s.peer, what=what)) for r in rcpts}, True
+            else:
+                # Only some recipients need it: they bounce, the others go as plain ASCII.
+                for r in utf8_rcpts:
+                    decided[r.id] = (BOUNCED, R_NO_SMTPUTF8.format(host=s.peer, what="recipient address"))
+                rcpts = [r for r in rcpts if r.id not in decided]
+                if not rcpts:
+                    return decided, True
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         try:
             try:
-                await c.mail(sender, options=options)
+                await c.mail(sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPSenderRefused as e:
                 reply = reply_text(e.code, e.message)
                 if reply_outcome(e.code) == BOUNCED:
                     await self._rset(c)
-                    return {r.id: (BOUNCED, reply) for r in rcpts}, c.is_connected
-                raise HostFailure(reply) from None
+                    decided.update({r.id: (BOUNCED, reply) for r in rcpts})
+                    return decided, c.is_connected
+                if not decided:
+                    raise HostFailure(reply) from None
+                return self._defer_rest(decided, rcpts, reply), c.is_connected
             accepted: list[Recipient] = []
             for r in rcpts:
                 try:
-                    await c.rcpt(r.address)
+                    await c.rcpt(r.address, encoding=encoding)
                     accepted.append(r)
                 except aiosmtplib.SMTPRecipientRefused as e:
                     decided[r.id] = (reply_outcome(e.code), reply_text(e.code, e.message))

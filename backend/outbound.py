@@ -3,7 +3,7 @@
 ``backend.run.Backend`` imports this module when it exists and calls ``build``; the signer runs in
 a worker thread (smtpd calls it through ``run_blocking``) on mail from the submission,
 submissions and lan listeners, before the message is queued, so the signature is made once and
-never changes across retries. Keys are loaded here, at start, so a missing or unreadable key
+never changes across retries; delivery signs the reports it generates (DSNs) with it too. Keys are loaded here, at start, so a missing or unreadable key
 stops the daemon with a clear error instead of failing every submission later.
 """
 
@@ -43,7 +43,8 @@ def build(backend) -> tuple[Callable[[bytes, str], bytes] | None, Deliverer]:
     """(signer, remote delivery) for a starting ``backend.run.Backend`` (its queue is open)."""
     config: BackendConfig = backend.config
     signer = make_signer(config.dkim, backend.metrics) if config.dkim else None
-    remote = Deliverer(config, backend.queue, backend.metrics, backend.run_blocking)
+    # The same signer signs the DSNs and delay notices delivery generates (issue 11 point 9).
+    remote = Deliverer(config, backend.queue, backend.metrics, backend.run_blocking, signer=signer)
     d = config.delivery
     log.info(
         "outbound: dkim keys=%d source=%s tls=%s mta-sts=%s smarthost=%s",
