@@ -23,6 +23,7 @@ readers beside the writer; writers wait on ``busy_timeout``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -79,6 +80,10 @@ CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
 
 class QueueError(Exception):
     """A queue operation that cannot be done (unknown id, wrong state); the message says why."""
+
+
+class QueueClosed(QueueError):
+    """The queue takes no more writes: closed, or its writer thread is gone (sessions answer 451)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,12 @@ class Queue:
                 conn.execute("ALTER TABLE message ADD COLUMN spool TEXT")
         self._pending: stdqueue.Queue = stdqueue.Queue()
         self._writer: threading.Thread | None = None
+        # _lock orders "is the writer still taking work?" against putting work in _pending, so no
+        # operation is ever left in the queue after the writer stopped (its caller would wait forever).
+        self._lock = threading.Lock()
         self._closed = False
+        self._stopped = False  # the writer thread has ended (closed, or died)
+        self.failure: BaseException | None = None  # what killed the writer, if anything did
         if group_commit:
             self._writer = threading.Thread(target=self._writer_loop, name="queue-writer", daemon=True)
             self._writer.start()
@@ -198,11 +208,33 @@ class Queue:
             conn = self._local.conn = _connect(self.path)
         return conn
 
+    def _drop_conn(self) -> None:
+        """Forget this thread's connection (after a ROLLBACK failed, its state is unknown)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
     def close(self) -> None:
-        self._closed = True
+        """Let the writer finish what was submitted, then stop it. Later writes raise QueueClosed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._writer is not None and not self._stopped:
+                self._pending.put(None)
         if self._writer is not None:
-            self._pending.put(None)
             self._writer.join(timeout=10)
+
+    def healthy(self) -> bool:
+        """False once the writer thread has died: nothing can be stored any more (the daemon's
+        watchdog then stops it so that systemd restarts it)."""
+        if self._writer is None:
+            return not self._closed
+        return self._writer.is_alive() and self.failure is None
 
     # -- writes (group commit) -----------------------------------------------------------------
     # Every write that must be durable before its caller goes on (a new message before the 250, a
@@ -210,76 +242,142 @@ class Queue:
     # thread. The writer runs everything that queued up while the previous commit was syncing in a
     # single transaction: N concurrent writers cost one fsync.
 
-    def _write(self, op: Callable[[sqlite3.Connection, float], object]) -> object:
-        if self._writer is None:
-            return self._run_ops([op])[0]
-        return self._submit_op(op).result()
+    # Waiters may go away: a session whose client vanished after the dot is cancelled by aiosmtpd,
+    # and cancelling the asyncio side cancels the concurrent future. That is normal. The writer
+    # marks every future RUNNING when it takes the batch (set_running_or_notify_cancel), so from
+    # then on nobody can cancel it and setting its result is always valid; a future already
+    # cancelled before that keeps its op anyway. Policy: every submitted operation is executed,
+    # whether or not anyone still waits for its result. Delivery outcomes must be recorded in any
+    # case; a message whose client vanished at the dot is committed whole (the client saw no 250,
+    # may send it again: a duplicate, which RFC 5321 6.1 prefers to a loss). Never half-written:
+    # each operation is inside one SQLite transaction.
 
-    def _submit_op(self, op: Callable[[sqlite3.Connection, float], object]) -> concurrent.futures.Future:
+    def _write(self, op: Callable[[sqlite3.Connection, float], object], notify: bool = False) -> object:
+        if self._writer is None:
+            if self._closed:
+                raise QueueClosed("the queue is closed")
+            result = self._run_ops([op])[0]
+            if notify:
+                self._notify()
+            return result
+        return self._submit_op(op, notify).result()
+
+    def _submit_op(self, op: Callable[[sqlite3.Connection, float], object], notify: bool = False) -> concurrent.futures.Future:
+        """Hand ``op`` to the writer; ``notify``: wake the runner once it is committed (new work).
+        Raises QueueClosed at once when the writer takes no more work."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._pending.put((op, fut))
+        with self._lock:
+            if self._closed or self._stopped:
+                raise QueueClosed(
+                    "the queue is closed" if self._closed else f"the queue writer has stopped: {self.failure!r}"
+                )
+            self._pending.put((op, fut, notify))
         return fut
 
     def _writer_loop(self) -> None:
-        while True:
-            item = self._pending.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < 256:
+        batch: list = []
+        try:
+            while True:
+                item = self._pending.get()
+                if item is None:
+                    return
+                batch = [item]
+                while len(batch) < 256:
+                    try:
+                        nxt = self._pending.get_nowait()
+                    except stdqueue.Empty:
+                        break
+                    if nxt is None:
+                        self._pending.put(None)
+                        break
+                    batch.append(nxt)
+                self._commit_batch(batch)
+                batch = []
+        except BaseException as e:  # noqa: BLE001 - not a write failure (those are reported): a bug
+            self.failure = e
+            log.critical("queue writer died, nothing can be stored any more: %r", e, exc_info=e)
+            raise
+        finally:
+            with self._lock:
+                self._stopped = True
+            # Nobody may wait forever: what was taken or is still queued fails now.
+            gone = QueueClosed(f"the queue writer has stopped: {self.failure!r}")
+            leftover = list(batch)
+            while True:
                 try:
-                    nxt = self._pending.get_nowait()
+                    item = self._pending.get_nowait()
                 except stdqueue.Empty:
                     break
-                if nxt is None:
-                    self._pending.put(None)
-                    break
-                batch.append(nxt)
-            try:
-                results = self._run_ops([op for op, _ in batch])
-            except Exception as e:  # noqa: BLE001 - reported to each waiting caller
-                if len(batch) == 1:
-                    batch[0][1].set_exception(e)
+                if item is not None:
+                    leftover.append(item)
+            for _, fut, _ in leftover:
+                try:
+                    fut.set_running_or_notify_cancel()
+                except RuntimeError:
+                    pass  # already RUNNING: taken in the batch that failed
+                _settle(fut, exc=gone)
+
+    def _commit_batch(self, batch: list) -> None:
+        """One transaction for the whole batch; on failure, each op alone (isolation)."""
+        for _, fut, _ in batch:
+            fut.set_running_or_notify_cancel()  # False: cancelled waiter, the op runs all the same
+        try:
+            results = self._run_ops([op for op, _, _ in batch])
+        except Exception as e:  # noqa: BLE001 - reported to each waiting caller
+            if len(batch) == 1:
+                _settle(batch[0][1], exc=e)
+                return
+            # One bad write (say, a message too big for the remaining disk) must not fail its
+            # neighbours: retry each on its own.
+            for op, fut, notify in batch:
+                try:
+                    result = self._run_ops([op])[0]
+                except Exception as e1:  # noqa: BLE001
+                    _settle(fut, exc=e1)
                     continue
-                # One bad write (say, a message too big for the remaining disk) must not fail its
-                # neighbours: retry each on its own.
-                for op, fut in batch:
-                    try:
-                        fut.set_result(self._run_ops([op])[0])
-                    except Exception as e1:  # noqa: BLE001
-                        fut.set_exception(e1)
-                continue
-            for (_, fut), result in zip(batch, results):
-                fut.set_result(result)
+                _settle(fut, result=result)
+                if notify:
+                    self._notify()
+            return
+        for (_, fut, _), result in zip(batch, results):
+            _settle(fut, result=result)
+        if any(notify for _, _, notify in batch):
+            self._notify()
 
     def _run_ops(self, ops: list) -> list:
         conn = self._conn()
         now = self.now()
+        with self._transaction(conn):
+            return [op(conn, now) for op in ops]
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            results = [op(conn, now) for op in ops]
+            yield
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite ends the transaction itself on some errors (SQLITE_FULL, an I/O error at
+            # COMMIT): a ROLLBACK then fails with "cannot rollback - no transaction is active", and
+            # raising that would hide the real cause ("database or disk is full").
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as e:
+                    log.warning("rollback failed (%s); reopening the queue database", e)
+                    self._drop_conn()
             raise
-        return results
 
     def enqueue(self, msg: NewMessage) -> str:
         """Store a message durably and return its queue id. Returns only after the fsync."""
-        if self._writer is None:
-            qid = self._run_ops([self._insert_op(msg)])[0]
-            self._notify()
-            return qid
-        return self.submit(msg).result()
+        return self._write(self._insert_op(msg), notify=True)  # type: ignore[return-value]
 
     def submit(self, msg: NewMessage) -> concurrent.futures.Future:
         """Hand a message to the group-commit writer without blocking; the future's result is the
         queue id, set once the message is durable (asyncio callers await ``asyncio.wrap_future``)."""
         if self._writer is None:
             raise RuntimeError("submit() needs the group-commit writer")
-        fut = self._submit_op(self._insert_op(msg))
-        fut.add_done_callback(lambda f: f.exception() is None and self._notify())
-        return fut
+        return self._submit_op(self._insert_op(msg), notify=True)
 
     @staticmethod
     def _insert_op(msg: NewMessage) -> Callable[[sqlite3.Connection, float], str]:
@@ -403,10 +501,7 @@ class Queue:
                 conn.execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (delay_dsn_for,))
             return [insert(conn, now) for insert in inserts]
 
-        qids = self._write(record)
-        if qids:
-            self._notify()
-        return qids  # type: ignore[return-value]
+        return self._write(record, notify=bool(inserts))  # type: ignore[return-value]
 
     def content(self, message_id: str) -> bytes:
         row = self._conn().execute("SELECT content, spool FROM message WHERE id = ?", (message_id,)).fetchone()
@@ -570,14 +665,9 @@ class Queue:
             "SELECT message_id FROM recipient GROUP BY message_id"
             " HAVING SUM(state NOT IN ('delivered','bounced')) = 0 AND MAX(updated) < ?"
         )
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(conn):
             spools = [r[0] for r in conn.execute(f"SELECT spool FROM message WHERE id IN ({done})", (cutoff,))]
             cur = conn.execute(f"DELETE FROM message WHERE id IN ({done})", (cutoff,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         self._unlink_spools(spools)
         return cur.rowcount
 
@@ -587,6 +677,18 @@ class Queue:
                 self.on_enqueued()
             except Exception:  # noqa: BLE001 - a wake-up must never fail a write
                 log.exception("on_enqueued callback failed")
+
+
+def _settle(fut: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> None:
+    """Give a RUNNING future its outcome. Harmless on a future that is already done (cancelled
+    before the writer took it): a waiter that went away is normal, never the writer's error."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _recipient(r) -> Recipient:

@@ -1,0 +1,142 @@
+"""The group-commit writer survives whatever a session does: clients that vanish right after the final
+dot (FIN or RST) cancel their waiter, and mail keeps flowing (issue 11 point 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import aiosmtplib
+import pytest
+
+from backend.queue import NewMessage, NewRecipient, Queue, QueueClosed
+from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for, write_config
+from tests.backend.test_receive import started
+
+BODY = "From: carol@remote.example\r\nTo: alice@example.org\r\nSubject: {marker}\r\n\r\n{marker} END-OF-BODY\r\n"
+
+
+async def vanish_after_dot(port: int, marker: str, rst: bool, linger: float) -> None:
+    """Read the banner, pipeline a whole transaction and QUIT, then close (FIN, or RST with
+    SO_LINGER 0) without reading a single reply."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        await loop.sock_connect(s, ("127.0.0.1", port))
+        banner = await asyncio.wait_for(loop.sock_recv(s, 4096), 5)
+        assert banner.startswith(b"220")
+        await loop.sock_sendall(
+            s,
+            b"EHLO vanishing.example\r\nMAIL FROM:<carol@remote.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+            + BODY.format(marker=marker).encode()
+            + b".\r\nQUIT\r\n",
+        )
+        # The moment of the close sweeps across the server's handling of the dot and its commit
+        # (data and FIN in one segment would cancel the session before it even read EHLO).
+        await asyncio.sleep(linger)
+        if rst:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        s.close()
+
+
+@pytest.mark.asyncio
+async def test_clients_vanishing_after_the_dot_never_stop_mail(tmp_path):
+    cfg = write_config(tmp_path, listener_block("mx", "mx"))
+    async with started(cfg) as b:
+        port = b.bound_port("mx")
+        for i in range(40):
+            await vanish_after_dot(port, f"VANISHED-{i}", rst=i % 2 == 1, linger=(i % 20) * 0.0005)
+        # The writer thread is still there ...
+        assert b.queue.healthy()
+        # ... and a normal transaction gets its 250 within a second ...
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False, local_hostname="normal.example")
+        await client.connect()
+        await client.ehlo()
+        await client.mail("carol@remote.example")
+        await client.rcpt(ALICE)
+        resp = await asyncio.wait_for(client.data(BODY.format(marker="NORMAL").encode()), 1.0)
+        assert resp.code == 250, resp
+        await client.quit()
+        # ... and is delivered to the Maildir (the runner still runs).
+        await wait_for(lambda: any("NORMAL END-OF-BODY" in f.read_text() for f in maildir_files(tmp_path, ALICE)))
+        # Each vanished message is either delivered whole or not at all (never half-written).
+        for f in maildir_files(tmp_path, ALICE):
+            text = f.read_text()
+            assert text.rstrip("\n").endswith("END-OF-BODY"), text
+
+
+def _msg(marker: str = "x") -> NewMessage:
+    return NewMessage("carol@remote.example", (NewRecipient(ALICE, ALICE, True),),
+                      BODY.format(marker=marker).encode(), "mx")
+
+
+def test_a_waiter_cancelled_before_the_commit_is_harmless_and_its_message_is_committed(tmp_path):
+    import threading
+
+    q = Queue(tmp_path / "q.db")
+    gate = threading.Event()
+    held = q._submit_op(lambda conn, now: gate.wait(5))  # the only seam: holds the writer so the next write waits
+    abandoned = q.submit(_msg("abandoned"))
+    assert abandoned.cancel()  # what asyncio.wrap_future does when aiosmtpd cancels the session
+    gate.set()
+    held.result(5)
+    # The writer survives, and the op ran all the same (the documented policy: committed whole).
+    assert q.enqueue(_msg("after")) and q.healthy()
+    assert sorted(q.content(e.id).decode().split("Subject: ")[1].split("\r\n")[0] for e in q.list()) == [
+        "abandoned", "after"]
+    q.close()
+
+
+def test_writes_after_close_raise_at_once(tmp_path):
+    q = Queue(tmp_path / "q.db")
+    q.close()
+    with pytest.raises(QueueClosed):
+        q.submit(_msg())
+    with pytest.raises(QueueClosed):
+        q.enqueue(_msg())
+    with pytest.raises(QueueClosed):
+        q.record_outcomes([])
+    direct = Queue(tmp_path / "q.db", group_commit=False)
+    direct.close()
+    with pytest.raises(QueueClosed):
+        direct.enqueue(_msg())
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected death
+async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_hanging(tmp_path):
+    import threading
+
+    cfg = write_config(tmp_path, listener_block("mx", "mx"))
+    async with started(cfg) as b:
+        port = b.bound_port("mx")
+        gate = threading.Event()
+
+        def kill(conn, now):  # no real fault kills the writer any more: a bug is injected as an op
+            raise SystemExit("injected writer death")
+
+        b.queue._submit_op(lambda conn, now: gate.wait(5))
+        b.queue._submit_op(kill)
+        # A message whose commit is queued behind the fatal op ...
+        waiting = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False, local_hostname="w.example")
+        await waiting.connect()
+        await waiting.ehlo()
+        await waiting.mail("carol@remote.example")
+        await waiting.rcpt(ALICE)
+        pending = asyncio.ensure_future(waiting.data(BODY.format(marker="WAITING").encode()))
+        await wait_for(lambda: b.queue._pending.qsize() >= 2)  # kill + this message queued
+        gate.set()
+        with pytest.raises(aiosmtplib.SMTPDataError) as e:
+            await asyncio.wait_for(pending, 5)
+        assert e.value.code == 451
+        assert not b.queue.healthy()
+        # ... and one that arrives afterwards: 451 at once, not a hang.
+        await waiting.mail("carol@remote.example")
+        await waiting.rcpt(ALICE)
+        with pytest.raises(aiosmtplib.SMTPDataError) as e:
+            await asyncio.wait_for(waiting.data(BODY.format(marker="LATER").encode()), 2)
+        assert e.value.code == 451
+        waiting.close()
