@@ -179,6 +179,68 @@ async def test_client_reset_with_a_request_outstanding_is_a_reset():
     assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="relayed") is None
 
 
+# What a client has sent when it vanishes (issue 11, item 1), after reading the banner unless noted.
+TRANSACTION = b"EHLO c.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+VANISH_AT = {
+    "before_banner": None,  # during the greet wait, reading nothing
+    "after_banner": b"",
+    "mid_command": b"EHLO c.exa",
+    "pipelined_to_data": TRANSACTION,
+    "mid_data": TRANSACTION + b"Subject: x\r\n\r\npart of a bo",
+    "after_dot": TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\n",
+    "dot_quit": TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n",
+    "after_221": TRANSACTION + b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n",  # reads up to the 221
+}
+
+
+async def vanishing_client(address, step: str, rst: bool) -> None:
+    s = trio.socket.socket()
+    try:
+        await s.connect(address)
+        data = VANISH_AT[step]
+        if data is not None:
+            seen = b""
+            while not seen.endswith(b"\r\n") and (chunk := await s.recv(4096)):
+                seen += chunk
+            while data:
+                data = data[await s.send(data):]
+            while step == "after_221" and b"\r\n221 " not in seen and (chunk := await s.recv(4096)):
+                seen += chunk
+    finally:
+        if rst:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+
+@pytest.mark.trio
+async def test_clients_vanishing_at_every_step_leave_the_gateway_serving(tmp_path, caplog):
+    """Clients that close (FIN) or reset (RST) at every SMTP step, pipelining up to the dot and QUIT
+    without reading the replies, all at once through the gateway to a real MTA: every session ends,
+    none as an error or a traceback, and a normal transaction right after gets its 250."""
+    require_tool("smtp-sink")
+    caplog.set_level(logging.INFO, "homemx.gateway")
+    with smtp_sink(tmp_path, dump=False) as sink:
+        cfg = gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0", "proxy_v2": False,
+                              "upstream": f"127.0.0.1:{sink.port}", "greet_wait": "300ms",
+                              "max_per_client": 100, "rate": 100, "burst": 100})
+        async with running(cfg) as gw:
+            address = bound(gw, "mx")
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    for _ in range(3):
+                        for step in VANISH_AT:
+                            for rst in (False, True):
+                                n.start_soon(vanishing_client, address, step, rst)
+                await wait_sample(gw, "homemx_gateway_active_connections", 0, listener="mx")
+            with trio.fail_after(10):  # a liveness bound: the greet wait is 0.3 s
+                await trio.to_thread.run_sync(smtplib_send, *address, "127.0.0.1", "after-the-storm")
+            await wait_sample(gw, "homemx_gateway_active_connections", 0, listener="mx")
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="error") is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+    assert "Traceback" not in caplog.text
+    assert sample(gw, "homemx_gateway_connections_total", listener="mx", outcome="relayed") >= 1
+
+
 def imap_login(port):
     with imaplib.IMAP4("127.0.0.1", port, timeout=20) as m:
         typ, _ = m.login("alice", "secret")
