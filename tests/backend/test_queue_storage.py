@@ -134,8 +134,9 @@ def test_a_queue_from_before_spooled_bodies_is_upgraded_at_start_and_delivered(t
                     " updated) VALUES (?,?,?,?,?,?,?,?)",
                     ("0000OLD000001", ALICE, ALICE, "example.org", 1, "queued", now - 60, now - 60))
     old.close()
-    d = Daemon(cfg).start(port)
+    d = Daemon(cfg)
     try:
+        d.start(port)
         files = wait_for_sync(lambda: maildir_files(tmp_path, ALICE), 20)
         assert len(files) == 1 and "OLD-QUEUE-MARKER" in files[0].read_text()
         [entry] = queue_json(cfg)

@@ -1,0 +1,112 @@
+"""Local delivery that cannot write the Maildir, and the queue CLI that gets it delivered: `queue retry`, `queue hold`/`release` against a running daemon.
+
+The faults are real: a full tmpfs under the mailbox, a regular file where the Maildir directory
+should be. The retry schedule is one hour, so a recipient attempted again within the test was
+made due by the CLI, never by the schedule.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.backend.faults import fill, small_tmpfs
+from tests.backend.helpers import ALICE, BOB, free_port, listener_block, maildir_files, run_cli, wait_for_sync, write_config
+from tests.backend.test_process import Daemon, queue_json
+
+RETRY_HOUR = '[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_schedule = ["1h"]\n'
+MARKER = "MAILDIR-FAULT-MARKER-51c2"
+
+
+@pytest.fixture
+def daemon_cfg(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path, listener_block("lan", "lan", f"127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"]),
+                       extra=RETRY_HOUR)
+    return cfg, port
+
+
+def send_to_bob(port: int) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("app")
+        s.mail(ALICE)
+        s.rcpt(BOB)
+        code, resp = s.data(f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: fault\r\n\r\n{MARKER}\r\n")
+    assert code == 250, (code, resp)
+    return resp.decode().rsplit(" ", 1)[1]
+
+
+def rcpt_row(cfg: Path, qid: str) -> dict:
+    [entry] = [e for e in queue_json(cfg) if e["id"] == qid]
+    [row] = entry["recipients"]
+    return row
+
+
+def bob_mailbox(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "mail" / "example.org" / "bob"
+
+
+def test_full_maildir_disk_defers_and_queue_retry_makes_it_due_now(tmp_path, daemon_cfg):
+    cfg, port = daemon_cfg
+    with small_tmpfs(bob_mailbox(tmp_path), "256k") as box:
+        filler = fill(box)
+        d = Daemon(cfg)
+        try:
+            d.start(port)
+            qid = send_to_bob(port)
+            row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["state"] == "deferred" and r, 20)
+            assert row["last_reply"].startswith("451 4.3.0 Maildir write failed"), row
+            assert "No space left on device" in row["last_reply"], row
+            assert row["attempts"] == 1 and row["next_attempt"] > time.time() + 3000  # the schedule's hour
+            assert not maildir_files(tmp_path, BOB)
+
+            # Still full: `queue retry` makes it due at once, the daemon attempts it again (and defers).
+            before = time.time()
+            r = run_cli("queue", "retry", qid, "-c", str(cfg))
+            assert r.returncode == 0, r.stderr
+            row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["attempts"] == 2 and r, 20)
+            assert row["state"] == "deferred" and row["last_attempt"] >= before
+
+            filler.unlink()
+            assert run_cli("queue", "retry", qid, "-c", str(cfg)).returncode == 0
+            row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["state"] == "delivered" and r, 20)
+            assert row["attempts"] == 3
+            [delivered] = maildir_files(tmp_path, BOB)
+            assert MARKER in delivered.read_text()
+        finally:
+            d.stop()
+
+
+def test_maildir_blocked_by_a_file_defers_then_hold_and_release_deliver(tmp_path, daemon_cfg):
+    cfg, port = daemon_cfg
+    blocker = bob_mailbox(tmp_path) / "Maildir"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the Maildir directory belongs\n")
+    d = Daemon(cfg)
+    try:
+        d.start(port)
+        qid = send_to_bob(port)
+        row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["state"] == "deferred" and r, 20)
+        assert row["last_reply"].startswith("451 4.3.0 Maildir write failed"), row
+        planned = row["next_attempt"]
+        assert planned > time.time() + 3000
+
+        r = run_cli("queue", "hold", qid, "--json", "-c", str(cfg))
+        assert r.returncode == 0, r.stderr
+        row = rcpt_row(cfg, qid)
+        assert row["state"] == "held" and row["next_attempt"] == planned
+
+        blocker.unlink()
+        before = time.time()
+        r = run_cli("queue", "release", qid, "-c", str(cfg))
+        assert r.returncode == 0, r.stderr
+        # Released as due now (not at the hour the schedule planned): delivered while we wait.
+        row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["state"] == "delivered" and r, 20)
+        assert row["attempts"] == 2 and row["last_attempt"] >= before
+        [delivered] = maildir_files(tmp_path, BOB)
+        assert MARKER in delivered.read_text()
+    finally:
+        d.stop()
