@@ -140,7 +140,9 @@ class Gateway:
         self._ids = itertools.count(1)
         self._drain = trio.Event()
         self.metrics_address: tuple[str, int] | None = None
-        self._bound: tuple[list[tuple[ListenerRuntime, list[trio.SocketListener]]], list[trio.SocketListener]] | None = None
+        # (listeners by runtime, metrics listeners) once bind() has run.
+        self._bound: tuple[list[tuple[ListenerRuntime, list[trio.SocketListener]]], list[trio.SocketListener]] | None
+        self._bound = None
 
     # ------------------------------------------------------------ serving
 
@@ -468,7 +470,6 @@ class Gateway:
                     discarded += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
 
 
 def reset_is_close(failed: str, eof: dict[str, bool], last_from: str | None, writing: dict[str, bool]) -> bool:

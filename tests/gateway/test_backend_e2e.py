@@ -1,4 +1,4 @@
-"""The gateway in front of the real homemx backend (`homemx-backend run`): mail delivered to a Maildir with the client's real address (IPv4 and IPv6) in the Received header; backend stopped → 421 4.3.2, started again → the next connection succeeds."""
+"""The gateway in front of the real homemx backend (`homemx-backend run`): mail delivered to a Maildir with the client's real address (IPv4 and IPv6) in the Received header; backend stopped → 421 4.3.2, started again → the next connection succeeds; a STARTTLS session ending with QUIT counts as a normal close; an idle client reads the backend's 421 4.4.2 before the gateway's idle timeout."""
 
 from __future__ import annotations
 
