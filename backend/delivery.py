@@ -704,7 +704,7 @@ class Deliverer:
             raise HostFailure(R_CONNECT_FAILED.format(host=target.peer, error=getattr(e, "strerror", None) or e)) from None
         tls = TLS_VERIFIED if target.implicit_tls else TLS_NONE
         try:
-            await self._hello(client, target)
+            await self._hello(client, target, starttls_required=verify and not target.implicit_tls)
             if not target.implicit_tls:
                 if tls_allowed and client.supports_extension("starttls"):
                     try:
@@ -727,7 +727,7 @@ class Deliverer:
                     if resp.code != 220:
                         raise HostFailure(reply_text(resp.code, resp.message))
                     tls = TLS_VERIFIED if verify else TLS_UNVERIFIED
-                    await self._hello(client, target)  # RFC 3207 4.2: forget and ask again
+                    await self._hello(client, target, starttls_required=False)  # RFC 3207 4.2: forget and ask again
                 elif verify:
                     # RFC 3207 / RFC 8461 5: with TLS required, never fall back to cleartext.
                     raise HostFailure(R_TLS_NOT_OFFERED.format(host=target.peer))
@@ -770,15 +770,20 @@ class Deliverer:
             raise
         return sock
 
-    async def _hello(self, client: aiosmtplib.SMTP, target: Target) -> None:
+    async def _hello(self, client: aiosmtplib.SMTP, target: Target, starttls_required: bool) -> None:
+        """EHLO; HELO to a server that refuses EHLO (RFC 5321 3.2: the client SHOULD fall back).
+
+        A HELO session has no extensions, so no STARTTLS: where TLS is still to be started and is
+        required, refusing EHLO ends the attempt as "TLS not offered" (never a cleartext fallback).
+        """
         try:
             await client.ehlo()
         except aiosmtplib.SMTPHeloError as e:
-            if e.code >= 500 and target.tls != REQUIRED:
-                # RFC 5321 3.2: a server that does not know EHLO gets HELO.
-                await client.helo()
-            else:
+            if e.code < 500:
                 raise
+            if starttls_required:
+                raise HostFailure(R_TLS_NOT_OFFERED.format(host=target.peer)) from None
+            await client.helo()
 
     async def _transaction(self, s: Session, sender: str, content: bytes, rcpts: list[Recipient]):
         """One MAIL/RCPT.../DATA on an open session: ({rcpt id: (state, reply)}, session reusable).
