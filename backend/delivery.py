@@ -20,7 +20,9 @@ queued in the commit that marks it sent. Reports are DKIM-signed and queued as n
 ``<>``: the runner puts them in the Maildir of a local sender or delivers them here.
 
 Sessions stay open after a transaction (RSET, then idle in a pool) so that the next message to
-the same host reuses them; a global and a per-destination semaphore bound concurrency.
+the same host reuses them; a session idle for ``pool_idle_timeout`` gets its QUIT (from a timer, so
+also when no mail follows) and is never reused. A global and a per-destination semaphore bound
+concurrency.
 """
 
 from __future__ import annotations
@@ -314,6 +316,8 @@ class Deliverer:
         ca_file: str | None = None,
         local_domains: Callable[[str], bool] | None = None,
         signer: Callable[[bytes, str], bytes] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        pool_idle_timeout: float = POOL_IDLE_TIMEOUT,
     ):
         self.config = config
         self.d = config.delivery
@@ -334,6 +338,10 @@ class Deliverer:
         self._per_dest: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[tuple, list[Session]] = defaultdict(list)
         self._closing: set[asyncio.Task] = set()  # QUITs of expired idle sessions (kept referenced)
+        # The pool's own clock (idle times), apart from ``now`` (queue times): tests inject both.
+        self.monotonic = monotonic
+        self.pool_idle_timeout = pool_idle_timeout
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self.families = self._families()
         self._smarthost_password: str | None = None
 
@@ -598,11 +606,11 @@ class Deliverer:
     # ------------------------------------------------------------ sessions and the pool
 
     def _take_idle(self, key: tuple) -> Session | None:
-        now = time.monotonic()
+        self._sweep_idle()  # an expired session is never reused: it gets its QUIT instead
         idle = self._idle.get(key)
         while idle:
             s = idle.pop()
-            if now - s.idle_since < POOL_IDLE_TIMEOUT and s.client.is_connected:
+            if s.client.is_connected:
                 return s
             self._discard(s)
         return None
@@ -611,8 +619,9 @@ class Deliverer:
         if session.uses >= POOL_MAX_USES or not session.client.is_connected:
             self._discard(session)
             return
-        session.idle_since = time.monotonic()
+        session.idle_since = self.monotonic()
         self._idle[session.key].append(session)
+        self._arm_sweep()
 
     def _discard(self, session: Session) -> None:
         try:
@@ -621,11 +630,14 @@ class Deliverer:
             pass
 
     def _sweep_idle(self) -> None:
-        now = time.monotonic()
+        """QUIT the idle sessions that have waited ``pool_idle_timeout``; drop those the remote closed."""
+        now = self.monotonic()
         for key, sessions in list(self._idle.items()):
             keep = []
             for s in sessions:
-                if now - s.idle_since >= POOL_IDLE_TIMEOUT:
+                if not s.client.is_connected:
+                    self._discard(s)
+                elif now - s.idle_since >= self.pool_idle_timeout:
                     task = asyncio.ensure_future(self._quit(s))
                     self._closing.add(task)
                     task.add_done_callback(self._closing.discard)
@@ -636,6 +648,20 @@ class Deliverer:
             else:
                 del self._idle[key]
 
+    def _arm_sweep(self) -> None:
+        # A timer, so an idle session is closed when it expires even if no other mail follows:
+        # holding a slot at the remote (RFC 5321 4.5.3.2.7: servers wait 5 min) helps nobody.
+        if self._sweep_timer is not None or not self._idle:
+            return
+        oldest = min(s.idle_since for ss in self._idle.values() for s in ss)
+        delay = max(0.0, oldest + self.pool_idle_timeout - self.monotonic())
+        self._sweep_timer = asyncio.get_running_loop().call_later(delay, self._on_sweep_timer)
+
+    def _on_sweep_timer(self) -> None:
+        self._sweep_timer = None
+        self._sweep_idle()
+        self._arm_sweep()
+
     async def _quit(self, s: Session) -> None:
         try:
             await asyncio.wait_for(s.client.quit(), 5)
@@ -644,9 +670,14 @@ class Deliverer:
 
     async def close(self) -> None:
         """QUIT every idle session (daemon shutdown)."""
+        if self.mtasts is not None:
+            await self.mtasts.close()  # its HTTP client and policy store
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         sessions = [s for ss in self._idle.values() for s in ss]
         self._idle.clear()
-        await asyncio.gather(*(self._quit(s) for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(self._quit(s) for s in sessions), *self._closing, return_exceptions=True)
 
     async def _session(self, target: Target) -> Session:
         """An idle session to ``target`` that still answers, or a new one. Raises HostFailure."""

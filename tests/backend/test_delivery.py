@@ -94,7 +94,7 @@ def make(tmp_path, dns_server, ca, receivers):
     """Build a harness whose delivery config points at the test DNS and the receivers' port."""
     harnesses = []
 
-    def _make(mta_sts_port=None, signer=None, **delivery):
+    def _make(mta_sts_port=None, signer=None, deliverer_options=None, **delivery):
         d = {
             "nameservers": [dns_server.address],
             "dns_port": dns_server.port,
@@ -106,7 +106,10 @@ def make(tmp_path, dns_server, ca, receivers):
             "command_timeout": "10s",
         }
         d.update(delivery)
-        h = Harness(tmp_path, backend_config(tmp_path, delivery=d), ca_file=ca.ca_file, mtasts_port=mta_sts_port, signer=signer)
+        h = Harness(
+            tmp_path, backend_config(tmp_path, delivery=d), ca_file=ca.ca_file, mtasts_port=mta_sts_port, signer=signer,
+            deliverer_options=deliverer_options,
+        )
         harnesses.append(h)
         return h
 

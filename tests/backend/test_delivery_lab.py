@@ -327,7 +327,7 @@ async def run_blocking(fn, *args):
 class Harness:
     """Queue + QueueRunner + Deliverer on an injected clock: ``await h.round()`` is one runner pass."""
 
-    def __init__(self, tmp: Path, config, *, ca_file=None, mtasts_port=None, signer=None):
+    def __init__(self, tmp: Path, config, *, ca_file=None, mtasts_port=None, signer=None, deliverer_options=None):
         self.clock = Clock()
         self.config = config
         self.queue = Queue(config.queue_db, now=self.clock)
@@ -343,7 +343,7 @@ class Harness:
             )
         self.deliverer = Deliverer(
             config, self.queue, self.metrics, run_blocking, now=self.clock, resolver=resolver, mtasts=mtasts,
-            ca_file=str(ca_file) if ca_file else None, signer=signer,
+            ca_file=str(ca_file) if ca_file else None, signer=signer, **(deliverer_options or {}),
         )
         self.runner = QueueRunner(config, self.queue, self.metrics, run_blocking, remote=self.deliverer, now=self.clock)
 

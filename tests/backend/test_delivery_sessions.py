@@ -15,7 +15,7 @@ from aiosmtpd.smtp import SMTP
 
 from backend.queue import DEFERRED, DELIVERED
 from tests.backend.test_delivery import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Sink
+from tests.backend.test_delivery_lab import Clock, Sink
 
 
 async def serve(receivers, address: str, factory) -> None:
@@ -97,3 +97,58 @@ async def test_a_server_that_refuses_ehlo_cannot_offer_starttls_so_required_tls_
     assert state == DEFERRED and reply.startswith("421 4.7.10 TLS required"), reply
     assert sink.greetings == ["EHLO"]  # no HELO, so no cleartext transaction
     assert sink.mail_commands == 0 and sink.messages == []
+
+
+# ---------------------------------------------------------------- connection pool
+
+
+@dataclass
+class QuitSink(Sink):
+    """A Sink that records which connections said QUIT (``Received.connection`` ids)."""
+
+    quits: list[int] = field(default_factory=list)
+    quit_seen: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.quits.append(id(server))
+        self.quit_seen.set()
+        return "221 2.0.0 Bye"
+
+
+@pytest.mark.asyncio
+async def test_a_pooled_session_is_reused_within_its_idle_time_and_replaced_after_it(make, receivers):
+    sink = await receivers.start("127.0.0.11", QuitSink())
+    pool_clock = Clock(0.0)  # the pool's idle clock, moved by hand: no waiting
+    h = make(deliverer_options={"monotonic": pool_clock, "pool_idle_timeout": 30.0})
+    q1 = h.submit("alice@example.org", ["bob@dest.test"])
+    await h.round()
+    pool_clock.advance(29.0)  # idle for less than the pool's idle time: the session is reused
+    q2 = h.submit("alice@example.org", ["carol@dest.test"])
+    await h.round()
+    assert sink.connections == 1 and sink.quits == []
+    first = sink.messages[0].connection
+    assert [m.connection for m in sink.messages] == [first, first]  # one connection, two transactions
+    pool_clock.advance(30.0)  # idle since q2 for the whole idle time: expired
+    q3 = h.submit("alice@example.org", ["dave@dest.test"])
+    await h.round()
+    assert [h.states(q)[a][0] for q, a in ((q1, "bob@dest.test"), (q2, "carol@dest.test"), (q3, "dave@dest.test"))] == [DELIVERED] * 3
+    assert sink.connections == 2  # the receiver saw a new connection for q3...
+    assert sink.messages[2].connection != first
+    await asyncio.wait_for(sink.quit_seen.wait(), 10)
+    assert sink.quits == [first]  # ...and the expired one was closed politely (RFC 5321 4.1.1.10)
+
+
+@pytest.mark.asyncio
+async def test_an_idle_session_is_closed_when_its_idle_time_ends_even_if_no_mail_follows(make, receivers):
+    sink = await receivers.start("127.0.0.11", QuitSink())
+    h = make(deliverer_options={"pool_idle_timeout": 0.2})
+    q1 = h.submit("alice@example.org", ["bob@dest.test"])
+    await h.round()
+    assert h.states(q1)["bob@dest.test"][0] == DELIVERED
+    # Nothing else is delivered: the pool's own timer ends the session (liveness bound, not a timing check).
+    await asyncio.wait_for(sink.quit_seen.wait(), 10)
+    assert sink.quits == [sink.messages[0].connection]
+    q2 = h.submit("alice@example.org", ["carol@dest.test"])
+    await h.round()
+    assert h.states(q2)["carol@dest.test"][0] == DELIVERED
+    assert sink.connections == 2 and sink.messages[1].connection != sink.messages[0].connection
