@@ -195,6 +195,9 @@ class DeliveryConfig:
     smarthost_domains: tuple[str, ...] = ()  # empty: every domain
     smarthost_username: str | None = None
     smarthost_password_file: Path | None = None
+    # "implicit": TLS from the first byte (RFC 8314 3.3, port 465); "starttls": RFC 3207 upgrade.
+    # Default: implicit on port 465, STARTTLS on any other port.
+    smarthost_tls: str = "starttls"
 
 
 @dataclass(frozen=True)
@@ -503,6 +506,7 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
     for k, v in domain_tls.items():
         if v not in TLS_POLICIES:
             raise d.error(f"domain_tls_policy.{k}", f"expected one of {', '.join(TLS_POLICIES)}, got {v!r}")
+    smarthost = d.get("smarthost", lambda v: parse_hostport(v, 587))
     delivery = DeliveryConfig(
         source_address=d.get("source_address", _ip),
         nameservers=d.get("nameservers", _list(_ip), ()),
@@ -520,11 +524,14 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
         command_timeout=d.get("command_timeout", parse_duration, 300.0),
         remote_port=d.get("remote_port", _positive_int, 25),
         paused=d.get("paused", _bool, False),
-        smarthost=d.get("smarthost", lambda v: parse_hostport(v, 587)),
+        smarthost=smarthost,
         smarthost_hostname=d.get("smarthost_hostname", _str),
         smarthost_domains=d.get("smarthost_domains", _list(lambda v: parse_domain(_str(v))), ()),
         smarthost_username=d.get("smarthost_username", _str),
         smarthost_password_file=d.get("smarthost_password_file", rel),
+        smarthost_tls=d.get(
+            "smarthost_tls", _choice("implicit", "starttls"), "implicit" if smarthost and smarthost[1] == 465 else "starttls"
+        ),
     )
     _readable_file(d, "smarthost_password_file", delivery.smarthost_password_file)
     d.finish()

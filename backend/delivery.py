@@ -522,7 +522,8 @@ class Deliverer:
         if domain == SMARTHOST:
             addr, port = d.smarthost
             name = d.smarthost_hostname or addr
-            return [Target(name, addr, port, REQUIRED, implicit_tls=(port == 465), auth=self._smarthost_auth())]
+            implicit = d.smarthost_tls == "implicit"
+            return [Target(name, addr, port, REQUIRED, implicit_tls=implicit, auth=self._smarthost_auth())]
         hosts = await resolve_destination(self.resolver, domain, self.families)
         tls = d.domain_tls_policy.get(domain, d.tls_policy)
         policy: Policy | None = None
@@ -729,9 +730,14 @@ class Deliverer:
             raise HostFailure(reply_text(e.code, e.message)) from None
         except (aiosmtplib.SMTPTimeoutError, asyncio.TimeoutError) as e:
             raise HostFailure(R_TIMEOUT.format(host=target.peer, error=e)) from None
-        except ssl.SSLError as e:
-            raise HostFailure(R_TLS_FAILED.format(host=target.peer, error=e.reason or e)) from None
         except (aiosmtplib.SMTPException, OSError) as e:
+            # aiosmtplib wraps the implicit-TLS handshake's SSLError (a certificate that does not
+            # verify) in SMTPConnectError: report it as the TLS failure it is (4.7.5), not as an
+            # unreachable host (4.4.1).
+            err = e if isinstance(e, ssl.SSLError) else e.__cause__
+            if isinstance(err, ssl.SSLError):
+                reason = getattr(err, "verify_message", None) or err.reason or err
+                raise HostFailure(R_TLS_FAILED.format(host=target.peer, error=reason)) from None
             raise HostFailure(R_CONNECT_FAILED.format(host=target.peer, error=getattr(e, "strerror", None) or e)) from None
         tls = TLS_VERIFIED if target.implicit_tls else TLS_NONE
         try:

@@ -49,6 +49,6 @@ def build(backend) -> tuple[Callable[[bytes, str], bytes] | None, Deliverer]:
     log.info(
         "outbound: dkim keys=%d source=%s tls=%s mta-sts=%s smarthost=%s",
         len(config.dkim), d.source_address or "default", d.tls_policy, "on" if d.mta_sts else "off",
-        f"{d.smarthost[0]}:{d.smarthost[1]}" if d.smarthost else "no",
+        f"{d.smarthost[0]}:{d.smarthost[1]} ({d.smarthost_tls} TLS)" if d.smarthost else "no",
     )
     return signer, remote

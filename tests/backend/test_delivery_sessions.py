@@ -8,14 +8,18 @@ runner on an injected clock); every test asserts what a receiver saw or what the
 from __future__ import annotations
 
 import asyncio
+import base64
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
-from aiosmtpd.smtp import SMTP
+import pytest_asyncio
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from backend.config import config_from_dict
 from backend.queue import DEFERRED, DELIVERED
 from tests.backend.test_delivery import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Clock, Sink
+from tests.backend.test_delivery_lab import Clock, Sink, self_signed_context
 
 
 async def serve(receivers, address: str, factory) -> None:
@@ -152,3 +156,181 @@ async def test_an_idle_session_is_closed_when_its_idle_time_ends_even_if_no_mail
     await h.round()
     assert h.states(q2)["carol@dest.test"][0] == DELIVERED
     assert sink.connections == 2 and sink.messages[1].connection != sink.messages[0].connection
+
+
+# ---------------------------------------------------------------- smarthost with implicit TLS
+
+
+RELAY_USER, RELAY_PASSWORD = "homeuser", "s3cret-relay"
+# Every form the password can take on the wire: as typed (AUTH LOGIN decoded), AUTH PLAIN, AUTH LOGIN.
+PASSWORD_FORMS = (
+    RELAY_PASSWORD.encode(),
+    base64.b64encode(f"\0{RELAY_USER}\0{RELAY_PASSWORD}".encode()),
+    base64.b64encode(RELAY_PASSWORD.encode()),
+)
+
+
+@dataclass
+class AuthSink(Sink):
+    """A Sink that records every AUTH attempt: (user, whether the connection was TLS)."""
+
+    auth_attempts: list[tuple[str, bool]] = field(default_factory=list)
+
+
+class ImplicitTLSServer(SMTP):
+    """An SMTP server on a TLS listener (RFC 8314 3.3): the connection is TLS from the first byte.
+
+    aiosmtpd only knows TLS begun by STARTTLS, so the session's TLS state is taken from the transport.
+    """
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.session.ssl = transport.get_extra_info("ssl_object")
+
+
+def _authenticator(sink: AuthSink):
+    def check(server, session, envelope, mechanism, auth_data):
+        user = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else "?"
+        sink.auth_attempts.append((user, session.ssl is not None))
+        ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
+            RELAY_USER.encode(), RELAY_PASSWORD.encode(),
+        )
+        return AuthResult(success=ok, auth_data=user if ok else None)
+
+    return check
+
+
+class RecordingProxy:
+    """A TCP relay on ``address`` to ``upstream`` that keeps every byte the client sent: what a
+    wire tap between homemx and its smarthost would see."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.from_client = bytearray()
+        self.peers: list[str] = []
+        self.server = None
+        self.port = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, address: str) -> "RecordingProxy":
+        self.server = await asyncio.start_server(self._handle, address, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, client_reader, client_writer):
+        self.peers.append(client_writer.get_extra_info("peername")[0])
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+
+        async def pump(reader, writer, record: bool):
+            try:
+                while data := await reader.read(65536):
+                    if record:
+                        self.from_client += data
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pump(client_reader, up_writer, True), pump(up_reader, client_writer, False))
+
+    async def close(self) -> None:
+        self.server.close()
+
+
+@pytest_asyncio.fixture
+async def implicit_relay(receivers):
+    """Start an implicit-TLS relay (AUTH required) behind a recording proxy: (sink, proxy)."""
+    proxies = []
+
+    async def start(tls_context):
+        sink = AuthSink()
+
+        def factory():
+            sink.connections += 1
+            # auth_require_tls would look for STARTTLS only; this listener has no cleartext at all.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+                return ImplicitTLSServer(
+                    sink, hostname="relay.test", auth_required=True, auth_require_tls=False, authenticator=_authenticator(sink)
+                )
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.23", 0, ssl=tls_context)
+        receivers.servers.append(server)
+        proxy = await RecordingProxy(("127.0.0.23", server.sockets[0].getsockname()[1])).start("127.0.0.20")
+        proxies.append(proxy)
+        return sink, proxy
+
+    yield start
+    for p in proxies:
+        await p.close()
+
+
+def relay_harness(make, proxy: RecordingProxy, tmp_path):
+    """A harness that relays everything through the proxy to the implicit-TLS smarthost."""
+    pw = tmp_path / "relay-password"
+    pw.write_text(RELAY_PASSWORD + "\n")
+    pw.chmod(0o600)
+    return make(
+        remote_port=proxy.port,  # unused: in smarthost mode no MX is contacted
+        smarthost=f"127.0.0.20:{proxy.port}",
+        smarthost_tls="implicit",
+        smarthost_hostname="relay.test",
+        smarthost_username=RELAY_USER,
+        smarthost_password_file=str(pw),
+    )
+
+
+@pytest.mark.asyncio
+async def test_smarthost_with_implicit_tls_gets_credentials_only_inside_tls(make, ca, implicit_relay, tmp_path):
+    relay, proxy = await implicit_relay(ca.server_context("relay.test"))
+    h = relay_harness(make, proxy, tmp_path)
+    qid = h.submit("alice@example.org", ["bob@dest.test"])
+    await h.round()
+    assert h.states(qid)["bob@dest.test"] == (DELIVERED, "250 2.0.0 OK accepted")
+    (got,) = relay.messages
+    assert got.auth == RELAY_USER and got.tls
+    assert relay.auth_attempts == [(RELAY_USER, True)]
+    assert proxy.peers == [SOURCE]
+    # On the wire: a TLS handshake record from the very first byte (no cleartext EHLO/STARTTLS
+    # before it, RFC 8314 3.3) and the password in none of its encodings.
+    assert proxy.from_client[:1] == b"\x16"
+    assert not any(form in proxy.from_client for form in PASSWORD_FORMS)
+    assert h.metric("homemx_backend_delivery_attempts_total", {"result": "delivered", "tls": "verified"}) == 1
+
+
+@pytest.mark.asyncio
+async def test_smarthost_with_implicit_tls_and_a_certificate_that_does_not_verify_defers_without_credentials(
+    make, implicit_relay, tmp_path
+):
+    relay, proxy = await implicit_relay(self_signed_context(tmp_path, "relay.test"))  # not signed by the trusted CA
+    h = relay_harness(make, proxy, tmp_path)
+    qid = h.submit("alice@example.org", ["bob@dest.test"])
+    await h.round()
+    state, reply = h.states(qid)["bob@dest.test"]
+    assert state == DEFERRED and reply.startswith("421 4.7.5 TLS handshake with relay.test"), reply
+    assert "certificate" in reply
+    assert relay.auth_attempts == [] and relay.mail_commands == 0 and relay.messages == []
+    assert proxy.from_client[:1] == b"\x16"  # it tried TLS...
+    assert not any(form in proxy.from_client for form in PASSWORD_FORMS)  # ...and sent no password
+
+
+def _delivery_config(tmp_path, **delivery):
+    raw = {
+        "server": {"hostname": "mail.example.org", "data_dir": str(tmp_path / "data")},
+        "users": {"passwd_file": str(tmp_path / "passwd")},
+        "domain": {"example.org": {}},
+        "listener": [{"name": "lan", "kind": "lan", "listen": "127.0.0.1:0", "trusted_networks": ["127.0.0.0/8"]}],
+        "delivery": delivery,
+    }
+    return config_from_dict(raw, tmp_path / "backend.toml").delivery
+
+
+def test_smarthost_port_465_means_implicit_tls_unless_configured_otherwise(tmp_path):
+    assert _delivery_config(tmp_path, smarthost="192.0.2.1:465").smarthost_tls == "implicit"
+    assert _delivery_config(tmp_path, smarthost="192.0.2.1:587").smarthost_tls == "starttls"
+    assert _delivery_config(tmp_path, smarthost="192.0.2.1").smarthost_tls == "starttls"
+    assert _delivery_config(tmp_path, smarthost="192.0.2.1:2465", smarthost_tls="implicit").smarthost_tls == "implicit"
+    with pytest.raises(Exception, match="smarthost_tls"):
+        _delivery_config(tmp_path, smarthost="192.0.2.1:465", smarthost_tls="ssl")
