@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         "--selector",
         type=_selector,
         help="selector (s=); with --algorithm both, SELECTOR-rsa and SELECTOR-ed25519. "
-        "Default: dated, e.g. rsa2025a / ed2025a",
+        "Default: dated, e.g. rsa2025a / ed2025a, then rsa2025b / ed2025b at the next rotation",
     )
     k.add_argument("--algorithm", choices=("rsa", "ed25519", "both"), default="both", help="default: both")
     k.add_argument("--dir", default=".", help="directory for the key files (default: current directory)")
@@ -51,18 +51,19 @@ def register(subparsers) -> None:
 def cmd_keygen(args) -> int:
     algorithms = ["rsa", "ed25519"] if args.algorithm == "both" else [args.algorithm]
     generated = []
-    for alg in algorithms:
+    try:
         if args.selector is None:
-            selector = dkim.default_selector(alg)
+            # Rotation is a new key under a new selector (docs/dkim.md): the next free dated one.
+            selectors = dkim.free_default_selectors(args.domain, algorithms, args.dir)
         elif len(algorithms) > 1:
-            selector = f"{args.selector}-{alg}"
+            selectors = {alg: f"{args.selector}-{alg}" for alg in algorithms}
         else:
-            selector = args.selector
-        try:
-            generated.append(dkim.generate_key(args.domain, selector, alg, args.dir))
-        except (FileExistsError, OSError) as e:
-            print(f"homemx-backend dkim keygen: {e}", file=sys.stderr)
-            return 1
+            selectors = {algorithms[0]: args.selector}
+        for alg in algorithms:
+            generated.append(dkim.generate_key(args.domain, selectors[alg], alg, args.dir))
+    except (FileExistsError, OSError) as e:
+        print(f"homemx-backend dkim keygen: {e}", file=sys.stderr)
+        return 1
     print("; DNS: publish these TXT records (zone-file lines)")
     for g in generated:
         print(g.zone_line())

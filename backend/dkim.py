@@ -260,12 +260,30 @@ class GeneratedKey:
         return f"{self.record_name}\tIN\tTXT\t{zone_txt_rdata(self.txt_value)}"
 
 
-def default_selector(algorithm: str, today: str | None = None) -> str:
+def default_selector(algorithm: str, today: str | None = None, letter: str = "a") -> str:
     """A dated selector such as ``rsa2025a``/``ed2025a``: rotation gets a new selector, never reuses one."""
     import datetime
 
     year = today or str(datetime.date.today().year)
-    return f"{'rsa' if algorithm == 'rsa' else 'ed'}{year}a"
+    return f"{'rsa' if algorithm == 'rsa' else 'ed'}{year}{letter}"
+
+
+def key_file(directory: str | os.PathLike[str], domain: str, selector: str, algorithm: str) -> Path:
+    """Where ``generate_key`` writes a key: DIRECTORY/DOMAIN.SELECTOR.{rsa.pem,ed25519}."""
+    return Path(directory) / (f"{domain}.{selector}.rsa.pem" if algorithm == "rsa" else f"{domain}.{selector}.ed25519")
+
+
+def free_default_selectors(
+    domain: str, algorithms: Sequence[str], directory: str | os.PathLike[str], today: str | None = None
+) -> dict[str, str]:
+    """{algorithm: dated selector} for new keys: the first letter whose key files are not in
+    ``directory`` yet (``rsa2025a``, then ``rsa2025b`` at the next rotation of that year), the same
+    letter for every algorithm so that one rotation's selectors read as a pair."""
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        chosen = {alg: default_selector(alg, today, letter) for alg in algorithms}
+        if not any(key_file(directory, domain, sel, alg).exists() for alg, sel in chosen.items()):
+            return chosen
+    raise FileExistsError(f"{directory}: every dated selector of the year is taken for {domain}: choose one with --selector")
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -293,12 +311,11 @@ def generate_key(domain: str, selector: str, algorithm: str, directory: str | os
     if algorithm == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
         data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
-        path = directory / f"{domain}.{selector}.rsa.pem"
     else:
         key = ed25519.Ed25519PrivateKey.generate()
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
         data = base64.b64encode(seed) + b"\n"
-        path = directory / f"{domain}.{selector}.ed25519"
+    path = key_file(directory, domain, selector, algorithm)
     try:
         _write_secret(path, data)
     except FileExistsError:

@@ -193,6 +193,27 @@ def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
     assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
 
 
+def test_keygen_default_selectors_move_to_the_next_letter_at_each_rotation(tmp_path, capsys):
+    import datetime
+
+    year = datetime.date.today().year
+    generated = []
+    for letter in "abc":  # the first key and two rotations, all in one year
+        assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--dir", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert f'selector = "rsa{year}{letter}"' in out and f'selector = "ed{year}{letter}"' in out
+        assert f"rsa{year}{letter}._domainkey.example.org." in out and f"ed{year}{letter}._domainkey.example.org." in out
+        generated.append({p.name: p.read_bytes() for p in tmp_path.iterdir()})
+    assert sorted(generated[-1]) == sorted(
+        f"example.org.{alg}{year}{letter}.{ext}" for letter in "abc" for alg, ext in (("rsa", "rsa.pem"), ("ed", "ed25519"))
+    )
+    # No rotation touched an earlier key (never overwritten, so mail signed with it still verifies).
+    assert all(generated[-1][name] == data for g in generated for name, data in g.items())
+    # Another domain's keys in the same directory start at "a" (selectors are per domain).
+    assert _run_cli(["dkim", "keygen", "--domain", "example.net", "--algorithm", "rsa", "--dir", str(tmp_path)]) == 0
+    assert f'selector = "rsa{year}a"' in capsys.readouterr().out
+
+
 def test_faster_whitespace_compression_is_byte_identical_to_dkimpys():
     import random
 
