@@ -113,12 +113,19 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
     cfg = write_config(tmp_path, listener_block("mx", "mx"))
     async with started(cfg) as b:
         port = b.bound_port("mx")
-        gate = threading.Event()
+        holding, gate = threading.Event(), threading.Event()
+
+        def hold(conn, now):
+            holding.set()
+            gate.wait(5)
 
         def kill(conn, now):  # no real fault kills the writer any more: a bug is injected as an op
             raise SystemExit("injected writer death")
 
-        b.queue._submit_op(lambda conn, now: gate.wait(5))
+        b.queue._submit_op(hold)
+        # Only once the writer is inside ``hold`` (not before: it would take both ops in one batch
+        # and die before the message below is queued behind it).
+        await asyncio.to_thread(holding.wait, 5)
         b.queue._submit_op(kill)
         # A message whose commit is queued behind the fatal op ...
         waiting = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False, local_hostname="w.example")
@@ -127,7 +134,9 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
         await waiting.mail("carol@remote.example")
         await waiting.rcpt(ALICE)
         pending = asyncio.ensure_future(waiting.data(BODY.format(marker="WAITING").encode()))
-        await wait_for(lambda: b.queue._pending.qsize() >= 2)  # kill + this message queued
+        # This message's commit is queued behind kill (a message insert is the op that notifies
+        # the runner; the runner's own claims may be queued too).
+        await wait_for(lambda: any(item and item[2] for item in list(b.queue._pending.queue)))
         gate.set()
         with pytest.raises(aiosmtplib.SMTPDataError) as e:
             await asyncio.wait_for(pending, 5)
