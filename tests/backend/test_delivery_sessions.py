@@ -16,10 +16,10 @@ import pytest
 import pytest_asyncio
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from backend.config import config_from_dict
+from backend.config import ConfigError
 from backend.queue import DEFERRED, DELIVERED
 from tests.backend.test_delivery import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Clock, Sink, self_signed_context
+from tests.backend.test_delivery_lab import Clock, Sink, backend_config, self_signed_context
 
 
 async def serve(receivers, address: str, factory) -> None:
@@ -317,14 +317,7 @@ async def test_smarthost_with_implicit_tls_and_a_certificate_that_does_not_verif
 
 
 def _delivery_config(tmp_path, **delivery):
-    raw = {
-        "server": {"hostname": "mail.example.org", "data_dir": str(tmp_path / "data")},
-        "users": {"passwd_file": str(tmp_path / "passwd")},
-        "domain": {"example.org": {}},
-        "listener": [{"name": "lan", "kind": "lan", "listen": "127.0.0.1:0", "trusted_networks": ["127.0.0.0/8"]}],
-        "delivery": delivery,
-    }
-    return config_from_dict(raw, tmp_path / "backend.toml").delivery
+    return backend_config(tmp_path, delivery=delivery).delivery
 
 
 def test_smarthost_port_465_means_implicit_tls_unless_configured_otherwise(tmp_path):
@@ -332,5 +325,5 @@ def test_smarthost_port_465_means_implicit_tls_unless_configured_otherwise(tmp_p
     assert _delivery_config(tmp_path, smarthost="192.0.2.1:587").smarthost_tls == "starttls"
     assert _delivery_config(tmp_path, smarthost="192.0.2.1").smarthost_tls == "starttls"
     assert _delivery_config(tmp_path, smarthost="192.0.2.1:2465", smarthost_tls="implicit").smarthost_tls == "implicit"
-    with pytest.raises(Exception, match="smarthost_tls"):
+    with pytest.raises(ConfigError, match="smarthost_tls"):
         _delivery_config(tmp_path, smarthost="192.0.2.1:465", smarthost_tls="ssl")
