@@ -8,6 +8,11 @@ import sys
 from .config import ConfigError, load_config
 
 
+def _print_config_error(e: ConfigError) -> None:
+    for line in e.lines:  # every problem of the file, one line each
+        print(f"homemx-gateway: {line}", file=sys.stderr)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .proxy import BindError
     from .run import run
@@ -15,7 +20,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"homemx-gateway: {e}", file=sys.stderr)
+        _print_config_error(e)
         return 2
     try:
         return run(config)
@@ -28,7 +33,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        print(f"homemx-gateway: {e}", file=sys.stderr)
+        _print_config_error(e)
         return 2
     for lc in config.listeners:
         binds = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in lc.listen)
