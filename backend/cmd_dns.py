@@ -32,7 +32,8 @@ def _load(path: str):
     try:
         return load_config(path)
     except ConfigError as e:
-        print(f"homemx-backend: {e}", file=sys.stderr)
+        for line in e.lines:  # every problem of the file, one line each
+            print(f"homemx-backend: {line}", file=sys.stderr)
         return None
 
 

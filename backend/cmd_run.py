@@ -41,7 +41,8 @@ def load_or_exit(path: str):
     try:
         return load_config(path)
     except ConfigError as e:
-        print(f"homemx-backend: config error: {e}", file=sys.stderr)
+        for line in e.lines:  # every problem of the file, one line each
+            print(f"homemx-backend: config error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,7 +1,9 @@
-"""Backend configuration: one TOML file loaded into frozen dataclasses and validated before any socket binds.
+"""Backend configuration: the schema of ``backend.toml``, validated as a whole before any socket binds.
 
-Every error names the file, the key and the reason (``ConfigError``), and unknown keys are errors:
-a typo must never silently fall back to a default on a mail server.
+The schema is declared on pydantic (docs/development.md says why): each ``[table]`` is a frozen model,
+unknown keys are errors (a typo must never silently fall back to a default on a mail server), and
+every mistake in the file is reported at once, one ``FILE: KEY: REASON`` line each (``ConfigError``).
+Checks that involve several keys (and the files the config names) run at load too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,22 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from backend.addresses import PathError, parse_path
 
 LISTENER_KINDS = ("mx", "submission", "submissions", "lan")
 TLS_POLICIES = ("opportunistic", "required")
@@ -25,13 +42,88 @@ DEFAULT_MAX_QUEUE_AGE = 5 * 86400
 
 
 class ConfigError(Exception):
-    """A configuration problem, rendered as one line: ``FILE: KEY: REASON``."""
+    """Every problem of one configuration file; ``str()`` is one ``FILE: KEY: REASON`` line per problem.
 
-    def __init__(self, file: str | os.PathLike[str], key: str, reason: str):
+    ``key`` and ``reason`` are those of the first problem; ``problems`` lists them all."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str = "", reason: str = "",
+                 problems: list[tuple[str, str]] | None = None):
         self.file = str(file)
-        self.key = key
-        self.reason = reason
-        super().__init__(f"{self.file}: {key}: {reason}" if key else f"{self.file}: {reason}")
+        self.problems = problems or [(key, reason)]
+        self.key, self.reason = self.problems[0]
+        super().__init__("\n".join(self.lines))
+
+    @property
+    def lines(self) -> list[str]:
+        return [f"{self.file}: {k}: {r}" if k else f"{self.file}: {r}" for k, r in self.problems]
+
+
+# ---------------------------------------------------------------- pydantic errors → lines
+# The gateway's config module and provision/site.py carry the same few lines: the two daemons never
+# import each other and the top-level packages are fixed, so there is no neutral home for them.
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted
+_EXPECTED = {"string_type": "a string", "bool_type": "true or false", "int_type": "an integer",
+             "float_type": "a number", "list_type": "a list", "tuple_type": "a list", "dict_type": "a table",
+             "model_type": "a table", "model_attributes_type": "a table", "dataclass_type": "a table"}
+
+
+def key_path(loc: tuple[str | int, ...]) -> str:
+    """``("listener", 0, "listen")`` → ``listener[0].listen``; keys that are not bare are quoted."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "[key]":  # pydantic's marker for "the key itself was invalid"
+            name = part if _BARE_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
+            out += f".{name}" if out else name
+    return out
+
+
+def error_reason(err: Any) -> str:
+    """One pydantic error in the words of this file's documentation."""
+    kind = err["type"]
+    if kind == "config":
+        return err["ctx"]["reason"]
+    if kind in ("value_error", "assertion_error"):
+        return str(err["ctx"]["error"])
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing (required)"
+    if kind == "literal_error":
+        return f"expected one of {err['ctx']['expected']}, got {err['input']!r}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {err['input']!r}"
+    return f"{err['msg']}, got {err['input']!r}"
+
+
+def problems_of(e: ValidationError) -> list[tuple[str, str]]:
+    return [(key_path(err["loc"]), error_reason(err)) for err in e.errors(include_url=False)]
+
+
+def each_valid(value: Any, handler, model: type[BaseModel]) -> tuple[list[tuple[int, Any]], list]:
+    """Validate a list of tables; when some are wrong, keep (index, table) of the others, so that checks
+    between tables run in the same pass and the file's every mistake is reported at once."""
+    try:
+        return list(enumerate(handler(value))), []
+    except ValidationError as e:
+        problems = [(err["loc"], error_reason(err)) for err in e.errors(include_url=False)]
+    indexed = []
+    for i, item in enumerate(value if isinstance(value, list) else []):
+        try:
+            indexed.append((i, model.model_validate(item)))
+        except ValidationError:
+            pass
+    return indexed, problems
+
+
+def fail(problems: list[tuple[tuple[str | int, ...], str]]) -> ValidationError:
+    """Several checks that span keys, each reported at its own key path (relative to the validated value)."""
+    in_file_order = sorted(problems, key=lambda p: p[0][:1] if p[0] and isinstance(p[0][0], int) else (-1,))
+    return ValidationError.from_exception_data("config", [
+        InitErrorDetails(type=PydanticCustomError("config", "{reason}", {"reason": reason}), loc=loc, input=None)
+        for loc, reason in in_file_order])
 
 
 # ---------------------------------------------------------------- value parsers (pure)
@@ -121,40 +213,158 @@ def parse_domain(value: Any) -> str:
     return value.lower()
 
 
-# ---------------------------------------------------------------- dataclasses
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    hostname: str  # public name: banner, EHLO, Received, Reporting-MTA
-    data_dir: Path  # queue database, spool, Maildirs (unless maildir_root is set)
-    log_level: str = "info"
-    metrics_listen: tuple[str, int] | None = None
+def _positive_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"expected a positive integer, got {v!r}")
+    return v
 
 
-@dataclass(frozen=True)
-class TLSConfig:
-    cert: Path | None = None
-    key: Path | None = None
+def _ip(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected an IP address, got {v!r}")
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address") from None
 
 
-@dataclass(frozen=True)
-class ListenerConfig:
-    name: str
-    kind: str  # one of LISTENER_KINDS
-    listen: tuple[str, int]
-    proxy_protocol: bool = False  # expect a PROXY v2 header (mx behind the gateway)
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # lan: submit without AUTH
-    max_message_size: int = 50 * 1024 * 1024
-    max_recipients: int = 100
-    max_received_headers: int = 30  # loop detection (Postfix hopcount_limit is 50, mox uses 50)
+def _address(v: Any) -> str:
+    """A mailbox as SMTP would accept it in RCPT TO (the same parser): what an alias, a catch-all or a
+    report address names must be deliverable, not a display name, a list or a bare local part."""
+    v = _str(v)
+    try:
+        parse_path(f"<{v}>")
+    except PathError as e:
+        raise ValueError(f"{v!r} is not an address ({e.reply.split(' ', 2)[-1]})") from None
+    local, _, domain = v.rpartition("@")
+    parse_domain(domain)  # a domain name we could look up: no address literal, no single label
+    return v.lower()
+
+
+def _addresses(v: Any) -> tuple[str, ...]:
+    """One address or a list of them."""
+    if isinstance(v, str):
+        return (_address(v),)
+    if not isinstance(v, list):
+        raise ValueError(f"expected an address or a list of addresses, got {v!r}")
+    return tuple(_address(x) for x in v)
+
+
+def _path(v: Any, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the config file's directory (given as context ``base``)."""
+    p = Path(_str(v) if not isinstance(v, os.PathLike) else v).expanduser()
+    base = (info.context or {}).get("base")
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _list_of(item):
+    def parse(v: Any) -> tuple:
+        if not isinstance(v, list):
+            raise ValueError(f"expected a list, got {v!r}")
+        return tuple(item(x) for x in v)
+
+    return parse
+
+
+def _cannot_read(p: Path | None) -> str | None:
+    if p is None:
+        return None
+    try:
+        with open(p, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot read {p}: {e.strerror}"
+
+
+Str = Annotated[str, PlainValidator(_str)]
+Duration = Annotated[float, PlainValidator(parse_duration)]
+PositiveInt = Annotated[int, PlainValidator(_positive_int)]
+HostPort = Annotated[tuple[str, int], PlainValidator(parse_hostport)]
+Domain = Annotated[str, PlainValidator(parse_domain)]
+IP = Annotated[str, PlainValidator(_ip)]
+Address = Annotated[str, PlainValidator(_address)]
+FilePath = Annotated[Path, PlainValidator(_path)]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Networks = Annotated[tuple[Network, ...], PlainValidator(_list_of(parse_network))]
+
+
+class _Table(BaseModel):
+    """One TOML table: frozen once loaded, and a key the schema does not know is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- tables
+
+
+class ServerConfig(_Table):
+    hostname: Domain  # public name: banner, EHLO, Received, Reporting-MTA
+    data_dir: FilePath  # queue database, spool, Maildirs (unless maildir_root is set)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_listen: HostPort | None = None
+
+
+class TLSConfig(_Table):
+    cert: FilePath | None = None
+    key: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> TLSConfig:
+        if (self.cert is None) != (self.key is None):
+            raise fail([(("cert" if self.cert is None else "key",), "tls.cert and tls.key must be set together")])
+        problems = [((name,), reason) for name in ("cert", "key") if (reason := _cannot_read(getattr(self, name)))]
+        if not problems and self.cert is not None:
+            import ssl
+
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
+            except (ssl.SSLError, OSError) as e:
+                problems.append((("key",), f"certificate {self.cert} and key {self.key} do not load together: {e}"))
+        if problems:
+            raise fail(problems)
+        return self
+
+
+class ListenerConfig(_Table):
+    name: Str
+    kind: Literal["mx", "submission", "submissions", "lan"]
+    listen: HostPort
+    proxy_protocol: StrictBool = False  # expect a PROXY v2 header (mx behind the gateway)
+    trusted_proxies: Networks = ()
+    trusted_networks: Networks = ()  # lan: submit without AUTH
+    # Trusting every address (0.0.0.0/0, ::/0) makes the listener an open relay for whoever can reach
+    # it; refused unless this says so (a listener reachable only from trusted hosts, e.g. a container bridge).
+    allow_open_relay: StrictBool = False
+    max_message_size: Annotated[int, PlainValidator(parse_size)] = 50 * 1024 * 1024
+    max_recipients: PositiveInt = 100
+    max_received_headers: PositiveInt = 30  # loop detection (Postfix hopcount_limit is 50, mox uses 50)
     # RFC 5321 4.5.3.2 gives 5 min for commands and 10 min for the DATA terminator; we apply one
     # idle timeout per read, which covers both orders of magnitude.
-    timeout: float = 300.0
-    auth_max_failures: int = 10  # per real client address per auth_failure_window
-    auth_failure_window: float = 60.0
-    auth_failure_delay: float = 1.0  # after the n-th failure in the window, wait n × this before replying (≤ 10 s)
+    timeout: Duration = 300.0
+    auth_max_failures: PositiveInt = 10  # per real client address per auth_failure_window
+    auth_failure_window: Duration = 60.0
+    auth_failure_delay: Duration = 1.0  # after the n-th failure in the window, wait n × this before replying (≤ 10 s)
+
+    @model_validator(mode="after")
+    def _trust_makes_sense(self) -> ListenerConfig:
+        problems = []
+        if self.proxy_protocol and not self.trusted_proxies:
+            problems.append((("trusted_proxies",), "proxy_protocol = true needs at least one trusted proxy address"))
+        if self.kind in ("submission", "submissions") and self.trusted_networks:
+            problems.append((("trusted_networks",), f"not allowed on a {self.kind} listener: AUTH is always required there"))
+        everyone = [str(n) for n in self.trusted_networks if n.prefixlen == 0]
+        if everyone and not self.allow_open_relay:
+            problems.append((("trusted_networks",), f"{', '.join(everyone)} trusts every address: whoever reaches this "
+                             "listener relays without AUTH (set allow_open_relay = true if that is meant)"))
+        if problems:
+            raise fail(problems)
+        return self
 
 
 @dataclass(frozen=True)
@@ -164,57 +374,168 @@ class DomainConfig:
     catch_all: str | None = None  # address that receives mail for unknown local parts
 
 
-@dataclass(frozen=True)
-class DKIMKeyConfig:
-    domain: str
-    selector: str
-    algorithm: str  # rsa | ed25519
-    private_key: Path
+class _DomainTable(_Table):
+    """``[domain."example.org"]``: the name is the table's key."""
+
+    aliases: dict[Annotated[str, PlainValidator(lambda v: _str(v).lower())],
+                  Annotated[tuple[str, ...], PlainValidator(_addresses)]] = {}
+    catch_all: Address | None = None
 
 
-@dataclass(frozen=True)
-class DeliveryConfig:
-    source_address: str | None = None  # bind outbound sockets here (the tunnel address)
-    nameservers: tuple[str, ...] = ()  # empty: /etc/resolv.conf
-    dns_port: int = 53
-    tls_policy: str = "opportunistic"
-    domain_tls_policy: dict[str, str] = field(default_factory=dict)
-    mta_sts: bool = True
-    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
-    max_queue_age: float = DEFAULT_MAX_QUEUE_AGE
-    delay_notice_after: float | None = None  # send a "delayed" DSN once, after this long; None: never
-    keep_final: float = 86400.0  # how long delivered/bounced entries stay visible in `queue list`
-    concurrency: int = 20
-    per_destination_concurrency: int = 4
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    remote_port: int = 25  # tests point this at a non-privileged port
-    paused: bool = False  # maintenance: accept and queue, attempt no remote delivery (Postfix: defer_transports)
-    smarthost: tuple[str, int] | None = None
-    smarthost_hostname: str | None = None  # TLS server name of the smarthost (defaults to its address)
-    smarthost_domains: tuple[str, ...] = ()  # empty: every domain
-    smarthost_username: str | None = None
-    smarthost_password_file: Path | None = None
+class DKIMKeyConfig(_Table):
+    domain: Domain
+    selector: Str
+    algorithm: Literal["rsa", "ed25519"]
+    private_key: FilePath
+
+    @field_validator("private_key")
+    @classmethod
+    def _readable(cls, p: Path) -> Path:
+        if reason := _cannot_read(p):
+            raise ValueError(reason)
+        return p
+
+
+def _smarthost(v: Any) -> tuple[str, int]:
+    return parse_hostport(v, 587)
+
+
+def _retry_schedule(v: Any) -> tuple[float, ...]:
+    schedule = _list_of(parse_duration)(v)
+    if not schedule:
+        raise ValueError("must list at least one interval")
+    return schedule
+
+
+class DeliveryConfig(_Table):
+    source_address: IP | None = None  # bind outbound sockets here (the tunnel address)
+    nameservers: Annotated[tuple[str, ...], PlainValidator(_list_of(_ip))] = ()  # empty: /etc/resolv.conf
+    dns_port: PositiveInt = 53
+    tls_policy: Literal["opportunistic", "required"] = "opportunistic"
+    domain_tls_policy: dict[Annotated[str, PlainValidator(lambda v: _str(v).lower())],
+                            Literal["opportunistic", "required"]] = {}
+    mta_sts: StrictBool = True
+    retry_schedule: Annotated[tuple[float, ...], PlainValidator(_retry_schedule)] = DEFAULT_RETRY_SCHEDULE
+    max_queue_age: Duration = DEFAULT_MAX_QUEUE_AGE
+    delay_notice_after: Duration | None = None  # send a "delayed" DSN once, after this long; None: never
+    keep_final: Duration = 86400.0  # how long delivered/bounced entries stay visible in `queue list`
+    concurrency: PositiveInt = 20
+    per_destination_concurrency: PositiveInt = 4
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    remote_port: PositiveInt = 25  # tests point this at a non-privileged port
+    paused: StrictBool = False  # maintenance: accept and queue, attempt no remote delivery (Postfix: defer_transports)
+    smarthost: Annotated[tuple[str, int], PlainValidator(_smarthost)] | None = None
+    smarthost_hostname: Str | None = None  # TLS server name of the smarthost (defaults to its address)
+    smarthost_domains: Annotated[tuple[str, ...], PlainValidator(_list_of(parse_domain))] = ()  # empty: every domain
+    smarthost_username: Str | None = None
+    smarthost_password_file: FilePath | None = Field(default=None, validate_default=True)
     # "implicit": TLS from the first byte (RFC 8314 3.3, port 465); "starttls": RFC 3207 upgrade.
     # Default: implicit on port 465, STARTTLS on any other port.
-    smarthost_tls: str = "starttls"
+    smarthost_tls: Literal["implicit", "starttls"] = "starttls"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _smarthost_tls_from_port(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "smarthost_tls" not in raw:
+            try:
+                port = _smarthost(raw["smarthost"])[1]
+            except (KeyError, ValueError):
+                return raw  # no smarthost, or its own error is reported
+            raw = {**raw, "smarthost_tls": "implicit" if port == 465 else "starttls"}
+        return raw
+
+    @field_validator("smarthost_password_file")
+    @classmethod
+    def _password_file(cls, p: Path | None, info: ValidationInfo) -> Path | None:
+        if p is None and info.data.get("smarthost_username") is not None:
+            # Found now rather than as a 451 on every relayed message.
+            raise ValueError("missing: smarthost_username is set, and its password is read from this file")
+        if reason := _cannot_read(p):
+            raise ValueError(reason)
+        return p
 
 
-@dataclass(frozen=True)
-class GatewayInfo:
+class GatewayInfo(_Table):
     """What the backend knows about its gateway, for DNS records and the DNS check."""
 
-    public_ipv4: tuple[str, ...] = ()
-    public_ipv6: tuple[str, ...] = ()
+    public_ipv4: Annotated[tuple[str, ...], PlainValidator(_list_of(_ip))] = ()
+    public_ipv6: Annotated[tuple[str, ...], PlainValidator(_list_of(_ip))] = ()
 
 
-@dataclass(frozen=True)
-class DNSConfig:
-    dmarc_rua: str | None = None
-    dmarc_policy: str = "quarantine"
-    mta_sts_mode: str | None = None  # None (disabled), testing, enforce
-    mta_sts_id: str | None = None
-    tlsrpt_rua: str | None = None
+class DNSConfig(_Table):
+    dmarc_rua: Address | None = None
+    dmarc_policy: Literal["none", "quarantine", "reject"] = "quarantine"
+    mta_sts_mode: Literal["testing", "enforce"] | None = None  # None (disabled), testing, enforce
+    mta_sts_id: Str | None = None
+    tlsrpt_rua: Str | None = None
+
+
+class _UsersTable(_Table):
+    passwd_file: FilePath
+    maildir_root: FilePath | None = None  # default: data_dir/mail
+
+
+def _overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two binds collide: same port, and the same address or a wildcard of the same family
+    (asyncio makes IPv6 sockets IPv6-only, so 0.0.0.0 and [::] do not collide). Port 0 never does."""
+    if a[1] != b[1] or a[1] == 0:
+        return False
+    ha, hb = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
+    return ha == hb or (ha.version == hb.version and (ha.is_unspecified or hb.is_unspecified))
+
+
+def _fmt(hp: tuple[str, int]) -> str:
+    return f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
+
+
+class _BackendFile(_Table):
+    """The whole of backend.toml."""
+
+    server: ServerConfig = Field(default={}, validate_default=True)
+    tls: TLSConfig = TLSConfig()
+    listener: list[ListenerConfig] = Field(default=[], validate_default=True)
+    domain: dict[Domain, _DomainTable] = Field(default={}, validate_default=True)
+    users: _UsersTable = Field(default={}, validate_default=True)
+    dkim: list[DKIMKeyConfig] = []
+    delivery: DeliveryConfig = DeliveryConfig()
+    gateway: GatewayInfo = GatewayInfo()
+    dns: DNSConfig = DNSConfig()
+
+    @field_validator("listener", mode="wrap")
+    @classmethod
+    def _listeners_together(cls, value: Any, handler, info: ValidationInfo) -> list[ListenerConfig]:
+        indexed, problems = each_valid(value, handler, ListenerConfig)
+        if value == []:
+            problems.append(((), "at least one [[listener]] table is required"))
+        tls, server = info.data.get("tls"), info.data.get("server")
+        binds: list[tuple[tuple[str, int], str]] = []
+        if server is not None and server.metrics_listen is not None:
+            binds.append((server.metrics_listen, "server.metrics_listen"))
+        names: set[str] = set()
+        for i, lc in indexed:
+            if lc.name in names:
+                problems.append(((i, "name"), f"duplicate listener name {lc.name!r}"))
+            names.add(lc.name)
+            other = next((owner for bound, owner in binds if _overlap(lc.listen, bound)), None)
+            if other is not None:
+                problems.append(((i, "listen"), f"{_fmt(lc.listen)} is already used by {other}"))
+            binds.append((lc.listen, f"listener {lc.name!r}"))
+            if lc.kind in ("submissions", "submission", "mx") and tls is not None and tls.cert is None:
+                problems.append(((i, "kind"), f"a {lc.kind} listener needs [tls] cert and key"))
+        if problems:
+            raise fail(problems)
+        return [lc for _, lc in indexed]
+
+    @field_validator("domain")
+    @classmethod
+    def _at_least_one_domain(cls, domains: dict) -> dict:
+        if not domains:
+            raise ValueError('at least one [domain."example.org"] table is required')
+        return domains
+
+
+# ---------------------------------------------------------------- the loaded configuration
 
 
 @dataclass(frozen=True)
@@ -244,131 +565,8 @@ class BackendConfig:
         return self.maildir_root / domain.lower() / local.lower() / "Maildir"
 
 
-# ---------------------------------------------------------------- loader
-
-
-class _Section:
-    """A TOML table being read: tracks which keys were consumed so unknown keys can be reported."""
-
-    def __init__(self, file: Path, prefix: str, table: Any):
-        self.file = file
-        self.prefix = prefix
-        if not isinstance(table, dict):
-            raise ConfigError(file, prefix, f"expected a table, got {type(table).__name__}")
-        self.table = table
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.file, self.key(name), reason)
-
-    def get(self, name: str, parse=None, default: Any = None, required: bool = False) -> Any:
-        self.seen.add(name)
-        if name not in self.table:
-            if required:
-                raise self.error(name, "missing (required)")
-            return default
-        value = self.table[name]
-        if parse is None:
-            return value
-        try:
-            return parse(value)
-        except (ValueError, TypeError) as e:
-            raise self.error(name, str(e)) from None
-
-    def sub(self, name: str) -> "_Section":
-        self.seen.add(name)
-        return _Section(self.file, self.key(name), self.table.get(name, {}))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.table) - self.seen)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
-    return v
-
-
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
-    return v
-
-
-def _positive_int(v: Any) -> int:
-    v = _int(v)
-    if v <= 0:
-        raise ValueError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _choice(*choices: str):
-    def parse(v: Any) -> str:
-        if v not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
-        return v
-
-    return parse
-
-
-def _list(item_parse):
-    def parse(v: Any) -> tuple:
-        if not isinstance(v, list):
-            raise ValueError(f"expected a list, got {v!r}")
-        return tuple(item_parse(x) for x in v)
-
-    return parse
-
-
-def _ip(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected an IP address, got {v!r}")
-    try:
-        return str(ipaddress.ip_address(v))
-    except ValueError:
-        raise ValueError(f"{v!r} is not an IP address") from None
-
-
-def _address(v: Any) -> str:
-    v = _str(v)
-    local, at, domain = v.rpartition("@")
-    if not at or not local:
-        raise ValueError(f"expected an address such as user@example.org, got {v!r}")
-    parse_domain(domain)
-    return v.lower()
-
-
-def _path_relative_to(base: Path):
-    def parse(v: Any) -> Path:
-        p = Path(_str(v)).expanduser()
-        return p if p.is_absolute() else (base / p)
-
-    return parse
-
-
-def _readable_file(sec: _Section, name: str, p: Path | None) -> None:
-    if p is None:
-        return
-    try:
-        with open(p, "rb"):
-            pass
-    except OSError as e:
-        raise sec.error(name, f"cannot read {p}: {e.strerror}") from None
-
-
 def load_config(path: str | os.PathLike[str]) -> BackendConfig:
-    """Load and validate a backend TOML file. Raises ConfigError naming file, key and reason."""
+    """Load and validate a backend TOML file. Raises ConfigError listing every problem."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -382,188 +580,21 @@ def load_config(path: str | os.PathLike[str]) -> BackendConfig:
 
 
 def config_from_dict(raw: dict, path: Path) -> BackendConfig:
-    base = path.parent.resolve()
-    rel = _path_relative_to(base)
-    top = _Section(path, "", raw)
-
-    s = top.sub("server")
-    hostname = s.get("hostname", lambda v: parse_domain(_str(v)), required=True)
-    data_dir = s.get("data_dir", rel, required=True)
-    server = ServerConfig(
-        hostname=hostname,
-        data_dir=data_dir,
-        log_level=s.get("log_level", _choice("debug", "info", "warning", "error"), "info"),
-        metrics_listen=s.get("metrics_listen", parse_hostport),
-    )
-    s.finish()
-
-    t = top.sub("tls")
-    tls = TLSConfig(cert=t.get("cert", rel), key=t.get("key", rel))
-    if (tls.cert is None) != (tls.key is None):
-        raise t.error("cert" if tls.cert is None else "key", "tls.cert and tls.key must be set together")
-    _readable_file(t, "cert", tls.cert)
-    _readable_file(t, "key", tls.key)
-    if tls.cert is not None:
-        import ssl
-
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
-        except (ssl.SSLError, OSError) as e:
-            raise t.error("key", f"certificate {tls.cert} and key {tls.key} do not load together: {e}") from None
-    t.finish()
-
-    top.seen.add("listener")
-    raw_listeners = raw.get("listener", [])
-    if not isinstance(raw_listeners, list) or not raw_listeners:
-        raise ConfigError(path, "listener", "at least one [[listener]] table is required")
-    listeners = []
-    names = set()
-    for i, lt in enumerate(raw_listeners):
-        ls = _Section(path, f"listener[{i}]", lt)
-        name = ls.get("name", _str, required=True)
-        if name in names:
-            raise ls.error("name", f"duplicate listener name {name!r}")
-        names.add(name)
-        kind = ls.get("kind", _choice(*LISTENER_KINDS), required=True)
-        lc = ListenerConfig(
-            name=name,
-            kind=kind,
-            listen=ls.get("listen", parse_hostport, required=True),
-            proxy_protocol=ls.get("proxy_protocol", _bool, False),
-            trusted_proxies=ls.get("trusted_proxies", _list(parse_network), ()),
-            trusted_networks=ls.get("trusted_networks", _list(parse_network), ()),
-            max_message_size=ls.get("max_message_size", parse_size, 50 * 1024 * 1024),
-            max_recipients=ls.get("max_recipients", _positive_int, 100),
-            max_received_headers=ls.get("max_received_headers", _positive_int, 30),
-            timeout=ls.get("timeout", parse_duration, 300.0),
-            auth_max_failures=ls.get("auth_max_failures", _positive_int, 10),
-            auth_failure_window=ls.get("auth_failure_window", parse_duration, 60.0),
-            auth_failure_delay=ls.get("auth_failure_delay", parse_duration, 1.0),
-        )
-        if lc.proxy_protocol and not lc.trusted_proxies:
-            raise ls.error("trusted_proxies", "proxy_protocol = true needs at least one trusted proxy address")
-        if kind in ("submission", "submissions") and lc.trusted_networks:
-            raise ls.error("trusted_networks", f"not allowed on a {kind} listener: AUTH is always required there")
-        if kind in ("submissions", "submission", "mx") and tls.cert is None:
-            raise ls.error("kind", f"a {kind} listener needs [tls] cert and key")
-        listeners.append(lc)
-        ls.finish()
-
-    top.seen.add("domain")
-    raw_domains = raw.get("domain", {})
-    if not isinstance(raw_domains, dict) or not raw_domains:
-        raise ConfigError(path, "domain", 'at least one [domain."example.org"] table is required')
-    domains = {}
-    for dname, dt in raw_domains.items():
-        ds = _Section(path, f'domain."{dname}"', dt)
-        try:
-            name = parse_domain(dname)
-        except ValueError as e:
-            raise ConfigError(path, f'domain."{dname}"', str(e)) from None
-        aliases_raw = ds.get("aliases", None, {})
-        if not isinstance(aliases_raw, dict):
-            raise ds.error("aliases", "expected a table of local-part = [addresses]")
-        aliases = {}
-        for local, targets in aliases_raw.items():
-            if isinstance(targets, str):
-                targets = [targets]
-            try:
-                aliases[local.lower()] = _list(_address)(targets)
-            except ValueError as e:
-                raise ds.error(f"aliases.{local}", str(e)) from None
-        domains[name] = DomainConfig(name=name, aliases=aliases, catch_all=ds.get("catch_all", _address))
-        ds.finish()
-
-    u = top.sub("users")
-    passwd_file = u.get("passwd_file", rel, required=True)
-    maildir_root = u.get("maildir_root", rel, data_dir / "mail")
-    u.finish()
-
-    top.seen.add("dkim")
-    dkim_raw = raw.get("dkim", [])
-    if not isinstance(dkim_raw, list):
-        raise ConfigError(path, "dkim", "expected [[dkim]] tables")
-    dkim_keys = []
-    for i, kt in enumerate(dkim_raw):
-        ks = _Section(path, f"dkim[{i}]", kt)
-        key = DKIMKeyConfig(
-            domain=ks.get("domain", lambda v: parse_domain(_str(v)), required=True),
-            selector=ks.get("selector", _str, required=True),
-            algorithm=ks.get("algorithm", _choice(*DKIM_ALGORITHMS), required=True),
-            private_key=ks.get("private_key", rel, required=True),
-        )
-        _readable_file(ks, "private_key", key.private_key)
-        dkim_keys.append(key)
-        ks.finish()
-
-    d = top.sub("delivery")
-    schedule = d.get("retry_schedule", _list(parse_duration), DEFAULT_RETRY_SCHEDULE)
-    if not schedule:
-        raise d.error("retry_schedule", "must list at least one interval")
-    domain_tls = d.get("domain_tls_policy", None, {})
-    if not isinstance(domain_tls, dict):
-        raise d.error("domain_tls_policy", "expected a table of domain = policy")
-    for k, v in domain_tls.items():
-        if v not in TLS_POLICIES:
-            raise d.error(f"domain_tls_policy.{k}", f"expected one of {', '.join(TLS_POLICIES)}, got {v!r}")
-    smarthost = d.get("smarthost", lambda v: parse_hostport(v, 587))
-    delivery = DeliveryConfig(
-        source_address=d.get("source_address", _ip),
-        nameservers=d.get("nameservers", _list(_ip), ()),
-        dns_port=d.get("dns_port", _positive_int, 53),
-        tls_policy=d.get("tls_policy", _choice(*TLS_POLICIES), "opportunistic"),
-        domain_tls_policy={k.lower(): v for k, v in domain_tls.items()},
-        mta_sts=d.get("mta_sts", _bool, True),
-        retry_schedule=schedule,
-        max_queue_age=d.get("max_queue_age", parse_duration, DEFAULT_MAX_QUEUE_AGE),
-        delay_notice_after=d.get("delay_notice_after", parse_duration),
-        keep_final=d.get("keep_final", parse_duration, 86400.0),
-        concurrency=d.get("concurrency", _positive_int, 20),
-        per_destination_concurrency=d.get("per_destination_concurrency", _positive_int, 4),
-        connect_timeout=d.get("connect_timeout", parse_duration, 30.0),
-        command_timeout=d.get("command_timeout", parse_duration, 300.0),
-        remote_port=d.get("remote_port", _positive_int, 25),
-        paused=d.get("paused", _bool, False),
-        smarthost=smarthost,
-        smarthost_hostname=d.get("smarthost_hostname", _str),
-        smarthost_domains=d.get("smarthost_domains", _list(lambda v: parse_domain(_str(v))), ()),
-        smarthost_username=d.get("smarthost_username", _str),
-        smarthost_password_file=d.get("smarthost_password_file", rel),
-        smarthost_tls=d.get(
-            "smarthost_tls", _choice("implicit", "starttls"), "implicit" if smarthost and smarthost[1] == 465 else "starttls"
-        ),
-    )
-    _readable_file(d, "smarthost_password_file", delivery.smarthost_password_file)
-    d.finish()
-
-    g = top.sub("gateway")
-    gateway = GatewayInfo(
-        public_ipv4=g.get("public_ipv4", _list(_ip), ()),
-        public_ipv6=g.get("public_ipv6", _list(_ip), ()),
-    )
-    g.finish()
-
-    n = top.sub("dns")
-    dns = DNSConfig(
-        dmarc_rua=n.get("dmarc_rua", _address),
-        dmarc_policy=n.get("dmarc_policy", _choice("none", "quarantine", "reject"), "quarantine"),
-        mta_sts_mode=n.get("mta_sts_mode", _choice("testing", "enforce")),
-        mta_sts_id=n.get("mta_sts_id", _str),
-        tlsrpt_rua=n.get("tlsrpt_rua", _str),
-    )
-    n.finish()
-
-    top.finish()
+    """Validate an already-parsed TOML document (tests build configs this way)."""
+    try:
+        doc = _BackendFile.model_validate(raw, context={"base": path.parent.resolve()})
+    except ValidationError as e:
+        raise ConfigError(path, problems=problems_of(e)) from None
     return BackendConfig(
         path=path,
-        server=server,
-        tls=tls,
-        listeners=tuple(listeners),
-        domains=domains,
-        passwd_file=passwd_file,
-        maildir_root=maildir_root,
-        dkim=tuple(dkim_keys),
-        delivery=delivery,
-        gateway=gateway,
-        dns=dns,
+        server=doc.server,
+        tls=doc.tls,
+        listeners=tuple(doc.listener),
+        domains={name: DomainConfig(name, t.aliases, t.catch_all) for name, t in doc.domain.items()},
+        passwd_file=doc.users.passwd_file,
+        maildir_root=doc.users.maildir_root or doc.server.data_dir / "mail",
+        dkim=tuple(doc.dkim),
+        delivery=doc.delivery,
+        gateway=doc.gateway,
+        dns=doc.dns,
     )

@@ -295,7 +295,9 @@ class Queue:
                 batch = []
         except BaseException as e:  # noqa: BLE001 - not a write failure (those are reported): a bug
             self.failure = e
-            log.critical("queue writer died, nothing can be stored any more: %r", e, exc_info=e)
+            # ERROR with the traceback (it is a bug); the daemon's watchdog logs the one CRITICAL
+            # line when it stops because of it (backend/run.py).
+            log.error("queue writer died, nothing can be stored any more: %r", e, exc_info=e)
             raise
         finally:
             with self._lock:
@@ -311,10 +313,10 @@ class Queue:
                 if item is not None:
                     leftover.append(item)
             for _, fut, _ in leftover:
-                try:
+                # Those of the batch that failed are RUNNING already (or settled): asking again
+                # would make concurrent.futures log a CRITICAL "unexpected state" line.
+                if not (fut.running() or fut.done()):
                     fut.set_running_or_notify_cancel()
-                except RuntimeError:
-                    pass  # already RUNNING: taken in the batch that failed
                 _settle(fut, exc=gone)
 
     def _commit_batch(self, batch: list) -> None:

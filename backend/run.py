@@ -1,4 +1,5 @@
-"""The backend daemon's run loop: config → queue/users/metrics → listeners → queue runner → signals."""
+"""The backend daemon's run loop: config → queue/users/metrics → listeners → queue runner → signals, and
+a watchdog that stops the daemon (exit status 1, so systemd restarts it) when a vital worker died."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from backend.users import UserDB
 log = logging.getLogger("homemx.backend")
 
 SHUTDOWN_GRACE = 10.0
+WATCHDOG_INTERVAL = 1.0  # how often the vital workers are checked
 
 
 class Backend:
@@ -105,7 +107,18 @@ class Backend:
             self.metrics_server = self.metrics.serve(h, p)
             log.info("metrics on http://%s:%d/metrics", h, self.metrics_server[0].server_port)
         self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
-        self._runner_task = asyncio.create_task(self.runner.run())
+        self._runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+
+    def failure(self) -> str | None:
+        """What vital worker has died, or None while all live: the queue's writer thread (nothing
+        could be stored) and the queue runner task (nothing would be delivered)."""
+        if self.queue is not None and not self.queue.healthy():
+            return f"queue writer thread died ({self.queue.failure!r})"
+        task = self._runner_task
+        if task is not None and task.done():
+            exc = None if task.cancelled() else task.exception()
+            return f"queue runner stopped ({exc!r})" if exc else "queue runner stopped"
+        return None
 
     def bound_port(self, name: str) -> int:
         for lc, server in zip(self.config.listeners, self.servers):
@@ -124,7 +137,7 @@ class Backend:
             self._runner_task.cancel()
             try:
                 await self._runner_task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - cancelled, or already dead (the watchdog said why)
                 pass
         # Sessions and deliveries drain side by side: one grace for both.
         await asyncio.gather(
@@ -140,8 +153,20 @@ class Backend:
         self.executor.shutdown(wait=False)
 
 
-async def serve(config: BackendConfig, ready=None) -> None:
-    """Run until SIGTERM/SIGINT. Sessions in progress get SHUTDOWN_GRACE seconds."""
+async def watchdog(backend: Backend, interval: float) -> str:
+    """Check the vital workers every ``interval`` seconds; returns what died. Meanwhile sessions
+    already answer 451 (the queue refuses writes at once), so nothing hangs while we look."""
+    while True:
+        await asyncio.sleep(interval)
+        problem = backend.failure()
+        if problem is not None:
+            return problem
+
+
+async def serve(config: BackendConfig, ready=None) -> int:
+    """Run until SIGTERM/SIGINT or until a vital worker dies. Returns the exit status: 1 when a
+    vital worker died, whichever came first (systemd's Restart=on-failure then starts a fresh
+    process), else 0. Sessions in progress get SHUTDOWN_GRACE seconds."""
     backend = Backend(config)
     await backend.start()
     if ready is not None:
@@ -150,7 +175,16 @@ async def serve(config: BackendConfig, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    dog = asyncio.create_task(watchdog(backend, WATCHDOG_INTERVAL), name="watchdog")
+    stopping = asyncio.ensure_future(stop.wait())
     log.info("homemx-backend %s ready", config.server.hostname)
-    await stop.wait()
+    await asyncio.wait([dog, stopping], return_when=asyncio.FIRST_COMPLETED)
+    dog.cancel()
+    stopping.cancel()
+    # Asked again on a signal: a worker may have died since the watchdog last looked.
+    problem = backend.failure()
+    if problem is not None:
+        log.critical("%s; stopping so that the service manager restarts the daemon", problem)
     log.info("shutting down")
     await backend.stop()
+    return 1 if problem is not None else 0
