@@ -17,13 +17,21 @@ from pathlib import Path
 from fabric import task
 
 from provision import deploy
-from provision.site import load_site
+from provision.site import SiteError, load_site
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def _load_site(site_file: str):
+    """The site file, or every problem in it on stderr (one ``FILE: KEY: REASON`` line each) and exit 1."""
+    try:
+        return load_site(site_file)
+    except SiteError as e:
+        sys.exit("\n".join(e.lines))
+
+
 def _prepare(site_file: str, wheelhouse: str = ""):
-    site = load_site(site_file)
+    site = _load_site(site_file)
     if wheelhouse:  # wheels built before (`pip wheel -w DIR .`): deploy exactly those
         wheels = sorted(Path(wheelhouse).glob("*.whl"))
         if not any(w.name.startswith("homemx-") for w in wheels):
@@ -80,7 +88,7 @@ def backend(c, site="site.toml", gateway_pubkey="", dry_run=False, wheelhouse=""
 @task(help={"site": "site file"})
 def check(c, site="site.toml"):
     """Fresh handshake on both ends and a 220 from the backend through the gateway; exit 1 otherwise."""
-    s = load_site(site)
+    s = _load_site(site)
     _print_check(deploy.check(s, deploy.connection(s.gateway), deploy.connection(s.backend)))
 
 

@@ -1,39 +1,114 @@
 """The operator's site file (site.toml): which hosts, which domain, which addresses and where things live on each host.
 
-Frozen dataclasses; unknown keys are errors naming the file, the key and the reason. Every on-host
-path is configurable (``root`` prefixes them all) so two "hosts" can share one machine in tests.
+Declared as pydantic dataclasses (docs/development.md says why): unknown keys are errors, and every
+mistake in the file is reported at once, one ``FILE: KEY: REASON`` line each (``SiteError``). Every
+on-host path is configurable (``root`` prefixes them all) so two "hosts" can share one machine in tests.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import field
 from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
+from pydantic import dataclasses as pydantic_dataclasses
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+TABLES = ("site", "gateway", "backend")
 
 
 class SiteError(ValueError):
-    def __init__(self, file, key: str, reason: str):
-        super().__init__(f"{file}: {key}: {reason}")
-        self.file, self.key, self.reason = str(file), key, reason
+    """Every problem of one site file; ``str()`` is one ``FILE: KEY: REASON`` line per problem.
+
+    ``key`` and ``reason`` are those of the first problem; ``problems`` lists them all."""
+
+    def __init__(self, file, key: str = "", reason: str = "", problems: list[tuple[str, str]] | None = None):
+        self.file = str(file)
+        self.problems = problems or [(key, reason)]
+        self.key, self.reason = self.problems[0]
+        super().__init__("\n".join(self.lines))
+
+    @property
+    def lines(self) -> list[str]:
+        return [f"{self.file}: {k}: {r}" for k, r in self.problems]
 
 
-@dataclass(frozen=True)
+# ---------------------------------------------------------------- pydantic errors → lines
+# The daemons' config modules carry the same few lines (gateway/config.py, backend/config.py): the
+# top-level packages are fixed and none of them is a neutral home that all three may import.
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted
+_EXPECTED = {"string_type": "str", "bool_type": "bool", "int_type": "int", "dict_type": "a table",
+             "dataclass_type": "a table", "dataclass_args_type": "a table"}
+
+
+def key_path(loc: tuple[str | int, ...]) -> str:
+    """``("gateway", "root")`` → ``gateway.root``; keys that are not bare are quoted."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "[key]":
+            name = part if _BARE_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
+            out += f".{name}" if out else name
+    return out
+
+
+def error_reason(err: Any) -> str:
+    kind = err["type"]
+    if kind == "config":
+        return err["ctx"]["reason"]
+    if kind in ("value_error", "assertion_error"):
+        return str(err["ctx"]["error"])
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return "unknown key"
+    if kind in ("missing", "missing_argument"):
+        return "missing (required)"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {type(err['input']).__name__}"
+    return f"{err['msg']}, got {err['input']!r}"
+
+
+def fail(problems: list[tuple[tuple[str | int, ...], str]]) -> ValidationError:
+    """Several checks that span keys, each reported at its own key path."""
+    return ValidationError.from_exception_data("config", [
+        InitErrorDetails(type=PydanticCustomError("config", "{reason}", {"reason": reason}), loc=loc, input=None)
+        for loc, reason in problems])
+
+
+_TABLE = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- schema
+
+
+@pydantic_dataclasses.dataclass(frozen=True, config=_TABLE)
 class HostLayout:
     """Where homemx lives on one host. ``root`` prefixes every path (``/`` in production)."""
 
-    ssh: str = ""                      # Fabric host string, e.g. root@vps.example.net
-    ssh_proxy: str = ""                # optional ProxyCommand (a literal command line: no %h/%p expansion)
-    ssh_key: str = ""                  # optional identity file (default: your ssh agent / ~/.ssh keys)
-    root: str = "/"
-    etc_dir: str = "/etc/homemx"
-    data_dir: str = "/var/lib/homemx"
-    venv_dir: str = "/opt/homemx/venv"
-    unit_dir: str = "/etc/systemd/system"
-    user: str = "homemx"
-    ifname: str = ""                   # tunnel interface name on this host (default: site.ifname)
-    systemctl: bool = True             # False: write units but never call systemctl (tests, containers)
-    install_packages: bool = True
+    ssh: StrictStr = ""                      # Fabric host string, e.g. root@vps.example.net
+    ssh_proxy: StrictStr = ""                # optional ProxyCommand (a literal command line: no %h/%p expansion)
+    ssh_key: StrictStr = ""                  # optional identity file (default: your ssh agent / ~/.ssh keys)
+    root: StrictStr = "/"
+    etc_dir: StrictStr = "/etc/homemx"
+    data_dir: StrictStr = "/var/lib/homemx"
+    venv_dir: StrictStr = "/opt/homemx/venv"
+    unit_dir: StrictStr = "/etc/systemd/system"
+    user: StrictStr = "homemx"
+    ifname: StrictStr = ""                   # tunnel interface name on this host (default: site.ifname)
+    systemctl: StrictBool = True             # False: write units but never call systemctl (tests, containers)
+    install_packages: StrictBool = True
+
+    @field_validator("root", "etc_dir", "data_dir", "venv_dir", "unit_dir")
+    @classmethod
+    def _absolute(cls, p: str) -> str:
+        if not p.startswith("/"):
+            raise ValueError("must be an absolute path")
+        return p
 
     def path(self, p: str) -> str:
         """An absolute path on the host with ``root`` applied."""
@@ -56,33 +131,33 @@ class HostLayout:
         return self.path(self.unit_dir)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=_TABLE)
 class Site:
-    domain: str
-    hostname: str                      # the mail host name: banner, PTR, MX target
-    first_user: str
-    gateway_public_addr: str           # the VPS address the PTR names; SNAT target
-    gateway_public_if: str = "eth0"
-    gateway_endpoint: str = ""         # what home dials (default: gateway_public_addr)
-    wg_port: int = 51820
-    ifname: str = "hmx0"
-    gateway_tunnel_addr: str = "10.77.0.1"
-    backend_tunnel_addr: str = "10.77.0.2"
-    tunnel_prefixlen: int = 24
-    userspace_wireguard: bool = False  # force wireguard-go (always used where the kernel has no module)
-    smtp_port: int = 25
-    submission_port: int = 587
-    submissions_port: int = 465
-    imaps_port: int = 993
-    backend_mx_port: int = 2525
-    backend_submission_port: int = 2587
-    backend_submissions_port: int = 2465
-    backend_imaps_port: int = 993      # Dovecot's haproxy listener on the home box
-    greet_wait: str = "6s"
-    dkim_selector: str = "hmx"
-    tls_cert: str = ""                 # the user's certificate/key on the operator's machine; empty: self-signed
-    tls_key: str = ""
-    dmarc_rua: str = ""
+    domain: StrictStr
+    hostname: StrictStr                      # the mail host name: banner, PTR, MX target
+    first_user: StrictStr
+    gateway_public_addr: StrictStr           # the VPS address the PTR names; SNAT target
+    gateway_public_if: StrictStr = "eth0"
+    gateway_endpoint: StrictStr = ""         # what home dials (default: gateway_public_addr)
+    wg_port: StrictInt = 51820
+    ifname: StrictStr = "hmx0"
+    gateway_tunnel_addr: StrictStr = "10.77.0.1"
+    backend_tunnel_addr: StrictStr = "10.77.0.2"
+    tunnel_prefixlen: StrictInt = 24
+    userspace_wireguard: StrictBool = False  # force wireguard-go (always used where the kernel has no module)
+    smtp_port: StrictInt = 25
+    submission_port: StrictInt = 587
+    submissions_port: StrictInt = 465
+    imaps_port: StrictInt = 993
+    backend_mx_port: StrictInt = 2525
+    backend_submission_port: StrictInt = 2587
+    backend_submissions_port: StrictInt = 2465
+    backend_imaps_port: StrictInt = 993      # Dovecot's haproxy listener on the home box
+    greet_wait: StrictStr = "6s"
+    dkim_selector: StrictStr = "hmx"
+    tls_cert: StrictStr = ""                 # the user's certificate/key on the operator's machine; empty: self-signed
+    tls_key: StrictStr = ""
+    dmarc_rua: StrictStr = ""
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 
@@ -90,48 +165,75 @@ class Site:
     def endpoint(self) -> str:
         return self.gateway_endpoint or self.gateway_public_addr
 
+    @field_validator("gateway_public_addr", "gateway_tunnel_addr", "backend_tunnel_addr")
+    @classmethod
+    def _ipv4(cls, v: str) -> str:
+        try:
+            ipaddress.IPv4Address(v)
+        except ValueError as e:
+            raise ValueError(f"not an IPv4 address ({e})") from None
+        return v
 
-_LAYOUT_KEYS = {f.name: f for f in fields(HostLayout)}
-_SITE_KEYS = {f.name: f for f in fields(Site) if f.name not in ("gateway", "backend")}
+    @field_validator("first_user")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if "@" not in v:
+            raise ValueError("expected an address user@domain")
+        return v
+
+    @field_validator("tunnel_prefixlen")
+    @classmethod
+    def _prefixlen(cls, v: int) -> int:
+        if not 0 <= v <= 32:
+            raise ValueError(f"expected 0..32, got {v}")
+        return v
+
+    def __post_init__(self) -> None:
+        """Checks between keys, once each key is valid on its own."""
+        problems = []
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append((("tls_key" if self.tls_cert else "tls_cert",), "tls_cert and tls_key must be set together"))
+        # Both ends take their address with this prefix length: one network, or no route between them.
+        tunnel = ipaddress.IPv4Network(f"{self.gateway_tunnel_addr}/{self.tunnel_prefixlen}", strict=False)
+        if self.backend_tunnel_addr == self.gateway_tunnel_addr:
+            problems.append((("backend_tunnel_addr",), "must differ from gateway_tunnel_addr"))
+        elif ipaddress.IPv4Address(self.backend_tunnel_addr) not in tunnel:
+            problems.append((("backend_tunnel_addr",), f"not in the tunnel network {tunnel} "
+                             "(gateway_tunnel_addr/tunnel_prefixlen)"))
+        if problems:
+            raise fail(problems)
 
 
-def _typed(file, key: str, value, ftype):
-    want = {"str": str, "int": int, "bool": bool}[ftype if isinstance(ftype, str) else ftype.__name__]
-    if want is int and isinstance(value, bool) or not isinstance(value, want):
-        raise SiteError(file, key, f"expected {want.__name__}, got {type(value).__name__}")
-    return value
+_SITE = TypeAdapter(Site)
+
+
+def _site_key(loc: tuple[str | int, ...]) -> str:
+    """Site's own fields live in the [site] table; its host layouts are the [gateway] and [backend] tables."""
+    return key_path(loc if loc and loc[0] in ("gateway", "backend") else ("site", *loc))
 
 
 def site_from_dict(data: dict, file="site.toml") -> Site:
-    """Build a Site from the parsed TOML: top-level [site] keys plus [gateway] and [backend] host tables."""
+    """Build a Site from the parsed TOML: top-level [site] keys plus [gateway] and [backend] host tables.
+    Raises SiteError listing every problem of the file."""
+    problems = [(table, "unknown table (expected [site], [gateway], [backend])") for table in data if table not in TABLES]
+    site_table = data.get("site", {})
+    if not isinstance(site_table, dict):
+        problems.append(("site", f"expected a table, got {type(site_table).__name__}"))
+        site_table = {}
     kw = {}
-    for key, value in data.get("site", {}).items():
-        if key not in _SITE_KEYS:
-            raise SiteError(file, f"site.{key}", "unknown key")
-        kw[key] = _typed(file, f"site.{key}", value, _SITE_KEYS[key].type)
-    for table in set(data) - {"site", "gateway", "backend"}:
-        raise SiteError(file, table, "unknown table (expected [site], [gateway], [backend])")
-    for role in ("gateway", "backend"):
-        lk = {}
-        for key, value in data.get(role, {}).items():
-            if key not in _LAYOUT_KEYS:
-                raise SiteError(file, f"{role}.{key}", "unknown key")
-            lk[key] = _typed(file, f"{role}.{key}", value, _LAYOUT_KEYS[key].type)
-        if not str(lk.get("root", "/")).startswith("/"):
-            raise SiteError(file, f"{role}.root", "must be an absolute path")
-        kw[role] = HostLayout(**lk)
-    for req in ("domain", "hostname", "first_user", "gateway_public_addr"):
-        if req not in kw:
-            raise SiteError(file, f"site.{req}", "missing (required)")
-    for key in ("gateway_public_addr", "gateway_tunnel_addr", "backend_tunnel_addr"):
-        if key in kw:
-            try:
-                ipaddress.IPv4Address(kw[key])
-            except ValueError as e:
-                raise SiteError(file, f"site.{key}", f"not an IPv4 address ({e})") from None
-    if "@" not in kw["first_user"]:
-        raise SiteError(file, "site.first_user", "expected an address user@domain")
-    return Site(**kw)
+    for key, value in site_table.items():
+        if key in ("gateway", "backend"):  # host tables are top-level tables, not keys of [site]
+            problems.append((f"site.{key}", "unknown key"))
+        else:
+            kw[key] = value
+    kw.update({role: data[role] for role in ("gateway", "backend") if role in data})
+    try:
+        site = _SITE.validate_python(kw)
+    except ValidationError as e:
+        problems[:0] = [(_site_key(err["loc"]), error_reason(err)) for err in e.errors(include_url=False)]
+    if problems:
+        raise SiteError(file, problems=problems)
+    return site
 
 
 def load_site(path: str | Path) -> Site:
