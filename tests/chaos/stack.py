@@ -23,7 +23,7 @@ TRACE_RE = re.compile(
     r"|Exception in callback|exception group|ExceptionGroup"
 )
 EXCEPTION_TEXT_RE = re.compile(
-    r"Traceback|\b[A-Z][A-Za-z]*(?:Error|Exception)\b|\(most recent call last\)"
+    r"Traceback|\b[A-Z][A-Za-z]*(?:Error|Exception)\b|\(most recent call last\)|Error: \("
 )
 
 
@@ -83,20 +83,28 @@ class BackendPorts:
     lan: int  # behind the gateway too (relay for trusted networks), PROXY v2 from loopback required
     plain: int  # an mx listener without PROXY, for direct clients
     metrics: int
+    submission: int = 0  # with submission=True: STARTTLS + AUTH, PROXY v2 required (as deployed)
+    submissions: int = 0  # with submission=True: implicit TLS after the PROXY v2 header
 
 
 def backend_daemon(work: Path, *, log_level: str = "info", extra: str = "", listener_opts: dict | None = None,
-                   users: dict[str, str] | None = None) -> tuple[Daemon, BackendPorts]:
-    """A `homemx-backend run` with three listeners (mx and lan behind PROXY v2, mx without) and metrics."""
+                   users: dict[str, str] | None = None, submission: bool = False) -> tuple[Daemon, BackendPorts]:
+    """A `homemx-backend run` with three listeners (mx and lan behind PROXY v2, mx without) and metrics;
+    with ``submission``, also submission (587) and submissions (465) behind PROXY v2, as deployed."""
     opts = {"timeout": 30, **(listener_opts or {})}
     ports = BackendPorts(free_port(), free_port(), free_port(), free_port())
     proxied = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
     listeners = (
         listener_block("mx", "mx", f"127.0.0.1:{ports.mx}", **proxied, **opts)
         + listener_block("lan", "lan", f"127.0.0.1:{ports.lan}", **proxied, trusted_networks=["127.0.0.0/8"],
-                         auth_failure_delay=0, **opts)
+                         **{"auth_failure_delay": 0, **opts})
         + listener_block("plain", "mx", f"127.0.0.1:{ports.plain}", **opts)
     )
+    if submission:
+        ports.submission, ports.submissions = free_port(), free_port()
+        listeners += (listener_block("submission", "submission", f"127.0.0.1:{ports.submission}", **proxied, **opts)
+                      + listener_block("submissions", "submissions", f"127.0.0.1:{ports.submissions}", **proxied,
+                                       **opts))
     cfg = write_config(work, listeners, extra=extra, users=users,
                        server_extra=f'metrics_listen = "127.0.0.1:{ports.metrics}"')
     cfg.write_text(cfg.read_text().replace('log_level = "debug"', f'log_level = "{log_level}"'))
@@ -105,8 +113,8 @@ def backend_daemon(work: Path, *, log_level: str = "info", extra: str = "", list
 
 def gateway_daemon(work: Path, upstreams: dict[str, int], *, greet_wait: str = "200ms",
                    log_level: str = "info") -> tuple[Daemon, dict[str, int]]:
-    """A `homemx-gateway run` with one smtp listener per upstream (name → backend port), PROXY v2 on,
-    limits high enough that only the chaos, not the rate limiter, decides what happens."""
+    """A `homemx-gateway run` with one smtp listener per upstream (name → backend port; "submission"
+    and "submissions" are set up as submission ports), PROXY v2 on, limits high enough that only the chaos, not the rate limiter, decides what happens."""
     ports = {name: free_port() for name in upstreams}
     text = (f'[server]\nhostname = "{GATEWAY_HOST}"\nlog_level = "{log_level}"\nshutdown_grace = "2s"\n'
             "[limits]\nmax_connections = 5000\nmax_per_client = 5000\nrate = 1000000\nburst = 1000000\n")
@@ -114,6 +122,9 @@ def gateway_daemon(work: Path, upstreams: dict[str, int], *, greet_wait: str = "
         text += (f'[[listener]]\nname = "{name}"\nkind = "smtp"\nlisten = "127.0.0.1:{ports[name]}"\n'
                  f'upstream = "127.0.0.1:{up}"\nproxy_v2 = true\n'
                  f'greet_wait = "{greet_wait if name == "mx" else "0s"}"\n')
+        if name in ("submission", "submissions"):
+            # As provisioned (provision/render.py): no greet wait; 465's client speaks TLS first.
+            text += "submission = true\n" + ("implicit_tls = true\n" if name == "submissions" else "")
     cfg = work / "gateway.toml"
     cfg.write_text(text)
     first = next(iter(ports.values()))
