@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "fairness": "tests.bench.fairness_bench",  # B6: small-message latency while 25 MB messages flow gateway → backend
     "e2e": "tests.bench.e2e_bench",
     "chaos": "tests.bench.chaos",  # issue 11: 10k messages, vanishing clients, SIGKILLed backend; 0 lost, duplicates counted
+    "fuzz": "tests.bench.fuzz",  # issue 11: SMTP commands and PROXY v2 headers fuzzed for N minutes; no thread died, no traceback
     "report": "tests.bench.report",  # B1–B6 in one run: one table of figures, ratios vs peers and targets, JSON  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
 }
 
