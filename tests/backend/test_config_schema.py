@@ -134,3 +134,32 @@ def test_defaults_are_unchanged(tmp_path):
                                  25, "opportunistic", True, False, None, "starttls")
     assert cfg.maildir_root == tmp_path / "data" / "mail" and cfg.server.log_level == "debug"
     assert cfg.dns.dmarc_policy == "quarantine" and cfg.gateway.public_ipv4 == ()
+
+
+def _keys(model) -> set[str]:
+    """Every key the schema accepts, in every table below ``model`` (walked through list/dict/Optional)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    keys = set()
+    for name, f in model.model_fields.items():
+        keys.add(name)
+        todo = [f.annotation]
+        while todo:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                keys |= _keys(t)
+            todo += typing.get_args(t)
+    return keys
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    from backend.config import _BackendFile
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    tables = {"server", "tls", "listener", "domain", "users", "dkim", "delivery", "gateway", "dns"}
+    undocumented = {k for k in _keys(_BackendFile) - tables if f"\n{k} = " not in doc}
+    assert undocumented == set()

@@ -88,3 +88,13 @@ def test_listener_limits_default_to_the_limits_table(tmp_path):
                             + MX.format(name="a", listen='"0.0.0.0:25"') + "burst = 9\n"))
     lc = cfg.listeners[0]
     assert (lc.max_per_client, lc.rate, lc.burst) == (5, 0.5, 9)
+
+
+def test_every_key_is_documented():
+    from gateway.config import _GatewayFile
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "gateway.md").read_text()
+    keys = {(table, key) for table, f in _GatewayFile.model_fields.items()
+            for model in [f.annotation.__args__[0] if table == "listener" else f.annotation]
+            for key in model.model_fields}
+    assert {(table, key) for table, key in keys if f"`{key}`" not in doc} == set()

@@ -77,3 +77,13 @@ def test_host_directories_must_be_absolute():
 
 def test_host_tables_are_not_keys_of_the_site_table():
     assert _problems({"site": BASE["site"] | {"gateway": {"ssh": "x"}}}) == [("site.gateway", "unknown key")]
+
+
+def test_every_key_is_documented():
+    import dataclasses
+
+    from provision.site import HostLayout, Site
+
+    doc = (REPO / "docs" / "operator-guide.md").read_text()
+    keys = {f.name for f in dataclasses.fields(Site) + dataclasses.fields(HostLayout)} - {"gateway", "backend"}
+    assert {key for key in keys if f"`{key}`" not in doc} == set()
