@@ -3,14 +3,14 @@
 The schema is declared on pydantic (docs/development.md says why): each ``[table]`` is a frozen model,
 unknown keys are errors (a typo must never silently fall back to a default on a mail server), and
 every mistake in the file is reported at once, one ``FILE: KEY: REASON`` line each (``ConfigError``).
-Checks that involve several keys (and the files the config names) run at load too.
+Checks that involve several keys (and the files the config names) run at load too. The value parsers
+are in ``values.py``, the turning of pydantic errors into lines in ``errors.py``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +27,29 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from backend.addresses import PathError, parse_path
+from backend.config.errors import ConfigError, each_valid, fail, problems_of
+from backend.config.values import (  # the parse_* functions are part of this package's API (cmd_dkim, tests)
+    IP,
+    Address,
+    Domain,
+    Duration,
+    FilePath,
+    HostPort,
+    Networks,
+    PositiveInt,
+    Str,
+    _addresses,
+    _cannot_read,
+    _ip,
+    _list_of,
+    _str,
+    parse_domain,
+    parse_duration,
+    parse_hostport,
+    parse_network,
+    parse_size,
+)
 
 LISTENER_KINDS = ("mx", "submission", "submissions", "lan")
 TLS_POLICIES = ("opportunistic", "required")
@@ -40,258 +60,6 @@ DKIM_ALGORITHMS = ("rsa", "ed25519")
 DEFAULT_RETRY_SCHEDULE = (300, 900, 1800, 3600, 7200, 14400, 28800)
 DEFAULT_MAX_QUEUE_AGE = 5 * 86400
 
-
-class ConfigError(Exception):
-    """Every problem of one configuration file; ``str()`` is one ``FILE: KEY: REASON`` line per problem.
-
-    ``key`` and ``reason`` are those of the first problem; ``problems`` lists them all."""
-
-    def __init__(self, file: str | os.PathLike[str], key: str = "", reason: str = "",
-                 problems: list[tuple[str, str]] | None = None):
-        self.file = str(file)
-        self.problems = problems or [(key, reason)]
-        self.key, self.reason = self.problems[0]
-        super().__init__("\n".join(self.lines))
-
-    @property
-    def lines(self) -> list[str]:
-        return [f"{self.file}: {k}: {r}" if k else f"{self.file}: {r}" for k, r in self.problems]
-
-
-# ---------------------------------------------------------------- pydantic errors → lines
-# The gateway's config module and provision/site.py carry the same few lines: the two daemons never
-# import each other and the top-level packages are fixed, so there is no neutral home for them.
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted
-_EXPECTED = {"string_type": "a string", "bool_type": "true or false", "int_type": "an integer",
-             "float_type": "a number", "list_type": "a list", "tuple_type": "a list", "dict_type": "a table",
-             "model_type": "a table", "model_attributes_type": "a table", "dataclass_type": "a table"}
-
-
-def key_path(loc: tuple[str | int, ...]) -> str:
-    """``("listener", 0, "listen")`` → ``listener[0].listen``; keys that are not bare are quoted."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part != "[key]":  # pydantic's marker for "the key itself was invalid"
-            name = part if _BARE_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
-            out += f".{name}" if out else name
-    return out
-
-
-def error_reason(err: Any) -> str:
-    """One pydantic error in the words of this file's documentation."""
-    kind = err["type"]
-    if kind == "config":
-        return err["ctx"]["reason"]
-    if kind in ("value_error", "assertion_error"):
-        return str(err["ctx"]["error"])
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "missing (required)"
-    if kind == "literal_error":
-        return f"expected one of {err['ctx']['expected']}, got {err['input']!r}"
-    if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}, got {err['input']!r}"
-    return f"{err['msg']}, got {err['input']!r}"
-
-
-def problems_of(e: ValidationError) -> list[tuple[str, str]]:
-    return [(key_path(err["loc"]), error_reason(err)) for err in e.errors(include_url=False)]
-
-
-def each_valid(value: Any, handler, model: type[BaseModel]) -> tuple[list[tuple[int, Any]], list]:
-    """Validate a list of tables; when some are wrong, keep (index, table) of the others, so that checks
-    between tables run in the same pass and the file's every mistake is reported at once."""
-    try:
-        return list(enumerate(handler(value))), []
-    except ValidationError as e:
-        problems = [(err["loc"], error_reason(err)) for err in e.errors(include_url=False)]
-    indexed = []
-    for i, item in enumerate(value if isinstance(value, list) else []):
-        try:
-            indexed.append((i, model.model_validate(item)))
-        except ValidationError:
-            pass
-    return indexed, problems
-
-
-def fail(problems: list[tuple[tuple[str | int, ...], str]]) -> ValidationError:
-    """Several checks that span keys, each reported at its own key path (relative to the validated value)."""
-    in_file_order = sorted(problems, key=lambda p: p[0][:1] if p[0] and isinstance(p[0][0], int) else (-1,))
-    return ValidationError.from_exception_data("config", [
-        InitErrorDetails(type=PydanticCustomError("config", "{reason}", {"reason": reason}), loc=loc, input=None)
-        for loc, reason in in_file_order])
-
-
-# ---------------------------------------------------------------- value parsers (pure)
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"`` or ``"250ms"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m, 4h or 5d")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("duration must not be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"expected a duration such as 30s, 5m, 4h or 5d, got {value!r}")
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``1048576``, ``"25MB"``, ``"25M"``, ``"512KiB"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
-            mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit]
-            return int(m.group(1)) * mult
-    raise ValueError(f"expected a size such as 25MB or 1048576, got {value!r}")
-
-
-def parse_hostport(value: Any, default_port: int | None = None) -> tuple[str, int]:
-    """``"127.0.0.1:25"``, ``"[::1]:25"`` → (host, port). The host must be an IP address literal."""
-    if not isinstance(value, str) or not value:
-        raise ValueError("expected ADDRESS:PORT such as 127.0.0.1:2525 or [::1]:2525")
-    host, port_s = value, None
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            raise ValueError(f"unclosed '[' in {value!r}")
-        host = value[1:end]
-        rest = value[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"expected ':PORT' after ']' in {value!r}")
-            port_s = rest[1:]
-    elif value.count(":") == 1:
-        host, port_s = value.split(":")
-    if port_s is None:
-        if default_port is None:
-            raise ValueError(f"missing port in {value!r}")
-        port = default_port
-    else:
-        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ValueError(f"bad port {port_s!r} in {value!r}")
-        port = int(port_s)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IP address") from None
-    return host, port
-
-
-def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a network such as 192.168.1.0/24, got {value!r}")
-    try:
-        return ipaddress.ip_network(value, strict=False)
-    except ValueError as e:
-        raise ValueError(f"bad network {value!r}: {e}") from None
-
-
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
-
-
-def parse_domain(value: Any) -> str:
-    if not isinstance(value, str) or not _DOMAIN_RE.match(value.lower().rstrip(".")) or value.endswith("."):
-        raise ValueError(f"expected a domain name such as example.org, got {value!r}")
-    return value.lower()
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
-    return v
-
-
-def _positive_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"expected a positive integer, got {v!r}")
-    return v
-
-
-def _ip(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected an IP address, got {v!r}")
-    try:
-        return str(ipaddress.ip_address(v))
-    except ValueError:
-        raise ValueError(f"{v!r} is not an IP address") from None
-
-
-def _address(v: Any) -> str:
-    """A mailbox as SMTP would accept it in RCPT TO (the same parser): what an alias, a catch-all or a
-    report address names must be deliverable, not a display name, a list or a bare local part."""
-    v = _str(v)
-    try:
-        parse_path(f"<{v}>")
-    except PathError as e:
-        raise ValueError(f"{v!r} is not an address ({e.reply.split(' ', 2)[-1]})") from None
-    local, _, domain = v.rpartition("@")
-    parse_domain(domain)  # a domain name we could look up: no address literal, no single label
-    return v.lower()
-
-
-def _addresses(v: Any) -> tuple[str, ...]:
-    """One address or a list of them."""
-    if isinstance(v, str):
-        return (_address(v),)
-    if not isinstance(v, list):
-        raise ValueError(f"expected an address or a list of addresses, got {v!r}")
-    return tuple(_address(x) for x in v)
-
-
-def _path(v: Any, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the config file's directory (given as context ``base``)."""
-    p = Path(_str(v) if not isinstance(v, os.PathLike) else v).expanduser()
-    base = (info.context or {}).get("base")
-    return p if p.is_absolute() or base is None else base / p
-
-
-def _list_of(item):
-    def parse(v: Any) -> tuple:
-        if not isinstance(v, list):
-            raise ValueError(f"expected a list, got {v!r}")
-        return tuple(item(x) for x in v)
-
-    return parse
-
-
-def _cannot_read(p: Path | None) -> str | None:
-    if p is None:
-        return None
-    try:
-        with open(p, "rb"):
-            return None
-    except OSError as e:
-        return f"cannot read {p}: {e.strerror}"
-
-
-Str = Annotated[str, PlainValidator(_str)]
-Duration = Annotated[float, PlainValidator(parse_duration)]
-PositiveInt = Annotated[int, PlainValidator(_positive_int)]
-HostPort = Annotated[tuple[str, int], PlainValidator(parse_hostport)]
-Domain = Annotated[str, PlainValidator(parse_domain)]
-IP = Annotated[str, PlainValidator(_ip)]
-Address = Annotated[str, PlainValidator(_address)]
-FilePath = Annotated[Path, PlainValidator(_path)]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Networks = Annotated[tuple[Network, ...], PlainValidator(_list_of(parse_network))]
 
 
 class _Table(BaseModel):
