@@ -66,7 +66,7 @@ class ConfigError(Exception):
 
 
 # ---------------------------------------------------------------- pydantic errors → lines
-# The backend's config module and provision/site.py carry the same few lines: the two daemons never
+# backend/config/errors.py and provision/site.py carry the same few lines: the two daemons never
 # import each other and the top-level packages are fixed, so there is no neutral home for them.
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted

@@ -38,7 +38,7 @@ class SiteError(ValueError):
 
 
 # ---------------------------------------------------------------- pydantic errors → lines
-# The daemons' config modules carry the same few lines (gateway/config.py, backend/config.py): the
+# The daemons' config modules carry the same few lines (gateway/config.py, backend/config/errors.py): the
 # top-level packages are fixed and none of them is a neutral home that all three may import.
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted
