@@ -1,8 +1,10 @@
 """MTA-STS (RFC 8461): discover a destination's policy (TXT + HTTPS), cache it durably, and say which MX hosts it allows.
 
 Pure parsing (``parse_txt``, ``parse_policy``, ``mx_matches``) sits apart from the lookups
-(``MTASTS.policy``). The policy fetcher is injectable, and the default one takes the HTTPS port and
-CA file as parameters, so tests can serve a policy from a loopback HTTPS server with their own CA.
+(``MTASTS.policy``). The policy is fetched with aiohttp (one ClientSession per MTASTS, closed with
+it), the host resolved through our own resolver. The fetcher is injectable, and the default one
+takes the HTTPS port and CA file as parameters, so tests can serve a policy from a loopback HTTPS
+server with their own CA.
 
 The cache outlives the process (``PolicyStore``, a small SQLite file in the data directory): RFC
 8461 5.1 keeps a cached policy in force until its max_age even when a refresh fails, and an
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import re
 import sqlite3
+import socket
 import ssl
 import threading
 import time
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import aiohttp
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 log = logging.getLogger("homemx.mtasts")
 
@@ -212,6 +217,7 @@ class MTASTS:
         self.store = store
         self.run_blocking = run_blocking
         self._loaded: asyncio.Future | None = None  # the one load of the store, shared by all callers
+        self._http: aiohttp.ClientSession | None = None  # one HTTP client (and connection pool) per MTASTS
 
     async def _load_store(self) -> None:
         """Fill the cache from the store once (the first lookup after start waits for it)."""
@@ -276,7 +282,7 @@ class MTASTS:
         try:
             text = await asyncio.wait_for(self.fetcher(domain), self.timeout)
             pol = parse_policy(text, pid, now)
-        except (MTASTSError, OSError, ssl.SSLError, asyncio.TimeoutError, dns.exception.DNSException) as e:
+        except (MTASTSError, aiohttp.ClientError, OSError, asyncio.TimeoutError, dns.exception.DNSException) as e:
             # RFC 8461 5.1: on a failed refresh keep using a still-valid cached policy; with none,
             # deliver as if the domain had no policy (it is not an error to skip MTA-STS then).
             log.warning("mta-sts: policy fetch for %s failed: %s", domain, e)
@@ -290,54 +296,74 @@ class MTASTS:
         log.info("mta-sts: %s policy mode=%s mx=%s max_age=%d", domain, pol.mode, ",".join(pol.mx), pol.max_age)
         return pol
 
-    async def fetch_https(self, domain: str) -> str:
-        """GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt with a verified certificate.
+    def _client(self) -> aiohttp.ClientSession:
+        """The one HTTP client of this MTASTS (created on first use, inside the running loop)."""
+        if self._http is None:
+            ctx = ssl.create_default_context(cafile=self.ca_file)  # verified: RFC 8461 3.3
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    ssl=ctx, resolver=_PolicyHostResolver(self.resolver, self.https_port), use_dns_cache=False
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # The body is read as sent and capped as sent: no decompression that could turn
+                # 64 KiB on the wire into much more in memory.
+                auto_decompress=False,
+                headers={"User-Agent": "homemx", "Accept-Encoding": "identity"},
+            )
+        return self._http
 
-        Written on asyncio streams rather than a blocking urllib call in a thread because the
-        host must be resolved through our own resolver (the configured nameservers), redirects
-        must not be followed (RFC 8461 3.3) and the size must be capped — a few lines here.
-        """
+    async def fetch_https(self, domain: str) -> str:
+        """GET https://mta-sts.DOMAIN/.well-known/mta-sts.txt with a verified certificate (RFC 8461 3.3)."""
         host = f"mta-sts.{domain}"
-        address = await self._address(host)
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        reader, writer = await asyncio.open_connection(address, self.https_port, ssl=ctx, server_hostname=host)
-        try:
-            # HTTP/1.0: the server must answer with a plain body (no chunked encoding) and close.
-            writer.write(f"GET {POLICY_PATH} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: homemx\r\n\r\n".encode("ascii"))
-            await writer.drain()
-            data = await reader.read(MAX_POLICY_BYTES + 8192)
-            while True:
-                more = await reader.read(8192)
-                if not more:
-                    break
-                data += more
-                if len(data) > MAX_POLICY_BYTES + 8192:
+        # RFC 8461 3.3: redirects are not followed; only a 200 answer is a policy.
+        async with self._client().get(f"https://{host}{POLICY_PATH}", allow_redirects=False) as resp:
+            if resp.status != 200:
+                raise MTASTSError(f"{host} answered HTTP {resp.status}")
+            if resp.content_type != "text/plain":
+                raise MTASTSError(f"{host} served the policy as {resp.content_type!r}, not text/plain")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(8192):
+                body += chunk
+                if len(body) > MAX_POLICY_BYTES:
                     raise MTASTSError(f"policy at {host} exceeds {MAX_POLICY_BYTES} bytes")
-        finally:
-            writer.close()
-        head, sep, body = data.partition(b"\r\n\r\n")
-        if not sep:
-            raise MTASTSError(f"malformed HTTP response from {host}")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or parts[1] != "200":
-            # RFC 8461 3.3: only 200 counts; redirects are not followed.
-            raise MTASTSError(f"{host} answered {status_line!r}")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
-        ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "text/plain":
-            raise MTASTSError(f"{host} served the policy as {ctype or 'no type'!r}, not text/plain")
-        if len(body) > MAX_POLICY_BYTES:
-            raise MTASTSError(f"policy at {host} exceeds {MAX_POLICY_BYTES} bytes")
         return body.decode("utf-8", "replace")
 
-    async def _address(self, host: str) -> str:
-        for rtype in ("A", "AAAA"):
+    async def close(self) -> None:
+        """Close the HTTP client and the policy store (daemon shutdown)."""
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.close()
+        if self.store is not None:
+            await self.run_blocking(self.store.close)
+
+
+class _PolicyHostResolver(AbstractResolver):
+    """aiohttp's name-resolution seam: the policy host is resolved through our dnspython resolver
+    (the configured nameservers, not the system's). The connection goes to ``port``, so tests can
+    point it at a loopback HTTPS server while the URL and Host header keep RFC 8461's form."""
+
+    def __init__(self, resolver: dns.asyncresolver.Resolver, port: int):
+        self.resolver = resolver
+        self.port = port
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[ResolveResult]:
+        results: list[ResolveResult] = []
+        for rtype, fam in (("A", socket.AF_INET), ("AAAA", socket.AF_INET6)):
+            if family not in (socket.AF_UNSPEC, fam):
+                continue
             try:
-                ans = await self.resolver.resolve(host, rtype)
+                ans = await self.resolver.resolve(host, rtype, backend=ASYNCIO_DNS)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
-            for r in ans:
-                return r.address
-        raise MTASTSError(f"{host} has no address")
+            results += [
+                ResolveResult(hostname=host, host=r.address, port=self.port, family=fam, proto=0, flags=0) for r in ans
+            ]
+        if not results:
+            # As the system resolver would: aiohttp reports it as a ClientConnectorDNSError.
+            raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
+        return results
+
+    async def close(self) -> None:
+        pass
