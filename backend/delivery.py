@@ -644,8 +644,6 @@ class Deliverer:
                     task.add_done_callback(self._closing.discard)
                 else:
                     keep.append(s)
-        if self.mtasts is not None:
-            await self.mtasts.close()  # its HTTP client and policy store
             if keep:
                 self._idle[key] = keep
             else:
