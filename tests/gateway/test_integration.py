@@ -400,7 +400,7 @@ async def test_metrics_endpoint_serves_prometheus_text(tmp_path):
         while chunk := await s.receive_some(65536):
             body += chunk
     text = body.decode()
-    assert text.startswith("HTTP/1.0 200 OK")
+    assert text.startswith("HTTP/1.1 200 OK")  # h11 answers in its own version (RFC 9110 2.5), 1.0 clients included
     assert 'homemx_gateway_connections_total{listener="mx",outcome="upstream_unavailable"} 1.0' in text
     assert 'homemx_gateway_upstream_up{listener="mx"} 0.0' in text
     assert "homemx_gateway_tunnel_handshake_age_seconds" not in text  # no such interface: series absent
