@@ -16,7 +16,10 @@ import pytest
 import pytest_asyncio
 
 from backend import mtasts
-from tests.backend.test_delivery_lab import TestCA
+from backend.delivery import Deliverer
+from backend.metrics import BackendMetrics
+from backend.queue import Queue
+from tests.backend.test_delivery_lab import TestCA, backend_config, run_blocking
 from tests.backend.test_mtasts import POLICY
 
 DOMAIN = "example.net"
@@ -261,3 +264,19 @@ async def test_a_policy_host_without_an_address_is_no_policy(fetcher, caplog):
         assert await m.policy(DOMAIN) is None
     [failure] = fetch_failures(caplog)
     assert f"{HOST} has no address" in failure, failure
+
+
+@pytest.mark.asyncio
+async def test_the_deliverer_closes_the_policy_connection_at_shutdown(serve, ca, tmp_path):
+    srv = await serve({PATH: response("200 OK", POLICY.encode())})
+    config = backend_config(tmp_path, delivery={"mta_sts": True})
+    queue = Queue(config.queue_db)
+    m = mtasts.MTASTS(_Zone(), https_port=srv.port, ca_file=str(ca.ca_file), store=mtasts.PolicyStore(tmp_path / "sts.db"))
+    deliverer = Deliverer(config, queue, BackendMetrics(), run_blocking, resolver=_Zone(), mtasts=m)
+    try:
+        assert (await deliverer.mtasts.policy(DOMAIN)).mode == "enforce"
+        assert not srv.closed.is_set()
+        await deliverer.close()
+        await asyncio.wait_for(srv.closed.wait(), 10)
+    finally:
+        await asyncio.to_thread(queue.close)
