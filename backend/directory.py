@@ -24,16 +24,23 @@ class Directory:
             local = local.split("+", 1)[0]
         return f"{local}@{domain}"
 
-    def resolve(self, address: str, _depth: int = 0) -> list[str] | None:
+    def resolve(self, address: str) -> list[str] | None:
         """Final destinations of a local-domain address: mailboxes here and/or remote addresses.
         None if nobody receives it (the caller answers 550 5.1.1 at RCPT)."""
-        address = address.lower()
+        return self._resolve(address.lower(), 0, set())
+
+    def _resolve(self, address: str, depth: int, expanded: set[str]) -> list[str] | None:
         local, _, domain = address.rpartition("@")
         dom = self.config.domains.get(domain)
         if dom is None:
             return [address]  # not ours: a remote address
-        if _depth > MAX_ALIAS_DEPTH:
+        # Each address is expanded once per resolution. An alias loop (a -> b -> a) then ends at
+        # once, and a second path to the same address adds nothing new (its destinations are
+        # already in the result): without this, aliases that name each other cost fan-out^depth
+        # lookups, on the event loop, at RCPT time (5 aliases naming each other: 2 million).
+        if depth > MAX_ALIAS_DEPTH or address in expanded:
             return None
+        expanded.add(address)
         for candidate in dict.fromkeys([address, self._base(address)]):
             if self.users.exists(candidate):
                 return [candidate]
@@ -41,13 +48,13 @@ class Directory:
             if cl in dom.aliases:
                 out: list[str] = []
                 for target in dom.aliases[cl]:
-                    r = self.resolve(target, _depth + 1)
+                    r = self._resolve(target.lower(), depth + 1, expanded)
                     if r is None:
                         continue
                     out.extend(x for x in r if x not in out)
                 return out or None
         if dom.catch_all and dom.catch_all != address:
-            return self.resolve(dom.catch_all, _depth + 1)
+            return self._resolve(dom.catch_all.lower(), depth + 1, expanded)
         return None
 
     def is_mailbox(self, address: str) -> bool:

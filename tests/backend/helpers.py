@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -117,6 +118,20 @@ passwd_file = "{tmp}/passwd"
     path = tmp / "backend.toml"
     path.write_text(text)
     return path
+
+
+@contextlib.asynccontextmanager
+async def running_backend(cfg_path: Path):
+    """A backend (every listener of ``cfg_path``) running in this event loop for the block."""
+    from backend.config import load_config
+    from backend.run import Backend
+
+    b = Backend(load_config(cfg_path))
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop(grace=0.5)
 
 
 def client_tls() -> ssl.SSLContext:
