@@ -424,3 +424,30 @@ async def test_mx_leaves_a_message_without_date_as_it_came(tmp_path):
         qid = (await send(c, "carol@remote.example", [ALICE], REMOTE_MSG)).rsplit(" ", 1)[1]
         content = stored(b, qid)
         assert fields(content, "Date") == [] and fields(content, "Message-ID") == []
+
+
+@pytest.mark.asyncio
+async def test_added_date_and_message_id_are_covered_by_the_dkim_signature(tmp_path):
+    """RFC 6409 8 fields are added before signing: a verifier sees them signed, and a receiver
+    that changes the added Date breaks the signature."""
+    from types import SimpleNamespace
+
+    from backend import dkim
+    from tests.backend.test_dkim import sig_tags, verify_all
+
+    g = dkim.generate_key("example.org", "s1", "ed25519", tmp_path)
+    keys = {"ed25519": (SimpleNamespace(domain="example.org", selector="s1", algorithm="ed25519", private_key=g.path),
+                        g.txt_value)}
+    extra = f'[[dkim]]\ndomain = "example.org"\nselector = "s1"\nalgorithm = "ed25519"\nprivate_key = "{g.path}"\n'
+    cfg = write_config(tmp_path, listener_block("lan", "lan", trusted_networks=["127.0.0.0/8"]), extra=extra)
+    async with running_backend(cfg) as b:
+        c = await session(b.bound_port("lan"))
+        bare = f"From: {ALICE}\r\nTo: friend@remote.example\r\nSubject: bare\r\n\r\nx\r\n".encode()
+        qid = (await send(c, ALICE, ["friend@remote.example"], bare)).rsplit(" ", 1)[1]
+        signed = stored(b, qid)
+    [tags] = sig_tags(signed)
+    signed_fields = [h.strip().lower() for h in tags["h"].split(":")]
+    assert "date" in signed_fields and "message-id" in signed_fields
+    assert verify_all(signed, keys) == [True]
+    [date] = fields(signed, "Date")
+    assert verify_all(signed.replace(date.encode(), b"Mon, 1 Jan 2024 00:00:00 +0000"), keys) == [False]
