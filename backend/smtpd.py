@@ -179,7 +179,9 @@ class SessionRegistry:
             if not s.in_data:
                 s.hang_up(R.R421_SHUTTING_DOWN, "shutdown")
         if self.sessions:
-            log.info("draining: %d session(s) in DATA, %.1fs grace", len(self.sessions), grace)
+            busy = sum(1 for s in self.sessions if s.in_data)
+            if busy:
+                log.info("draining: %d session(s) in DATA, %.1fs grace", busy, grace)
             try:
                 await asyncio.wait_for(self._empty.wait(), grace)
             except asyncio.TimeoutError:
@@ -383,11 +385,28 @@ class HomeSMTP(SMTP):
             self._tls_protocol.buffer_updated(len(leftover))
         try:
             await asyncio.wait_for(waiter, self.ctx.proxy_timeout)
+            if self._lost_in_handshake():
+                raise ConnectionResetError("connection closed during the TLS handshake")
         except (asyncio.TimeoutError, ssl.SSLError, ConnectionError, OSError) as e:
             log.info("conn=%s client=%s TLS handshake failed: %r", self.conn_id, self.client_host, e)
-            self.outcome = "tls-failed"
+            if self.outcome == "closed":
+                self.outcome = "tls-failed"
+            # Nobody else will end this session (see _lost_in_handshake): once aiosmtpd has
+            # closed the transport on our False, finish it like any lost connection.
+            self.loop.call_soon(self._end_if_open)
             return False
         return True
+
+    def _lost_in_handshake(self) -> bool:
+        """Whether the connection went while the TLS handshake was in progress. asyncio's
+        SSLProtocol then wakes the handshake waiter without an error and never calls our
+        connection_lost (it only does so after a completed handshake), so the session would
+        wait on its reader for ever: never logged, never counted, held by the drain."""
+        return self.transport is None or self.transport.is_closing()
+
+    def _end_if_open(self) -> None:
+        if self._registered:
+            self.connection_lost(None)
 
     @property
     def client_host(self) -> str:
@@ -445,11 +464,16 @@ class HomeSMTP(SMTP):
             return
         try:
             await super().smtp_STARTTLS(arg)
+            if self._lost_in_handshake():
+                # Closed mid-handshake (our idle timeout, a silent client): aiosmtpd saw a
+                # success. Raising makes it end the session (it calls connection_lost itself).
+                raise TLSSetupException() from ConnectionResetError("connection closed during the TLS handshake")
         except TLSSetupException as e:
             # After "220 Ready to start TLS" the handshake failed (a scanner, no common cipher, a
             # reset): a normal network outcome, one line. aiosmtpd then closes the connection.
             log.info("conn=%s client=%s STARTTLS handshake failed: %r", self.conn_id, self.client_host, e.__cause__)
-            self.outcome = "tls-failed"
+            if self.outcome == "closed":
+                self.outcome = "tls-failed"  # a timeout keeps its own outcome
             raise
 
     async def smtp_AUTH(self, arg: str | None) -> None:

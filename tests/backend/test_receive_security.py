@@ -22,7 +22,16 @@ from backend.queue import Queue
 from backend.run import Backend
 from backend.smtpd import AUTH_DELAY_MAX, auth_delay
 from gateway.proxyv2 import encode_proxy_v2
-from tests.backend.helpers import ALICE, ALICE_PW, RawSMTP, client_tls, listener_block, running_backend, write_config
+from tests.backend.helpers import (
+    ALICE,
+    ALICE_PW,
+    RawSMTP,
+    client_tls,
+    listener_block,
+    running_backend,
+    wait_for,
+    write_config,
+)
 
 GATEWAY = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
 GOOD = base64.b64encode(f"\0{ALICE}\0{ALICE_PW}".encode()).decode()
@@ -216,3 +225,23 @@ async def test_silent_client_is_closed_at_the_injected_proxy_timeout(tmp_path, c
     finally:
         await b.stop(grace=0.5)
     assert re.search(r"listener=mx client=127\.0\.0\.1 outcome=timeout", caplog.text)
+
+
+@pytest.mark.asyncio
+async def test_submissions_behind_the_gateway_without_a_tls_handshake_is_closed_at_the_proxy_timeout(tmp_path, caplog):
+    """On 465 behind the gateway the PROXY header is followed by the client's TLS handshake; the
+    same injected timeout bounds it (a peer that sends the header and then nothing)."""
+    caplog.set_level(logging.INFO, logger="homemx.smtp")
+    cfg = write_config(tmp_path, listener_block("smtps", "submissions", **GATEWAY))
+    b = Backend(load_config(cfg), proxy_timeout=0.5)
+    await b.start()
+    try:
+        c = await RawSMTP.connect(b.bound_port("smtps"), prefix=encode_proxy_v2(("203.0.113.7", 40000), ("198.51.100.1", 465)))
+        assert await c.closed_without_banner(timeout=5)  # liveness bound: the default is 10 s
+    finally:
+        await b.stop(grace=0.5)
+    # The session ended and was logged once (asyncio never reports a connection lost during a
+    # handshake to the SMTP session: it used to wait on its reader for ever, held by the drain).
+    assert caplog.text.count("TLS handshake failed") == 1
+    assert len(re.findall(r"listener=smtps client=203\.0\.113\.7 outcome=(tls-failed|timeout)", caplog.text)) == 1
+    assert "draining" not in caplog.text
