@@ -108,7 +108,7 @@ class AuthLimiter:
 
     now: Callable[[], float] = time.monotonic
     _failures: dict[str, collections.deque] = field(default_factory=dict)
-    _horizon: float = 0.0  # the longest window any listener asked about
+    _horizon: float = 0.0  # the longest window of any listener: how long a failure is kept
     _since_sweep: int = 0
 
     def _recent(self, key: str, window: float) -> collections.deque:
@@ -117,6 +117,12 @@ class AuthLimiter:
             return collections.deque()
         cutoff = self.now() - window
         return collections.deque(t for t in dq if t >= cutoff)
+
+    def serve_window(self, window: float) -> None:
+        """A listener judging failures over ``window`` seconds uses this limiter: keep each failure
+        that long, whichever listener recorded it (else failures on a port with a short window
+        would be forgotten before a port with a long one looks at them)."""
+        self._horizon = max(self._horizon, window)
 
     def count(self, host: str, window: float) -> int:
         """Failures of this client within the last ``window`` seconds."""
@@ -981,6 +987,7 @@ def protocol_factory(ctx: ListenerContext) -> Callable[[], HomeSMTP]:
     lc = ctx.listener
     handler = Handler(ctx)
     kind = lc.kind
+    ctx.auth_limiter.serve_window(lc.auth_failure_window)
     # RFC 5321 4.5.3.1: generous call limits, with "*" so that unlisted commands are not capped at
     # aiosmtpd's default of 20 (a known trap).
     call_limit = {"*": 200, "RCPT": lc.max_recipients + 50, "AUTH": lc.auth_max_failures + 2, "NOOP": 50}

@@ -245,3 +245,26 @@ async def test_submissions_behind_the_gateway_without_a_tls_handshake_is_closed_
     assert caplog.text.count("TLS handshake failed") == 1
     assert len(re.findall(r"listener=smtps client=203\.0\.113\.7 outcome=(tls-failed|timeout)", caplog.text)) == 1
     assert "draining" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_failures_recorded_on_a_short_window_port_count_on_a_long_window_port(tmp_path):
+    """Each listener judges the shared history over its own window, so a failure is kept for the
+    longest window of any listener, not only that of the port where it happened."""
+    cfg = write_config(
+        tmp_path,
+        listener_block("smtps", "submissions", auth_max_failures=10, auth_failure_delay=0, auth_failure_window=60)
+        + listener_block("submission", "submission", auth_max_failures=4, auth_failure_delay=0, auth_failure_window=600),
+    )
+    async with running_backend(cfg) as b:
+        clock = [1000.0]
+        b.auth_limiter.now = lambda: clock[0]
+        c = await implicit_tls_session(b.bound_port("smtps"))
+        for _ in range(3):
+            assert (await c.cmd(f"AUTH PLAIN {BAD}")).startswith("535 5.7.8")
+        clock[0] += 100  # past 465's window, well inside 587's
+        assert (await c.cmd(f"AUTH PLAIN {BAD}")).startswith("535 5.7.8")
+        c.close()
+        # Four failures in 587's ten minutes: its limit.
+        c = await starttls_session(b.bound_port("submission"))
+        assert (await c.cmd(f"AUTH PLAIN {GOOD}")).startswith("421 4.7.0")
