@@ -93,10 +93,30 @@ class TLSConfig(_Table):
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert, self.key)
             except (ssl.SSLError, OSError) as e:
-                problems.append((("key",), f"certificate {self.cert} and key {self.key} do not load together: {e}"))
+                problems.append(_tls_pair_problem(self.cert, self.key, e))
         if problems:
             raise fail(problems)
         return self
+
+
+def _tls_pair_problem(cert: Path, key: Path, error: Exception) -> tuple[tuple[str], str]:
+    """Which of the two files is unusable and why, in words: OpenSSL says only "PEM lib" for
+    either file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except ValueError:
+        return ("cert",), f"{cert}: not a PEM certificate"
+    try:
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        return ("key",), f"{key}: not a PEM private key (or encrypted: the daemon cannot ask for a passphrase)"
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        return ("key",), f"{key}: not the private key of the certificate {cert}"
+    return ("key",), f"certificate {cert} and key {key} do not load together: {error}"
 
 
 class ListenerConfig(_Table):

@@ -104,20 +104,24 @@ def _start_failure(tmp_path, problem: str) -> tuple[str, str]:
                                                            trusted_networks=["127.0.0.0/8"]), extra=extra))
     if problem == "cert-garbage":
         (tmp_path / "tls" / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
-        fault, reason = str(tmp_path / "tls" / "cert.pem"), "do not load together"
+        fault, reason = str(tmp_path / "tls" / "cert.pem"), ": not a PEM certificate"
     elif problem == "cert-other-key":
         other = ed25519.Ed25519PrivateKey.generate()
         (tmp_path / "tls" / "key.pem").write_bytes(other.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        fault, reason = str(tmp_path / "tls" / "key.pem"), "do not load together"
+        fault, reason = str(tmp_path / "tls" / "key.pem"), ": not the private key of the certificate"
+    elif problem == "key-garbage":
+        (tmp_path / "tls" / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+        fault, reason = str(tmp_path / "tls" / "key.pem"), ": not a PEM private key"
     return str(cfg), fault, reason
 
 
-@pytest.mark.parametrize("problem", ["dkim-garbage", "dkim-wrong-algorithm", "cert-garbage", "cert-other-key"])
+@pytest.mark.parametrize("problem", ["dkim-garbage", "dkim-wrong-algorithm", "cert-garbage", "key-garbage", "cert-other-key"])
 def test_unusable_dkim_key_or_certificate_is_one_line_naming_the_file(tmp_path, problem):
     """Issue 11 point 8: a readable but invalid DKIM key was a traceback at start. The DKIM key
     is found out when the daemon starts (exit 1, "cannot start"); the certificate already when the
-    config is loaded (exit 2, "config error", like any other config problem)."""
+    config is loaded (exit 2, "config error", like any other config problem), and the line says
+    which of the two files is wrong (OpenSSL's own reason was "PEM lib" for either)."""
     cfg, fault, reason = _start_failure(tmp_path, problem)
     r = subprocess.run([BACKEND_CLI, "run", "-c", cfg], capture_output=True, text=True, timeout=30)
     lines = r.stderr.splitlines()
