@@ -35,6 +35,7 @@ from tests.backend.helpers import (
     listener_block,
     running_backend,
     wait_for,
+    wait_for_sync,
     write_config,
 )
 from tests.backend.test_process import Daemon
@@ -84,9 +85,9 @@ async def send(c: RawSMTP, sender: str, rcpts: list[str], content: bytes) -> str
 # ---------------------------------------------------------------- unusable keys and certificates at start
 
 
-def _start_failure(tmp_path, problem: str) -> tuple[str, str]:
-    """Writes a config whose DKIM key or certificate is readable but unusable; returns the file
-    at fault and the reason expected in the message."""
+def _start_failure(tmp_path, problem: str) -> tuple[str, str, str]:
+    """Writes a config whose DKIM key or certificate is readable but unusable; returns the config,
+    the file at fault and the reason expected in the message."""
     extra = ""
     fault, reason = "", ""
     if problem.startswith("dkim"):
@@ -222,10 +223,7 @@ def test_control_bytes_from_clients_are_escaped_in_the_log(tmp_path):
             assert f.readline().startswith(b"500 5.5.1")
             s.sendall(b"QUIT\r\n")
             assert f.readline().startswith(b"221")
-        wait_for_log = lambda: "outcome=closed" in d.log.read_text("utf-8", "replace")  # noqa: E731
-        from tests.backend.helpers import wait_for_sync
-
-        wait_for_sync(wait_for_log, 10)
+        wait_for_sync(lambda: "outcome=closed" in d.log.read_text("utf-8", "replace"), 10)
     finally:
         d.stop()
     log = d.log.read_bytes()

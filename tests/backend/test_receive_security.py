@@ -238,13 +238,13 @@ async def test_submissions_behind_the_gateway_without_a_tls_handshake_is_closed_
     try:
         c = await RawSMTP.connect(b.bound_port("smtps"), prefix=encode_proxy_v2(("203.0.113.7", 40000), ("198.51.100.1", 465)))
         assert await c.closed_without_banner(timeout=5)  # liveness bound: the default is 10 s
+        await wait_for(lambda: not b.sessions.sessions)
     finally:
         await b.stop(grace=0.5)
     # The session ended and was logged once (asyncio never reports a connection lost during a
     # handshake to the SMTP session: it used to wait on its reader for ever, held by the drain).
     assert caplog.text.count("TLS handshake failed") == 1
     assert len(re.findall(r"listener=smtps client=203\.0\.113\.7 outcome=(tls-failed|timeout)", caplog.text)) == 1
-    assert "draining" not in caplog.text
 
 
 @pytest.mark.asyncio
