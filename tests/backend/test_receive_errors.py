@@ -341,6 +341,8 @@ async def test_aiosmtpd_replies_carry_enhanced_status_codes(tmp_path):
     assert replies["MAIL before HELO"].startswith("503 5.5.1")
     assert replies["AUTH with too many values"].startswith("501 5.5.4")
     assert replies["STARTTLS without certificate"].startswith("454 4.7.0")
+    # TLS inside TLS is refused (aiosmtpd would stack a second SSLProtocol on the first).
+    assert replies["second STARTTLS"].startswith("503 5.5.1")
 
 
 # ---------------------------------------------------------------- <postmaster> and Received :
