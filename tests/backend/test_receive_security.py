@@ -16,11 +16,12 @@ import time
 
 import google_crc32c
 import pytest
+from aiosmtpd.proxy_protocol import get_proxy
 
 from backend.config import load_config
 from backend.queue import Queue
 from backend.run import Backend
-from backend.smtpd import AUTH_DELAY_MAX, auth_delay
+from backend.smtpd import AUTH_DELAY_MAX, auth_delay, proxy_checksum_ok
 from gateway.proxyv2 import encode_proxy_v2
 from tests.backend.helpers import (
     ALICE,
@@ -268,3 +269,41 @@ async def test_failures_recorded_on_a_short_window_port_count_on_a_long_window_p
         # Four failures in 587's ten minutes: its limit.
         c = await starttls_session(b.bound_port("submission"))
         assert (await c.cmd(f"AUTH PLAIN {GOOD}")).startswith("421 4.7.0")
+
+
+def _with_crc(header: bytes, at: int) -> bytes:
+    return header[:at] + struct.pack("!I", google_crc32c.value(header)) + header[at + 4 :]
+
+
+def _crc_cases() -> dict[str, tuple[bytes, bool]]:
+    src, dst = ("203.0.113.7", 40123), ("198.51.100.1", 25)
+    first = encode_proxy_v2(src, dst, tlvs=((PP2_TYPE_CRC32C, b"\0" * 4), (0x04, b"pad")))
+    crc_at = 16 + 12 + 3  # fixed part, IPv4 address block, the TLV's type and length
+    two = encode_proxy_v2(src, dst, tlvs=((PP2_TYPE_CRC32C, b"\0" * 4), (PP2_TYPE_CRC32C, b"\0" * 4)))
+    short = encode_proxy_v2(src, dst, tlvs=((PP2_TYPE_CRC32C, b"\0" * 3),))
+    overrun = bytearray(encode_proxy_v2(src, dst, tlvs=((0x04, b"abc"),)))
+    overrun[-4:-3] = b"\x09"  # the TLV claims 9 bytes where the header holds 3 (low length byte)
+    return {
+        "no TLV": (encode_proxy_v2(src, dst), True),
+        "other TLVs only": (encode_proxy_v2(src, dst, tlvs=((0x04, b"pad"),)), True),
+        "checksum before another TLV": (_with_crc(first, crc_at), True),
+        "checksum field left zero": (first, False),
+        "two checksums": (_with_crc(two, crc_at), False),
+        "checksum of 3 bytes": (short, False),
+        "TLV longer than the header": (bytes(overrun), False),
+    }
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", list(_crc_cases()))
+async def test_proxy_checksum_rules(case):
+    """PROXY protocol 2.2.5 on parsed headers (aiosmtpd's parser, no socket): the CRC32C covers
+    the whole header with its own field zeroed, wherever the TLV sits; a malformed TLV block or
+    a second or wrongly sized checksum is refused."""
+    header, expected = _crc_cases()[case]
+    reader = asyncio.StreamReader()
+    reader.feed_data(header)
+    reader.feed_eof()
+    parsed = await get_proxy(reader)
+    assert parsed.valid
+    assert proxy_checksum_ok(parsed) is expected
