@@ -66,6 +66,10 @@ LOG_PROBLEM_RE = re.compile(r"^\S+ \S+ (?:ERROR|CRITICAL) .*$", re.MULTILINE)
 # one per write, so a single client can flood the log with them.
 ASYNCIO_WARNING_RE = re.compile(r"^\S+ \S+ WARNING asyncio: .*$", re.MULTILINE)
 RAW_CONTROL_RE = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")  # in a log file: only \t and \n are fine
+# Sessions the backend still holds at SIGTERM after every client left end with this outcome: each
+# is a session whose end it did not notice (held until its idle timeout, or for ever).
+HELD_SESSION_RE = re.compile(r" outcome=shutdown ")
+SETTLE = 12.0  # seconds after the last client left: the backend's PROXY header timeout (10 s) and a margin
 READ_IDLE = 0.5  # seconds without a byte after which a batch's missing replies are given up on
 PP2_TYPE_CRC32C, PP2_TYPE_NOOP, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID, PP2_TYPE_SSL = 0x03, 0x04, 0x02, 0x05, 0x20
 
@@ -895,8 +899,15 @@ def run(seconds: float, seed: int = 11, workers: int = 16, probe_every: float = 
             for p in final:
                 if not p["ok"] or p["seconds"] > FINAL_PROBE_LIMIT:
                     stats.health.append(f"final probe on {p['path']}: {p['reply']} after {p['seconds']} s")
+            # Every client has left; a session the backend still holds after the longest pre-banner
+            # timeout is one whose end it never noticed. Nothing can be awaited from outside: wait.
+            time.sleep(SETTLE)
             results["gateway_exit"] = gateway.stop()
             results["backend_exit"] = backend.stop()
+            shutdown_log = backend.log().rpartition("shutting down")[2]
+            held = [line for line in shutdown_log.splitlines() if HELD_SESSION_RE.search(line)]
+            results["sessions_left_open"] = len(held)
+            results["sessions_left_open_examples"] = held[:5]
         finally:
             gateway.kill()
             backend.kill()
@@ -945,6 +956,8 @@ def problems(r: dict) -> list[str]:
         for key in ("tracebacks", "error_lines", "asyncio_warnings", "raw_control_bytes"):
             if lp[key]:
                 out.append(f"{name} log: {lp[key]} {key.replace('_', ' ')}")
+    if r.get("sessions_left_open"):
+        out.append(f"backend still held {r['sessions_left_open']} sessions {SETTLE:.0f} s after every client left")
     for name in ("gateway", "backend"):
         if r.get(f"{name}_exit") != 0:
             out.append(f"{name} exit status on SIGTERM: {r.get(f'{name}_exit')}")
@@ -981,7 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name} log {lp['lines']:7d} lines: tracebacks {lp['tracebacks']}, ERROR/CRITICAL lines "
               f"{lp['error_lines']}, asyncio warnings {lp['asyncio_warnings']}, raw control bytes "
               f"{lp['raw_control_bytes']}")
-    print(f"  exit on SIGTERM       backend {r['backend_exit']}, gateway {r['gateway_exit']}")
+    print(f"  exit on SIGTERM       backend {r['backend_exit']}, gateway {r['gateway_exit']}; sessions the backend "
+          f"still held {SETTLE:.0f} s after the last client left: {r.get('sessions_left_open')}")
     print(f"  findings              {len(r['findings'])}")
     for p in r["problems"][:20]:
         print(f"    - {p}")
