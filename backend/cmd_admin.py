@@ -12,6 +12,7 @@ from backend.addresses import PathError, parse_address
 from backend.maildir import ensure_maildir
 from backend.cmd_run import DEFAULT_CONFIG, load_or_exit
 from backend.queue import Queue, QueueError
+from backend.runner import poke_daemon
 from backend.users import UserDB, UserError
 
 
@@ -88,6 +89,9 @@ def cmd_queue(args) -> int:
             return 0
         op = {"retry": q.retry, "hold": q.hold, "release": q.release, "delete": q.delete}[args.action]
         n = op(args.id)
+        if args.action in ("retry", "release"):
+            # Due now: tell the running daemon, which otherwise looks only at its idle poll.
+            poke_daemon(cfg.queue_db)
         result = {"action": args.action, "id": args.id, "recipients": n}
         print(json.dumps(result) if args.json else f"{args.action}: {args.id or 'all'}" + (f" ({n} recipients)" if n is not None else ""))
         return 0

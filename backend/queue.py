@@ -175,9 +175,19 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Queue:
     """The queue database. Thread-safe; all methods block (call them from worker threads)."""
 
-    def __init__(self, path: str | Path, now: Callable[[], float] = time.time, group_commit: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        now: Callable[[], float] = time.time,
+        group_commit: bool = True,
+        max_age: float | None = None,
+    ):
         self.path = Path(path)
         self.now = now
+        # RFC 5321 4.5.4.1: give up after a few days. No next attempt is planned past a message's
+        # expiry (created + max_age), so its last attempt and its bounce come at its max age, not
+        # at the next step of the retry schedule (up to 8 h later). None: no limit.
+        self.max_age = max_age
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self.spool_dir = self.path.parent / "spool"
@@ -416,32 +426,51 @@ class Queue:
         forward *before* the attempt is made, so a crash mid-delivery never re-hammers the
         destination on restart (mox does the same). ``retry_delay(attempts_so_far)`` gives the
         back-off. ``exclude``: recipient ids whose attempt is still under way (never claimed twice).
-        Returns the claimed recipients with their attempt count already incremented."""
-        where = "state IN ('queued','deferred') AND next_attempt <= ?"
+        Returns the claimed recipients with their attempt count already incremented. The planned
+        next attempt is capped at the message's expiry (see ``max_age``)."""
+        where = "r.state IN ('queued','deferred') AND r.next_attempt <= ?"
         if local is not None:
-            where += f" AND local = {int(bool(local))}"
+            where += f" AND r.local = {int(bool(local))}"
 
         def claim(conn: sqlite3.Connection, now: float) -> list[int]:
             rows = conn.execute(
-                f"SELECT id, attempts FROM recipient WHERE {where} ORDER BY next_attempt LIMIT ?",
+                f"SELECT r.id, r.attempts, m.created FROM recipient r JOIN message m ON m.id = r.message_id"
+                f" WHERE {where} ORDER BY r.next_attempt LIMIT ?",
                 (now, limit + len(exclude)),
             ).fetchall()
             rows = [r for r in rows if r[0] not in exclude][:limit]
             conn.executemany(
                 "UPDATE recipient SET attempts = attempts + 1, last_attempt = ?, next_attempt = ?, updated = ?"
                 " WHERE id = ?",
-                [(now, now + retry_delay(attempts), now, rid) for rid, attempts in rows],
+                [(now, self._capped(now + retry_delay(attempts), created, now), now, rid)
+                 for rid, attempts, created in rows],
             )
-            return [rid for rid, _ in rows]
+            return [rid for rid, _, _ in rows]
 
         ids = self._write(claim)
         return self._recipients_by_ids(ids)  # type: ignore[arg-type]
 
-    def next_due_time(self) -> float | None:
-        row = self._conn().execute(
-            "SELECT MIN(next_attempt) FROM recipient WHERE state IN ('queued','deferred')"
-        ).fetchone()
-        return row[0]
+    def _capped(self, next_attempt: float, created: float, now: float) -> float:
+        """``next_attempt``, or the message's expiry when that comes first. Once expired, the
+        planned retry stands: the attempt under way bounces it (a crash meanwhile must not turn
+        the retry into an immediate loop). "Expired" is judged exactly as ``delivery.expired``
+        judges it (age >= max_age), so the attempt made at the expiry is the one that bounces."""
+        if self.max_age is None or now - created >= self.max_age:
+            return next_attempt
+        return min(next_attempt, created + self.max_age)
+
+    def next_due_time(self, local: bool | None = None, exclude: Iterable[int] = ()) -> float | None:
+        """When the earliest active recipient is due (None: nothing active), counting only those
+        ``claim_due`` with the same ``local`` and ``exclude`` could pick: a recipient whose
+        attempt is still running, or a remote one while remote delivery is paused, is overdue
+        without being claimable, and waiting on it would make the runner spin."""
+        sql = "SELECT id, next_attempt FROM recipient WHERE state IN ('queued','deferred')"
+        if local is not None:
+            sql += f" AND local = {int(bool(local))}"
+        excluded = frozenset(exclude)
+        # Filtered here as in claim_due (a NOT IN list would hit SQLite's parameter limit).
+        rows = self._conn().execute(sql + " ORDER BY next_attempt LIMIT ?", (len(excluded) + 1,))
+        return next((due for rid, due in rows if rid not in excluded), None)
 
     def _recipients_by_ids(self, ids: Iterable[int]) -> list[Recipient]:
         ids = list(ids)
@@ -456,18 +485,9 @@ class Queue:
         return [_recipient(r) for r in rows]
 
     def set_result(self, rcpt_id: int, state: str, reply: str | None, next_attempt: float | None = None) -> None:
-        """Record the outcome of an attempt: delivered, deferred (with its next attempt) or bounced."""
-        if state not in STATES:
-            raise ValueError(state)
-
-        def update(conn: sqlite3.Connection, now: float) -> None:
-            conn.execute(
-                "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = COALESCE(?, next_attempt),"
-                " updated = ? WHERE id = ? AND state != 'held'",
-                (state, reply, next_attempt, now, rcpt_id),
-            )
-
-        self._write(update)
+        """Record the outcome of an attempt: delivered, deferred (with its next attempt, capped at
+        the message's expiry) or bounced."""
+        self.record_outcomes([(rcpt_id, state, reply, next_attempt)])
 
     def record_outcomes(
         self,
@@ -478,7 +498,8 @@ class Queue:
         """Record the outcomes of one delivery round and queue its reports in ONE commit.
 
         ``outcomes``: (recipient id, state, last reply, next attempt or None) per recipient, as
-        ``set_result`` takes them (a held recipient keeps its state). ``dsns``: reports to queue
+        ``set_result`` takes them (a held recipient keeps its state; a next attempt later than the
+        message's expiry is moved to the expiry, see ``max_age``). ``dsns``: reports to queue
         (failed and/or delayed DSNs, from ``<>``). ``delay_dsn_for``: a message id whose "delay
         notice sent" flag is set in the same commit (the delayed DSN among ``dsns``).
 
@@ -494,10 +515,20 @@ class Queue:
         inserts = [self._insert_op(m) for m in dsns]
 
         def record(conn: sqlite3.Connection, now: float) -> list[str]:
+            planned = []
+            for rid, state, reply, nxt in rows:
+                if nxt is not None and self.max_age is not None:
+                    row = conn.execute(
+                        "SELECT m.created FROM recipient r JOIN message m ON m.id = r.message_id WHERE r.id = ?",
+                        (rid,),
+                    ).fetchone()
+                    if row is not None:
+                        nxt = self._capped(nxt, row[0], now)
+                planned.append((state, reply, nxt, now, rid))
             conn.executemany(
                 "UPDATE recipient SET state = ?, last_reply = ?, next_attempt = COALESCE(?, next_attempt),"
                 " updated = ? WHERE id = ? AND state != 'held'",
-                [(state, reply, nxt, now, rid) for rid, state, reply, nxt in rows],
+                planned,
             )
             if delay_dsn_for is not None:
                 conn.execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (delay_dsn_for,))

@@ -15,7 +15,7 @@ from backend.config import BackendConfig
 from backend.directory import Directory
 from backend.metrics import BackendMetrics
 from backend.queue import Queue
-from backend.runner import QueueRunner
+from backend.runner import QueueRunner, wake_path
 from backend.smtpd import (
     PROXY_TIMEOUT,
     AuthLimiter,
@@ -64,7 +64,9 @@ class Backend:
     async def start(self) -> None:
         cfg = self.config
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
-        self.queue = await self.run_blocking(Queue, cfg.queue_db)
+        self.queue = await self.run_blocking(
+            functools.partial(Queue, cfg.queue_db, max_age=cfg.delivery.max_queue_age)
+        )
         orphans = await self.run_blocking(self.queue.remove_orphans)
         if orphans:
             log.info("removed %d spooled bodies without a queue record (interrupted before their 250)", orphans)
@@ -107,6 +109,7 @@ class Backend:
             self.metrics_server = self.metrics.serve(h, p)
             log.info("metrics on http://%s:%d/metrics", h, self.metrics_server[0].server_port)
         self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
+        await self.runner.listen_for_wakeups(wake_path(cfg.queue_db))
         self._runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
 
     def failure(self) -> str | None:
@@ -139,6 +142,8 @@ class Backend:
                 await self._runner_task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - cancelled, or already dead (the watchdog said why)
                 pass
+        if self.runner is not None:
+            self.runner.close()
         # Sessions and deliveries drain side by side: one grace for both.
         await asyncio.gather(
             self.sessions.drain(grace),

@@ -1,23 +1,41 @@
-"""Queue runner: picks due recipients, delivers local ones to Maildir, hands remote ones to outbound delivery."""
+"""Queue runner: picks due recipients, delivers local ones to Maildir, hands remote ones to outbound delivery.
+
+When it runs. The runner sleeps until the earliest recipient it could claim is due (a message's
+expiry is one of those times: the queue caps every planned attempt at it), or until it is woken:
+by a commit that queued new work (in-process), by the queue CLI of another process (a datagram
+on ``wake_path``), or by a remote attempt that finished. IDLE_POLL bounds the sleep in case a
+wake-up was lost (it is best effort). A round that fails (the queue cannot be written: a full
+disk) is retried with exponential back-off up to FAILURE_BACKOFF_MAX, never at the pace of an
+overdue next attempt; the failure is logged once when it starts and once when it ends, and
+exported as ``homemx_backend_queue_runner_failing``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
+import socket
+import sqlite3
 import time
 from collections import defaultdict
-from typing import Awaitable, Callable, Protocol
+from pathlib import Path
+from typing import Awaitable, Callable, Iterator, Protocol
 
 from backend import maildir
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.queue import DELIVERED, DEFERRED, Queue, Recipient
+from backend.queue import DELIVERED, DEFERRED, Queue, QueueClosed, Recipient
 
 log = logging.getLogger("homemx.runner")
 
-IDLE_POLL = 5.0  # the CLI can change the queue from another process; look at least this often
+IDLE_POLL = 30.0  # look at the queue at least this often, in case a wake-up was lost (all are best effort)
 BATCH = 200
+FAILURE_BACKOFF_MIN = 1.0  # wait after the first failed round, doubled after each further one ...
+FAILURE_BACKOFF_MAX = 60.0  # ... up to this
+WAKE_SOCKET = "runner.wake"  # next to the queue database; the queue CLI pokes the daemon through it
 
 
 class RemoteDelivery(Protocol):
@@ -28,10 +46,58 @@ class RemoteDelivery(Protocol):
 
 
 def retry_delay_for(schedule: tuple[float, ...]) -> Callable[[int], float]:
+    """The delay planned at claim time, from the number of attempts made *before* this one: the
+    n-th attempt (1-based) plans schedule[n-1], as ``delivery.next_attempt_after`` does when it
+    records a deferral with the attempt count after the claim (one index convention)."""
+
     def delay(attempts_before: int) -> float:
-        return schedule[min(attempts_before, len(schedule) - 1)]
+        return schedule[min(max(attempts_before, 0), len(schedule) - 1)]
 
     return delay
+
+
+# ---------------------------------------------------------------- cross-process wake-up
+
+
+def wake_path(queue_db: Path) -> Path:
+    """The datagram socket the running daemon listens on (next to its queue database)."""
+    return Path(queue_db).parent / WAKE_SOCKET
+
+
+@contextlib.contextmanager
+def _unix_address(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits sun_path (108 bytes): the path itself, or, when it is longer,
+    the same file through a descriptor of its directory (/proc/self/fd/N/name)."""
+    text = os.fsencode(path)
+    if len(text) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def poke_daemon(queue_db: Path) -> bool:
+    """Tell a running daemon that the queue changed (``queue retry``/``release``), so it looks now
+    instead of at its next poll. Best effort: False when no daemon listens."""
+    path = wake_path(queue_db)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, _unix_address(path) as addr:
+            s.setblocking(False)
+            s.sendto(b"wake", addr)
+        return True
+    except OSError:  # no daemon (ENOENT, ECONNREFUSED), or its buffer is full: it is awake anyway
+        return False
+
+
+class _WakeProtocol(asyncio.DatagramProtocol):
+    def __init__(self, wake: Callable[[], None]):
+        self.wake = wake
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.wake()  # the content does not matter: any datagram means "look at the queue"
 
 
 class QueueRunner:
@@ -43,6 +109,7 @@ class QueueRunner:
         run_blocking: Callable[..., Awaitable],
         remote: RemoteDelivery | None = None,
         now: Callable[[], float] = time.time,
+        idle_poll: float = IDLE_POLL,
     ):
         self.config = config
         self.queue = queue
@@ -55,11 +122,48 @@ class QueueRunner:
         self._tasks: set[asyncio.Task] = set()
         self._in_flight: set[int] = set()  # recipient ids with a remote attempt under way
         self._last_purge = 0.0
+        self.idle_poll = idle_poll
+        self.backoff_min, self.backoff_max = FAILURE_BACKOFF_MIN, FAILURE_BACKOFF_MAX
+        self.failures = 0  # consecutive failed rounds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_transport: asyncio.DatagramTransport | None = None
+        self._wake_path: Path | None = None
 
     def poke(self) -> None:
         """Thread-safe wake-up (the queue's writer thread calls it after a commit)."""
         loop = self._loop
-        loop.call_soon_threadsafe(self.wakeup.set)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.wakeup.set)
+
+    async def listen_for_wakeups(self, path: Path) -> None:
+        """Bind the wake-up socket (mode 0600: only the daemon's user pokes it). A stale socket of
+        a previous run is replaced. Best effort: if it cannot be bound, the idle poll remains."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with _unix_address(path) as addr:
+                sock.bind(addr)
+                # chmod, not a umask around bind: the umask is process-wide and worker threads
+                # create files meanwhile. A poke in between only makes the runner look early.
+                os.chmod(addr, 0o600)
+            sock.setblocking(False)
+            self._wake_transport, _ = await loop.create_datagram_endpoint(lambda: _WakeProtocol(self.poke), sock=sock)
+        except OSError as e:
+            sock.close()
+            log.warning("no wake-up socket at %s (%s): queue CLI changes are seen within %.0f s", path, e, self.idle_poll)
+            return
+        self._wake_path = path
+
+    def close(self) -> None:
+        """Stop listening for wake-ups (the socket file is removed)."""
+        if self._wake_transport is not None:
+            self._wake_transport.close()
+            self._wake_transport = None
+            if self._wake_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._wake_path)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -68,24 +172,56 @@ class QueueRunner:
             self.wakeup.clear()
             try:
                 await self.run_once()
-            except Exception:  # noqa: BLE001 - the runner must survive a bad round (disk, DB busy)
-                log.exception("queue run failed; retrying")
-            timeout = IDLE_POLL
-            try:
-                nxt = await self.run_blocking(self.queue.next_due_time)
-                if nxt is not None:
-                    timeout = max(0.0, min(IDLE_POLL, nxt - self.now()))
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as e:  # noqa: BLE001 - the runner must survive a bad round (disk, DB busy)
+                timeout = self._failed(e)
+            else:
+                self._succeeded()
+                timeout = await self._until_next_due()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
 
-    async def run_once(self) -> None:
+    def _failed(self, e: Exception) -> float:
+        """Count a failed round; returns how long to wait before the next one."""
+        self.failures += 1
+        self.metrics.queue_runner_failures.inc()
+        if self.failures == 1:
+            self.metrics.queue_runner_failing.set(1)
+            # One line when the trouble starts (and one when it ends), never one per round: a full
+            # disk must not also fill the log. A database or OS error names its cause; anything
+            # else is a bug and gets its traceback (QueueClosed: the writer died, the watchdog
+            # reports it and stops the daemon).
+            expected = isinstance(e, (sqlite3.Error, OSError, QueueClosed))
+            log.error(
+                "queue run failed: %s: %s; retrying with back-off up to %.0f s (logged again when it recovers)",
+                type(e).__name__, e, self.backoff_max, exc_info=None if expected else e,
+            )
+        return min(self.backoff_max, self.backoff_min * 2 ** (self.failures - 1))
+
+    def _succeeded(self) -> None:
+        if self.failures:
+            log.warning("queue runs recovered after %d failed rounds", self.failures)
+            self.metrics.queue_runner_failing.set(0)
+            self.failures = 0
+
+    def _local_only(self) -> bool | None:
         # Remote recipients wait when there is no outbound delivery or it is paused for maintenance;
         # local ones are always delivered.
-        local_only = None if self.remote is not None and not self.config.delivery.paused else True
+        return None if self.remote is not None and not self.config.delivery.paused else True
+
+    async def _until_next_due(self) -> float:
+        """Seconds until the earliest recipient this runner could claim is due (at most idle_poll)."""
+        try:
+            nxt = await self.run_blocking(self.queue.next_due_time, self._local_only(), frozenset(self._in_flight))
+        except Exception:  # noqa: BLE001 - the next round finds and reports the trouble
+            return self.backoff_min
+        if nxt is None:
+            return self.idle_poll
+        return max(0.0, min(self.idle_poll, nxt - self.now()))
+
+    async def run_once(self) -> None:
+        local_only = self._local_only()
         # Recipients whose attempt is still running are never claimed again, however long it takes
         # (their planned next attempt may already have passed): no second copy in flight.
         claimed = await self.run_blocking(
@@ -112,6 +248,9 @@ class QueueRunner:
     def _attempt_done(self, ids: set[int], task: asyncio.Task) -> None:
         self._tasks.discard(task)
         self._in_flight -= ids
+        # Its recipients may be due again already (an attempt that outlived its retry delay): the
+        # runner's sleep did not count them while they were in flight.
+        self.wakeup.set()
 
     async def _deliver_local(self, message_id: str, rcpts: list[Recipient]) -> None:
         content = await self.run_blocking(self.queue.content, message_id)
