@@ -177,10 +177,17 @@ class QueueRunner:
             else:
                 self._succeeded()
                 timeout = await self._until_next_due()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await self._sleep(timeout)
+
+    async def _sleep(self, timeout: float) -> None:
+        """Until woken or ``timeout``. Not asyncio.wait_for: on Python 3.11 it swallows a
+        cancellation that arrives as the event is set (it returns the event's result), and the
+        runner would go on while Backend.stop waits for it to end."""
+        woken = asyncio.ensure_future(self.wakeup.wait())
+        try:
+            await asyncio.wait([woken], timeout=timeout)
+        finally:
+            woken.cancel()
 
     def _failed(self, e: Exception) -> float:
         """Count a failed round; returns how long to wait before the next one."""

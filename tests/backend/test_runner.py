@@ -233,3 +233,42 @@ def test_no_attempt_is_planned_past_the_expiry(tmp_path):
     assert unlimited.get(uid).recipients[0].next_attempt == 1100.0 + HOUR
     q.close()
     unlimited.close()
+
+
+# ---------------------------------------------------------------- stopping the runner
+
+
+@pytest.mark.asyncio
+async def test_the_runner_stops_when_cancelled_as_a_wake_up_arrives(tmp_path):
+    """Backend.stop cancels the runner and awaits it. A wake-up landing in the same instant (a
+    session's commit as the daemon stops) must not swallow the cancellation: asyncio.wait_for of
+    Python 3.11 returns the event's result instead, the runner went on sleeping, and stop() waited
+    forever (seen as a test teardown hanging on the 30 s idle poll)."""
+    from backend.config import load_config
+    from backend.metrics import BackendMetrics
+    from backend.runner import QueueRunner
+
+    q = Queue(tmp_path / "q.db")
+    asleep = asyncio.Event()
+
+    async def run_blocking(fn, *args):
+        result = await asyncio.to_thread(fn, *args)
+        if fn == q.next_due_time:  # the round is over: the runner goes to sleep right after this
+            asleep.set()
+        return result
+
+    cfg = load_config(write_config(tmp_path, listener_block("lan", "lan", **LAN)))
+    runner = QueueRunner(cfg, q, BackendMetrics(), run_blocking)
+    try:
+        for _ in range(5):
+            asleep.clear()
+            task = asyncio.create_task(runner.run())
+            await asyncio.wait_for(asleep.wait(), 10)
+            for _ in range(3):
+                await asyncio.sleep(0)  # let it reach its wait (a few loop steps, no wall-clock wait)
+            runner.wakeup.set()
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert task in done and task.cancelled()
+    finally:
+        q.close()
