@@ -1,11 +1,13 @@
 """Fuzz run (issue 11, acceptance): for N minutes, concurrent clients send random and mutated SMTP commands and PROXY v2 headers to a real homemx-gateway and a real homemx-backend on loopback; every few seconds and at the end a normal transaction must get its 250 (within 1 s at the end), both daemons must stay alive with a sane number of threads, no reply may carry Python exception text, and no log a traceback, an ERROR/CRITICAL line, an asyncio warning flood or a raw control byte.
 
-Theory of operation. ``Stack`` starts the backend with every listener kind (mx, lan, submission and
-submissions behind PROXY v2 as deployed, plus an mx without PROXY) and the gateway in front of them.
-``TARGETS`` are the ways in: through a gateway listener, or directly to a backend listener with the
+Theory of operation. ``run`` starts the backend with every listener kind (mx, lan, submission and
+submissions behind PROXY v2 as deployed, plus an mx without PROXY) and the gateway in front of them
+(tests/chaos/stack.py).
+``targets()`` are the ways in: through a gateway listener, or directly to a backend listener with the
 PROXY v2 header the gateway would send. Workers loop until the time is up, each session drawing a
-target and its whole content from its own seeded ``random.Random`` (``session_seed``), so a finding
-names the session that replays it (``--replay TARGET:KIND:SEED``). A session is one of:
+target and its whole content from its own seeded ``random.Random`` (``Session.seed``), so a finding
+names the session that replays it (``--replay TARGET:KIND:SEED``; its choices depend only on the
+seed and on the replies it gets). A session is one of:
 
 - SMTP (``smtp_session``): a string of actions from ``ACTIONS``: commands built from a grammar
   (``command``), pipelined in one write or split at random bytes, each possibly mutated
@@ -20,9 +22,10 @@ names the session that replays it (``--replay TARGET:KIND:SEED``). A session is 
 
 Oracles, besides the checks on every reply: ``probe`` runs a normal transaction through the gateway
 and directly (plain mx, mx with PROXY) every ``--probe-every`` seconds, and once more after the fuzz
-clients stopped, when each must get 250 within 1 s; the daemons' threads are counted from /proc.
-At the end both daemons get SIGTERM and must exit 0 (the backend exits 1 when its watchdog saw a
-vital worker die).
+clients stopped, when each must get 250 within 1 s; the daemons' threads and memory are read from
+/proc. At the end, once every client has been gone for ``SETTLE`` seconds, both daemons get SIGTERM
+and must exit 0 (the backend exits 1 when its watchdog saw a vital worker die), and the backend must
+hold no session then (one it still holds is one whose end it did not notice).
 
     python -m tests.bench fuzz [--minutes N] [--seed S] [--workers W] [--json PATH] [--replay TARGET:KIND:SEED]
 """
@@ -188,7 +191,7 @@ def auth_argument(rng: random.Random) -> str:
             _b64(b"\0\0\0\0"),
             "=",
             "!!notbase64!!",
-            _b64(os.urandom(rng.randint(0, 64)))[:-1],  # bad padding
+            _b64(rng.randbytes(rng.randint(1, 64)))[:-1],  # bad padding
             _b64(rng.randbytes(rng.randint(0, 200))),
         ])
         return f"{mech} {resp}"
@@ -201,7 +204,7 @@ def challenge_answer(rng: random.Random) -> str:
     """A line sent when the server may be waiting for an AUTH continuation (RFC 4954 4)."""
     return rng.choice([_b64(ALICE.encode()), _b64(b"wrong"), _b64(ALICE_PW.encode()), "*", "=", "",
                        "%%%", _b64(rng.randbytes(rng.randint(0, 100))), "AAAA" * 500,
-                       _b64(f"{ALICE} {os.urandom(8).hex()}".encode())])
+                       _b64(f"{ALICE} {rng.randbytes(8).hex()}".encode())])
 
 
 def command(rng: random.Random) -> str:
