@@ -64,12 +64,12 @@ def run_daemon(cfg) -> int:
     from backend.smtpd import TLSSetupError
 
     try:
-        asyncio.run(serve(cfg))
+        status = asyncio.run(serve(cfg))
     except (OSError, DKIMKeyError, TLSSetupError) as e:
         # A port in use, an unusable DKIM key or certificate: one line naming it, no traceback.
         print(f"homemx-backend: cannot start: {e}", file=sys.stderr)
         return 1
-    return 0
+    return status  # 1 when a vital worker died (the watchdog logged which): restart me
 
 
 # ---------------------------------------------------------------- demo
