@@ -20,6 +20,8 @@ _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # Internationalised labels arrive as UTF-8 with SMTPUTF8; accept non-ASCII letters in labels.
 _ULABEL_RE = re.compile(r"^(?!-)[^\x00-\x2c\x2e\x2f\x3a-\x40\x5b-\x60\x7b-\x7f]{1,63}(?<!-)$")
 
+_NOT_UTF8_RE = re.compile("[\ud800-\udfff]")  # lone surrogates: bytes that were not UTF-8
+
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 MAX_PATH = 256  # RFC 5321 4.5.3.1.3
@@ -70,6 +72,11 @@ def parse_path(path: str, allow_null: bool = False) -> Address | None:
     """Parse ``<local@domain>`` (brackets included). Returns None for ``<>`` when allowed."""
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         raise PathError(R.R501_PATH_CONTROL)
+    if _NOT_UTF8_RE.search(path):
+        # RFC 6531 3.3: a non-ASCII address is UTF-8. aiosmtpd decodes command arguments with
+        # surrogateescape, so other bytes arrive as lone surrogates, which nothing downstream
+        # (the queue database, a remote's MAIL/RCPT) can encode.
+        raise PathError(R.R501_PATH_NOT_UTF8)
     if not (path.startswith("<") and path.endswith(">")):
         raise PathError(R.R501_PATH_UNCLOSED)
     inner = path[1:-1]

@@ -19,6 +19,7 @@ R501_PATH_CONTROL = "501 5.1.3 Control characters in address"
 R501_PATH_TOO_LONG = "501 5.1.3 Address too long"
 R501_TRAILING_DOT = "501 5.1.3 Trailing dot in domain not allowed"
 R501_BAD_DOMAIN = "501 5.1.3 Bad domain syntax"
+R501_PATH_NOT_UTF8 = "501 5.1.3 Address is not UTF-8"  # RFC 6531 3.3
 R550_SOURCE_ROUTE = "550 5.7.1 Source routes are not accepted"
 R550_PERCENT_HACK = "550 5.7.1 Relaying with % in the local part is not allowed"
 R550_BANG_PATH = "550 5.7.1 UUCP bang paths are not allowed"
@@ -44,6 +45,7 @@ R235_AUTH_OK = "235 2.7.0 Authentication successful"
 R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 R454_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
 R503_ALREADY_AUTH = "503 5.5.1 Already authenticated"
+R500_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"  # RFC 4954 4
 # Like Postfix on a port without SASL: the mx listener never takes AUTH (RFC 4954 is for submission).
 R503_AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"
 

@@ -489,6 +489,10 @@ class HomeSMTP(SMTP):
             self._reject("auth_on_mx")
             await self.push(R.R503_AUTH_NOT_ENABLED)
             return
+        if arg and not arg.split():
+            # aiosmtpd strips the argument as bytes but splits it as text, where \x1c-\x1f and
+            # U+0085 are whitespace too: its split()[0] would raise. No mechanism is no argument.
+            arg = None
         await super().smtp_AUTH(arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
