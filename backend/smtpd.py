@@ -26,6 +26,8 @@ STARTTLS, SIZE); this module adds what a mail server on the internet needs on to
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import dataclasses
 import inspect
@@ -680,13 +682,47 @@ class HomeSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return await self._auth_check(login, password)
 
-    @staticmethod
-    def _b64(text: str) -> bytes | None:
-        import base64
-        import binascii
-
+    async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
+        """aiosmtpd's challenge (334) and the client's answer, with a bounded answer line: its
+        readline() raised ValueError past the reader's limit (64 KiB) and left the rest of the
+        line to be read as commands. RFC 4954 4: a longer answer is refused with 500 5.5.6 and
+        counts as a failed AUTH; the whole line is read and dropped."""
+        if isinstance(challenge, str):
+            challenge = challenge.encode()
+        await self.push(b"334 " + (base64.b64encode(challenge) if encode_to_b64 else challenge))
         try:
-            return base64.b64decode(text.encode(), validate=True)
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            line = e.partial  # the connection is going; aiosmtpd's readline() answered the same
+        except asyncio.LimitOverrunError as e:
+            await self._skip_line(e.consumed)
+            self._count_auth_failure()
+            await self.push(R.R500_AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 4: the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        decoded = self._b64(blob)
+        if decoded is None:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+        return decoded
+
+    async def _skip_line(self, consumed: int) -> None:
+        """Drop an overlong line: what the reader holds of it, and the rest up to its LF."""
+        while True:
+            await self._reader.readexactly(consumed)
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                consumed = e.consumed
+
+    @staticmethod
+    def _b64(text: str | bytes) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode() if isinstance(text, str) else text, validate=True)
         except (binascii.Error, ValueError):
             return None
 
@@ -713,12 +749,18 @@ class HomeSMTP(SMTP):
         log.info("conn=%s client=%s authenticated as %s", self.conn_id, self.client_host, user)
         return AuthResult(success=True, auth_data=user, message=R.R235_AUTH_OK)
 
-    async def _auth_failed(self) -> AuthResult:
+    def _count_auth_failure(self) -> int:
+        """Record a failed AUTH for this client (the shared limiter, the metric, one log line);
+        returns the client's failures in the window."""
         lc = self.ctx.listener
         n = self.ctx.auth_limiter.failed(self.client_host, lc.auth_failure_window)
         self.ctx.metrics.auth_failures.labels(lc.name).inc()
         log.info("conn=%s client=%s AUTH failed (%d in window)", self.conn_id, self.client_host, n)
-        delay = auth_delay(n, lc.auth_failure_delay)
+        return n
+
+    async def _auth_failed(self) -> AuthResult:
+        n = self._count_auth_failure()
+        delay = auth_delay(n, self.ctx.listener.auth_failure_delay)
         if delay:
             await asyncio.sleep(delay)
         return AuthResult(success=False, handled=False, message=R.R535_AUTH_FAILED)
