@@ -424,8 +424,29 @@ class HomeSMTP(SMTP):
     def tls_active(self) -> bool:
         return self._tls_protocol is not None or self.ctx.listener.kind == "submissions"
 
+    def _wire_closing(self) -> bool:
+        """Whether the connection under this session is lost or being closed. Under TLS the
+        session's transport says so only a loop turn or two after the socket under it failed
+        (asyncio reports the loss with call_soon, twice), and answering pipelined commands never
+        yields meanwhile: the socket's own transport is asked too."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return True
+        # STARTTLS and 465 behind the gateway keep the socket's transport; 465 without PROXY
+        # has the event loop's TLS layer, which holds it.
+        wire = self._original_transport or getattr(getattr(t, "_ssl_protocol", None), "_transport", None)
+        return wire is not None and wire.is_closing()
+
     async def push(self, status) -> None:
         self._greeted = True
+        if self._wire_closing():
+            # The client is gone (a reset found by the last write) or we are hanging up: no more
+            # replies, and nothing it pipelined runs. aiosmtpd's loop then waits on the empty
+            # reader until connection_lost ends the session. (Writing on would make asyncio log
+            # "socket.send() raised exception." for every reply after the fifth.)
+            self._reply_lines.clear()
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            return
         closing = False
         if isinstance(status, str):
             status = R.enhance(status)
