@@ -356,6 +356,15 @@ class HomeSMTP(SMTP):
             self.ctx.metrics.connections.labels(self.ctx.listener.name, self.outcome).inc()
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        keep_open = super().eof_received()  # aiosmtpd cancels the session's command loop
+        if not self._greeted:
+            # Before the banner (a PROXY header still incomplete) nothing will answer or close
+            # the half-closed connection: aiosmtpd's loop closes it only once past the header,
+            # so it was noticed at the PROXY timeout (and logged as one). Close it now.
+            return False
+        return keep_open
+
     def hang_up(self, reply: str | None, outcome: str) -> None:
         """Send a last reply (when the peer reads replies yet) and close. Commands the client
         already pipelined behind are dropped, never executed."""

@@ -9,11 +9,9 @@ The backend runs in-process on loopback ports chosen by the OS. Clients that mus
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import socket
-import ssl
 import struct
 import time
 
@@ -22,7 +20,6 @@ import pytest
 from backend.config import load_config
 from backend.queue import Queue
 from backend.run import Backend
-from gateway.proxyv2 import encode_proxy_v2
 from tests.backend.helpers import (
     ALICE,
     RawSMTP,
@@ -196,10 +193,12 @@ async def test_address_that_is_not_utf8_is_refused_at_mail_or_rcpt(tmp_path, cap
 @pytest.mark.parametrize("partial", [b"\x16", b"\x16\x03", b"\x16\x03\x01\x02\x00\x01"])
 @pytest.mark.parametrize("close", ["reset", "fin"])
 async def test_connection_gone_mid_starttls_handshake_ends_the_session_at_once(tmp_path, caplog, partial, close):
-    """After '220 Ready to start TLS', a few bytes of a ClientHello and then an RST: the session
-    ended only at the idle timeout (outcome=timeout). It ends when the connection goes, with one
-    INFO line for the handshake and one outcome. (The idle timeout is 60 s here: ending within
-    the liveness bound below means the loss itself was noticed.)"""
+    """After '220 Ready to start TLS', a few bytes of a ClientHello and then an RST or a FIN: the
+    session ends when the connection goes, with one INFO line for the handshake and one outcome
+    (the idle timeout is 60 s here: ending within the liveness bound means the loss itself was
+    noticed). A guard, not a fix: the reported "noticed only at the idle timeout" came from a
+    reproducer whose socket stayed open (a makefile() reference kept SO_LINGER's close from
+    happening until the script exited); asyncio reports this loss to the handshake waiter."""
     caplog.set_level(logging.INFO)
     async with running_backend(write_config(tmp_path, listener_block("mx", "mx", timeout=60))) as b:
         port = b.bound_port("mx")
@@ -226,7 +225,8 @@ async def test_connection_gone_mid_starttls_handshake_ends_the_session_at_once(t
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("sent", [b"", b"\r\n\r\n", b"\r\n\r\n\x00\r\nQUIT\n"[:6]])
+# Nothing, half of the v2 signature, all of it but the last byte (the PROXY protocol spec 2.2).
+@pytest.mark.parametrize("sent", [b"", b"\r\n\r\n\x00\r", b"\r\n\r\n\x00\r\nQUIT"])
 async def test_close_during_the_proxy_header_ends_the_session_at_once(tmp_path, caplog, sent):
     """A peer that closes before its PROXY header is complete was noticed only at the PROXY
     timeout and logged outcome=timeout; it is a close, noticed when it happens (the timeout here
