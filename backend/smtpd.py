@@ -389,7 +389,7 @@ class HomeSMTP(SMTP):
         banner is sent inside TLS."""
         assert self.transport is not None and self.ctx.tls_context is not None
         leftover = bytes(self._reader._buffer)  # type: ignore[attr-defined]
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._drop_plaintext()
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.ctx.tls_context, waiter, server_side=True)
         self._original_transport = self.transport
@@ -413,6 +413,14 @@ class HomeSMTP(SMTP):
             self.loop.call_soon(self._end_if_open)
             return False
         return True
+
+    def _drop_plaintext(self) -> None:
+        """Before TLS starts: forget what the command reader holds (RFC 3207 5: nothing sent in
+        clear may count as sent under TLS) and let the socket be read again. The reader pauses
+        the socket's transport when it holds more than 128 KiB; the TLS layer then waited for a
+        ClientHello, or noticed a reset, only at the idle timeout."""
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
     def _lost_in_handshake(self) -> bool:
         """Whether the connection went while the TLS handshake was in progress. asyncio's
@@ -500,6 +508,8 @@ class HomeSMTP(SMTP):
             # SSLProtocol cannot run over its own transport (TypeError on the first error).
             await self.push(R.R503_TLS_ACTIVE)
             return
+        if not arg and self.tls_context:
+            self._drop_plaintext()
         try:
             await super().smtp_STARTTLS(arg)
             if self._lost_in_handshake():
