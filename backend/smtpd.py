@@ -756,6 +756,8 @@ class HomeSMTP(SMTP):
             try:
                 await self._reader.readuntil(b"\n")
                 return
+            except asyncio.IncompleteReadError:
+                return  # the connection ended inside the line
             except asyncio.LimitOverrunError as e:
                 consumed = e.consumed
 
