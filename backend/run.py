@@ -10,13 +10,13 @@ import logging
 import signal
 import ssl
 
-from backend import outbound
+from backend.deliver import outbound
 from backend.config import BackendConfig
-from backend.directory import Directory
+from backend.receive.directory import Directory
 from backend.metrics import BackendMetrics
-from backend.queue import Queue
-from backend.runner import QueueRunner, wake_path
-from backend.smtpd import (
+from backend.queue.store import Queue
+from backend.queue.runner import QueueRunner, wake_path
+from backend.receive.smtpd import (
     PROXY_TIMEOUT,
     AuthLimiter,
     ListenerContext,
@@ -24,7 +24,7 @@ from backend.smtpd import (
     make_tls_context,
     protocol_factory,
 )
-from backend.users import UserDB
+from backend.receive.users import UserDB
 
 log = logging.getLogger("homemx.backend")
 
@@ -58,7 +58,7 @@ class Backend:
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
     def _outbound(self) -> None:
-        """DKIM signing and outbound delivery (backend/outbound.py); a broken key stops the start."""
+        """DKIM signing and outbound delivery (backend/deliver/outbound.py); a broken key stops the start."""
         self.signer, self.remote = outbound.build(self)
 
     async def start(self) -> None:

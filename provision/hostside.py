@@ -80,7 +80,7 @@ def tunnel_config(req: dict) -> dict:
 
 def dkim_keys(req: dict) -> dict:
     """Generate the DKIM keys named in the request if absent (they never leave this host); return the TXT lines."""
-    from backend import dkim
+    from backend.dkim import sign as dkim
 
     out = {"records": [], "keys": "unchanged"}
     for entry in req["keys"]:
@@ -126,7 +126,7 @@ def tls_selfsigned(req: dict) -> dict:
 
 def first_user(req: dict) -> dict:
     """Create the first mail user with a random password stored 0600 on this host (read it over ssh, then change it)."""
-    from backend.users import UserDB
+    from backend.receive.users import UserDB
 
     db = UserDB(Path(req["passwd_file"]))
     if db.exists(req["address"]):

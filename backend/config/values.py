@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import PlainValidator, ValidationInfo
 
-from backend.addresses import PathError, parse_path
+from backend.smtp.paths import PathError, parse_path
 
 # ---------------------------------------------------------------- value parsers (pure)
 

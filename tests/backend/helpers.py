@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from backend.cmd_run import write_self_signed
-from backend.users import UserDB
+from backend.cli.run import write_self_signed
+from backend.receive.users import UserDB
 
 DOMAIN = "example.org"
 ALICE = "alice@example.org"

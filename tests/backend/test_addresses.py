@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.addresses import PathError, parse_path, split_path_and_params
+from backend.smtp.paths import PathError, parse_path, split_path_and_params
 
 DISGUISES = {
     "source route": "<@example.org:victim@elsewhere.net>",

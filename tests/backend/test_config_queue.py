@@ -8,7 +8,7 @@ import os
 import pytest
 
 from backend.config import ConfigError, load_config
-from backend.queue import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
+from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
 from tests.backend.helpers import listener_block, run_cli, write_config
 
 
@@ -150,7 +150,7 @@ async def test_runner_does_not_start_a_second_attempt_while_one_runs(tmp_path):
 
     from backend.config import load_config
     from backend.metrics import BackendMetrics
-    from backend.runner import QueueRunner
+    from backend.queue.runner import QueueRunner
 
     cfg = load_config(_cfg(tmp_path, extra=""))
     clock = [1000.0]

@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from backend.config import config_from_dict
-from backend.delivery import Deliverer, make_resolver
+from backend.deliver.remote import Deliverer, make_resolver
 from backend.metrics import BackendMetrics
-from backend.mtasts import MTASTS, STORE_FILE, PolicyStore
-from backend.queue import NewMessage, NewRecipient, Queue
-from backend.runner import QueueRunner
+from backend.deliver.mtasts import MTASTS, STORE_FILE, PolicyStore
+from backend.queue.store import NewMessage, NewRecipient, Queue
+from backend.queue.runner import QueueRunner
 from tests.lab.nsd import NSD
 
 T0 = 1_700_000_000.0
@@ -95,7 +95,7 @@ class TestCA:
 
 def self_signed_context(directory: Path, name: str) -> ssl.SSLContext:
     """A server context with a certificate no client trusts (the "bad certificate" peer)."""
-    from backend.cmd_run import write_self_signed
+    from backend.cli.run import write_self_signed
 
     cert, key = directory / f"selfsigned-{name}.crt", directory / f"selfsigned-{name}.key"
     write_self_signed(cert, key, name)

@@ -14,8 +14,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from backend import cmd_dkim, dkim
-from backend.dnscheck import parse_dkim_txt
+from backend.cli import dkim as cmd_dkim
+
+from backend.dkim import sign as dkim
+from backend.dns.check import parse_dkim_txt
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\n"

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend import dkim
+from backend.dkim import sign as dkim
 from tests.conftest import require_root, require_tool
 from tests.lab.nsd import NSD, zone_text
 

@@ -7,10 +7,12 @@ import json
 
 import pytest
 
-from backend import cmd_dns, dkim
+from backend.cli import dns as cmd_dns
+
+from backend.dkim import sign as dkim
 from backend.config import load_config
-from backend.dnscheck import DNSLookup, resolver_for, run_checks
-from backend.dnsrecords import render_ptr_records, render_records
+from backend.dns.check import DNSLookup, resolver_for, run_checks
+from backend.dns.records import render_ptr_records, render_records
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, NSDError, reverse_zone_name, zone_text
 

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from backend.dnscheck import (
+from backend.dns.check import (
     DNSTempError,
     ParseError,
     check_host,

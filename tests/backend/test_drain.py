@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from backend.config import load_config
-from backend.queue import Queue
+from backend.queue.store import Queue
 from backend.run import Backend
 from tests.backend.helpers import ALICE, RawSMTP, listener_block, write_config
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from backend import dsn
+from backend.deliver import dsn
 
 ORIGINAL = (
     b"Received: from lan by mail.example.org\r\n"

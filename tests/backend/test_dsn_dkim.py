@@ -1,4 +1,4 @@
-"""DSNs and delay notices are DKIM-signed like other outbound mail (the signer of backend/outbound.py), verified with dkimpy.
+"""DSNs and delay notices are DKIM-signed like other outbound mail (the signer of backend/deliver/outbound.py), verified with dkimpy.
 
 The first test runs a real `homemx-backend run` with DKIM keys configured and a remote MX that
 refuses the recipient: the bounce it queues must verify against the published keys. The second
@@ -13,9 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend import dkim, outbound
+from backend.dkim import sign as dkim
+
+from backend.deliver import outbound
 from backend.metrics import BackendMetrics
-from backend.queue import BOUNCED, DEFERRED
+from backend.queue.store import BOUNCED, DEFERRED
 from tests.backend.helpers import ALICE, free_port, wait_for_sync
 from tests.backend.test_delivery import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
 from tests.backend.test_delivery_faults import RefusingMX, _queue_db

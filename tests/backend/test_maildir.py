@@ -2,7 +2,7 @@
 
 import os
 
-from backend import maildir
+from backend.local import maildir
 
 
 def test_large_message_converted_in_slices_exactly(tmp_path):

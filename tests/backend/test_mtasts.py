@@ -5,7 +5,7 @@ from __future__ import annotations
 import dns.resolver
 import pytest
 
-from backend import mtasts
+from backend.deliver import mtasts
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.net\r\nmx: *.example.net\r\nmax_age: 604800\r\n"
 

@@ -15,10 +15,10 @@ import dns.resolver
 import pytest
 import pytest_asyncio
 
-from backend import mtasts
-from backend.delivery import Deliverer
+from backend.deliver import mtasts
+from backend.deliver.remote import Deliverer
 from backend.metrics import BackendMetrics
-from backend.queue import Queue
+from backend.queue.store import Queue
 from tests.backend.test_delivery_lab import TestCA, backend_config, run_blocking
 from tests.backend.test_mtasts import POLICY
 

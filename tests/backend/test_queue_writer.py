@@ -15,7 +15,7 @@ import sys
 import aiosmtplib
 import pytest
 
-from backend.queue import NewMessage, NewRecipient, Queue, QueueClosed
+from backend.queue.store import NewMessage, NewRecipient, Queue, QueueClosed
 from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for, write_config
 from tests.backend.test_receive import started
 
@@ -168,7 +168,7 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
 POISON = "KILL-THE-QUEUE-WRITER-5d1e"
 WRAPPER = f'''
 import sys
-from backend import queue
+from backend.queue import store as queue
 
 real_insert_op = queue.Queue._insert_op
 

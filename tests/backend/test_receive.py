@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from backend.config import load_config
-from backend.queue import Queue
+from backend.queue.store import Queue
 from backend.run import Backend
 from gateway.proxyv2 import encode_local_v2, encode_proxy_v2
 from tests.backend.helpers import (

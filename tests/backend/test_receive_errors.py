@@ -23,8 +23,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from backend.queue import Queue
-from backend.users import UserDB
+from backend.queue.store import Queue
+from backend.receive.users import UserDB
 from tests.backend.helpers import (
     ALICE,
     ALICE_PW,
@@ -439,7 +439,7 @@ async def test_added_date_and_message_id_are_covered_by_the_dkim_signature(tmp_p
     that changes the added Date breaks the signature."""
     from types import SimpleNamespace
 
-    from backend import dkim
+    from backend.dkim import sign as dkim
     from tests.backend.test_dkim import sig_tags, verify_all
 
     g = dkim.generate_key("example.org", "s1", "ed25519", tmp_path)

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from backend.config import load_config
-from backend.queue import Queue
+from backend.queue.store import Queue
 from backend.run import Backend
 from tests.backend.helpers import (
     ALICE,
@@ -249,3 +249,23 @@ async def test_close_during_the_proxy_header_ends_the_session_at_once(tmp_path, 
     finally:
         await b.stop(grace=0.5)
     assert outcomes(caplog) == ["closed"]
+
+
+# ---------------------------------------------------------------- addresses the email package cannot parse
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("arg", [b"<", b"a.\xff @", b"\xff@[ \xc2\x85"])
+async def test_vrfy_of_an_unparsable_address_is_an_answer_not_an_error(tmp_path, caplog, arg):
+    """aiosmtpd parses VRFY's address with the email package's header parser, which raises
+    IndexError or UnboundLocalError on some input besides HeaderParseError: 451 4.3.0 and an
+    ERROR line. It is an address that cannot be parsed: 502, and the session goes on."""
+    caplog.set_level(logging.INFO)
+    async with running_backend(write_config(tmp_path, listener_block("mx", "mx"))) as b:
+        c = await RawSMTP.connect(b.bound_port("mx"))
+        assert (await c.reply()).startswith("220 ")
+        assert (await c.cmd("EHLO client.example")).startswith("250")
+        assert (await c.cmd(b"VRFY " + arg + b"\r\n")).startswith("502 5.")
+        assert (await c.cmd("QUIT")).startswith("221")
+        await wait_for(lambda: outcomes(caplog))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from backend.queue import Queue
+from backend.queue.store import Queue
 from tests.backend.helpers import (
     ALICE,
     ALICE_PW,

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from backend.queue import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
-from backend.runner import IDLE_POLL, retry_delay_for
+from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
+from backend.queue.runner import IDLE_POLL, retry_delay_for
 from tests.backend.faults import fill, small_tmpfs
 from tests.backend.helpers import (
     ALICE,
@@ -246,7 +246,7 @@ async def test_the_runner_stops_when_cancelled_as_a_wake_up_arrives(tmp_path):
     forever (seen as a test teardown hanging on the 30 s idle poll)."""
     from backend.config import load_config
     from backend.metrics import BackendMetrics
-    from backend.runner import QueueRunner
+    from backend.queue.runner import QueueRunner
 
     q = Queue(tmp_path / "q.db")
     asleep = asyncio.Event()

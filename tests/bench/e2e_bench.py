@@ -116,7 +116,7 @@ def homemx_pair(lab, messages: int, lat_n: int) -> dict:
 
 
 def _homemx_run(work: Path, nsd, sink, sink_port: int, sink_log: Path, messages: int, lat_n: int) -> dict:
-    from backend import dkim
+    from backend.dkim import sign as dkim
 
     wait_port("127.0.0.1", sink_port, proc=sink)
     keys = work / "dkim"

@@ -1,4 +1,4 @@
-"""PROXY protocol version 2 header decoder (pure, no I/O): an independent reader the tests use to check the gateway's encoder and that benchmark sinks use; the backend itself reads the header with aiosmtpd's parser (backend/smtpd.py).
+"""PROXY protocol version 2 header decoder (pure, no I/O): an independent reader the tests use to check the gateway's encoder and that benchmark sinks use; the backend itself reads the header with aiosmtpd's parser (backend/receive/smtpd.py).
 
 Spec: HAProxy "The PROXY protocol, Versions 1 & 2" (doc/proxy-protocol.txt), section 2.2.
 """

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from backend import dkim
+from backend.dkim import sign as dkim
 from backend.config import BackendConfig, DKIMKeyConfig
-from backend.delivery import Deliverer
+from backend.deliver.remote import Deliverer
 from backend.metrics import BackendMetrics
 
 log = logging.getLogger("homemx.outbound")

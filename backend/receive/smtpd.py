@@ -47,8 +47,8 @@ import aiosmtpd.smtp as aiosmtpd_smtp
 import google_crc32c
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, TLSSetupException
 
-from backend import replies as R
-from backend.addresses import (
+from backend.smtp import replies as R
+from backend.smtp.paths import (
     Address,
     PathError,
     is_bare_postmaster,
@@ -57,11 +57,11 @@ from backend.addresses import (
     split_path_and_params,
 )
 from backend.config import BackendConfig, ListenerConfig
-from backend.directory import Directory
-from backend.message import count_received, crlf_canonical, from_addresses, has_field, rfc5322_date, split_header
+from backend.receive.directory import Directory
+from backend.smtp.message import count_received, crlf_canonical, from_addresses, has_field, rfc5322_date, split_header
 from backend.metrics import BackendMetrics
-from backend.queue import NewMessage, NewRecipient, Queue, new_queue_id
-from backend.users import UserDB
+from backend.queue.store import NewMessage, NewRecipient, Queue, new_queue_id
+from backend.receive.users import UserDB
 
 log = logging.getLogger("homemx.smtp")
 
@@ -480,6 +480,9 @@ class HomeSMTP(SMTP):
             if self._reply_lines:
                 status = "\r\n".join([*self._reply_lines, status])
                 self._reply_lines.clear()
+            # aiosmtpd echoes arguments in some replies (502 Could not VRFY ...); bytes of theirs
+            # that were not UTF-8 (surrogates) cannot be encoded strictly.
+            status = status.encode("utf-8", "replace")
         await super().push(status)
         if closing:
             self._reader._buffer.clear()  # type: ignore[attr-defined]
@@ -536,6 +539,15 @@ class HomeSMTP(SMTP):
             # U+0085 are whitespace too: its split()[0] would raise. No mechanism is no argument.
             arg = None
         await super().smtp_AUTH(arg)
+
+    def _getaddr(self, arg: str):
+        """aiosmtpd parses addresses (VRFY's; MAIL's and RCPT's after our own checks) with the
+        email package's header parser, which raises IndexError or UnboundLocalError on some
+        malformed input as well as HeaderParseError (e.g. ``VRFY <``): each means "cannot parse"."""
+        try:
+            return super()._getaddr(arg)
+        except Exception:  # noqa: BLE001 - a parser bug is a syntax error of the client's, not ours
+            return None, None
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg is not None and self.session is not None and self.session.host_name:

@@ -42,11 +42,11 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from backend import dsn
+from backend.deliver import dsn
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.mtasts import ASYNCIO_DNS, MTASTS, STORE_FILE, Policy, PolicyStore
-from backend.queue import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue, QueueEntry, Recipient
+from backend.deliver.mtasts import ASYNCIO_DNS, MTASTS, STORE_FILE, Policy, PolicyStore
+from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue, QueueEntry, Recipient
 
 log = logging.getLogger("homemx.delivery")
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from backend.message import crlf_canonical, from_addresses, split_header
+from backend.smtp.message import crlf_canonical, from_addresses, split_header
 
 RSA_BITS = 2048  # RFC 8301 3.2: signers MUST use at least 1024 bits, SHOULD use 2048
 ALGORITHMS = ("rsa", "ed25519")

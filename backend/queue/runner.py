@@ -24,10 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator, Protocol
 
-from backend import maildir
+from backend.local import maildir
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.queue import DELIVERED, DEFERRED, Queue, QueueClosed, Recipient
+from backend.queue.store import DELIVERED, DEFERRED, Queue, QueueClosed, Recipient
 
 log = logging.getLogger("homemx.runner")
 

@@ -8,12 +8,12 @@ import getpass
 import json
 import sys
 
-from backend.addresses import PathError, parse_address
-from backend.maildir import ensure_maildir
-from backend.cmd_run import DEFAULT_CONFIG, load_or_exit
-from backend.queue import Queue, QueueError
-from backend.runner import poke_daemon
-from backend.users import UserDB, UserError
+from backend.smtp.paths import PathError, parse_address
+from backend.local.maildir import ensure_maildir
+from backend.cli.run import DEFAULT_CONFIG, load_or_exit
+from backend.queue.store import Queue, QueueError
+from backend.queue.runner import poke_daemon
+from backend.receive.users import UserDB, UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

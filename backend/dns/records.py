@@ -10,8 +10,8 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from .config import BackendConfig
-from .dkim import dkim_txt_record, zone_txt_rdata
+from backend.config import BackendConfig
+from backend.dkim.sign import dkim_txt_record, zone_txt_rdata
 
 DEFAULT_TTL = 3600
 MX_PREFERENCE = 10

@@ -22,9 +22,9 @@ import dns.name
 import dns.resolver
 import dns.reversename
 
-from .config import BackendConfig
-from .dkim import DKIMKeyError, load_private_key, public_key_bytes
-from .dnsrecords import fqdn, mta_sts_id, tlsrpt_rua
+from backend.config import BackendConfig
+from backend.dkim.sign import DKIMKeyError, load_private_key, public_key_bytes
+from backend.dns.records import fqdn, mta_sts_id, tlsrpt_rua
 
 
 # ---------------------------------------------------------------- lookups

@@ -10,11 +10,11 @@ import sys
 # `func=callable(args) -> int` on the parser. Keep the list explicit: a module that is not
 # listed does not exist as a command.
 COMMAND_MODULES = [
-    "backend.cmd_run",  # run, demo, config check
-    "backend.cmd_admin",  # queue, users
-    "backend.cmd_tunnel",  # tunnel up/down/status/keygen/config (wireguard/cli.py)
-    "backend.cmd_dkim",  # dkim keygen
-    "backend.cmd_dns",  # dns records, dns check
+    "backend.cli.run",  # run, demo, config check
+    "backend.cli.admin",  # queue, users
+    "backend.cli.tunnel",  # tunnel up/down/status/keygen/config (wireguard/cli.py)
+    "backend.cli.dkim",  # dkim keygen
+    "backend.cli.dns",  # dns records, dns check
 ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from backend.config import BackendConfig
-from backend.users import UserDB
+from backend.receive.users import UserDB
 
 MAX_ALIAS_DEPTH = 8  # alias chains deeper than this are a configuration loop
 

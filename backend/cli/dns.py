@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .config import ConfigError, load_config
+from backend.config import ConfigError, load_config
 
 DEFAULT_CONFIG = "/etc/homemx/backend.toml"
 
@@ -38,8 +38,8 @@ def _load(path: str):
 
 
 def cmd_records(args) -> int:
-    from .dkim import DKIMKeyError
-    from .dnsrecords import render_ptr_records, render_records
+    from backend.dkim.sign import DKIMKeyError
+    from backend.dns.records import render_ptr_records, render_records
 
     config = _load(args.config)
     if config is None:
@@ -53,7 +53,7 @@ def cmd_records(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .dnscheck import DNSLookup, resolver_for, run_checks
+    from backend.dns.check import DNSLookup, resolver_for, run_checks
 
     config = _load(args.config)
     if config is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import dkim
-from .config import parse_domain
+from backend.dkim import sign as dkim
+from backend.config import parse_domain
 
 _SELECTOR_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 

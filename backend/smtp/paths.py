@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from backend import replies as R
+from backend.smtp import replies as R
 
 # RFC 5321 4.1.2 atext (RFC 5322 3.2.3), without the characters we refuse in local parts.
 _ATEXT = r"[A-Za-z0-9!#$&'*+\-/=?^_`{|}~]"

@@ -1,0 +1,1 @@
+"""Inbound verification (SPF, DKIM, DMARC, ARC, spam checks): receive calls it; the room is empty until that lands."""

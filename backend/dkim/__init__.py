@@ -1,0 +1,1 @@
+"""DKIM: keys, signing (and the verification helpers inbound checks build on)."""

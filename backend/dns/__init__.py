@@ -1,0 +1,1 @@
+"""DNS: the records to publish, the live installation check and the parsers it shares."""

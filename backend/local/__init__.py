@@ -1,0 +1,1 @@
+"""Local delivery: Maildir for Dovecot."""

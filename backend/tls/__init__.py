@@ -1,0 +1,1 @@
+"""Certificates: obtaining, renewing and loading them; the room is empty until that lands."""
