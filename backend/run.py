@@ -11,6 +11,7 @@ import signal
 import ssl
 
 from backend.deliver import outbound
+from backend.accept import Acceptor
 from backend.config import BackendConfig
 from backend.receive.directory import Directory
 from backend.metrics import BackendMetrics
@@ -52,6 +53,7 @@ class Backend:
         self.metrics_server = None
         self.signer = None
         self.remote = None
+        self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
 
     async def run_blocking(self, fn, *args):
         loop = asyncio.get_running_loop()
@@ -78,6 +80,7 @@ class Backend:
             # An unusable certificate or DKIM key stops the start (cmd_run prints one line).
             tls = make_tls_context(cfg)
             self._outbound()
+            self.acceptor = Acceptor(cfg, self.queue, directory, self.metrics, self.run_blocking, self.signer)
             for lc in cfg.listeners:
                 ctx = ListenerContext(
                     config=cfg,
@@ -89,7 +92,7 @@ class Backend:
                     tls_context=tls,
                     auth_limiter=self.auth_limiter,
                     sessions=self.sessions,
-                    signer=self.signer,
+                    acceptor=self.acceptor,
                     run_blocking=self.run_blocking,
                     proxy_timeout=self.proxy_timeout,
                 )

@@ -29,13 +29,10 @@ import asyncio
 import base64
 import binascii
 import collections
-import dataclasses
 import inspect
 import ipaddress
 import itertools
 import logging
-import re
-import secrets
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -56,26 +53,19 @@ from backend.smtp.paths import (
     parse_path,
     split_path_and_params,
 )
+from backend.accept import Acceptor, Incoming, Refused
 from backend.config import BackendConfig, ListenerConfig
 from backend.receive.directory import Directory
-from backend.smtp.message import count_received, crlf_canonical, from_addresses, has_field, rfc5322_date, split_header
+from backend.smtp.datareader import LINE_TOO_LONG, OK, DataReader
+from backend.smtp.message import crlf_canonical
 from backend.metrics import BackendMetrics
-from backend.queue.store import NewMessage, NewRecipient, Queue, new_queue_id
+from backend.queue.store import NewRecipient, Queue
 from backend.receive.users import UserDB
 
 log = logging.getLogger("homemx.smtp")
 
 PROXY_TIMEOUT = 10.0  # the gateway sends the header at once; anything slower is not the gateway
 _conn_ids = itertools.count(1)
-
-
-def _finish_lines(run: bytes) -> bytes:
-    """Transparency and line endings for a run of whole lines (each ends in CRLF, the run starts
-    at a line start): a leading dot of a line is removed, then lone CR/LF become CRLF."""
-    if run.startswith(b"."):
-        run = run[1:]
-    run = run.replace(b"\r\n.", b"\r\n")
-    return crlf_canonical(run)
 
 
 AUTH_DELAY_MAX = 10.0  # seconds: the longest wait before a failed AUTH is answered
@@ -216,8 +206,8 @@ class ListenerContext:
     tls_context: ssl.SSLContext | None
     auth_limiter: AuthLimiter  # one for all listeners
     sessions: SessionRegistry  # one for all listeners
-    # DKIM signing hook (backend part 2): (message bytes, envelope sender) -> signed bytes. Blocking.
-    signer: Callable[[bytes, str], bytes] | None = None
+    # The accept pipeline (policy, trace header, DKIM, spool, queue) shared by every listener.
+    acceptor: Acceptor | None = None
     # Runs blocking work (queue, bcrypt, signing) off the event loop.
     run_blocking: Callable[..., Awaitable] | None = None
     # How long the PROXY header (and, on submissions behind the gateway, the TLS handshake) may take.
@@ -297,12 +287,21 @@ class HomeSMTP(SMTP):
         self.started = time.monotonic()
         self.accepted = 0
         self.outcome = "closed"
-        self.auth_user: str | None = None  # survives STARTTLS too (AUTH is only allowed after it anyway)
+        # The authenticated login (survives STARTTLS; AUTH is only allowed after it anyway). Not named
+        # auth_*: aiosmtpd takes every auth_* attribute of the session for an AUTH mechanism.
+        self.login_user: str | None = None
         self.in_data = False  # from the 354 to the reply after the dot: shutdown lets this finish
         self._greeted = False  # a reply (the banner) was sent: the peer now reads SMTP replies
         self._reply_lines: list[str] = []
         self._registered = False
-        super().__init__(handler, **kwargs)
+        # aiosmtpd.smtp's module-level ``inspect`` is our cached stand-in for the duration of this
+        # constructor only (no await in between, so no other code runs meanwhile); anything else
+        # it inspects gets the real module's answers. Nothing stays patched for the process.
+        aiosmtpd_smtp.inspect = _INSPECT
+        try:
+            super().__init__(handler, **kwargs)
+        finally:
+            aiosmtpd_smtp.inspect = inspect
         if ctx.listener.kind == "submissions":
             # Implicit TLS (RFC 8314): every byte is encrypted from the start, which aiosmtpd
             # cannot see (it knows STARTTLS only), so AUTH is allowed without STARTTLS here.
@@ -583,16 +582,10 @@ class HomeSMTP(SMTP):
     # -- DATA (RFC 5321 4.1.1.4, 4.5.2) ----------------------------------------------------------
     # aiosmtpd reads DATA one line at a time on the event loop, then post-processes the whole
     # message in one go: a 25 MB message is some 400,000 Python iterations plus several full
-    # passes during which no other session runs (docs/benchmarks.md, B6). This reads 64 KiB
-    # chunks with the same rules and finishes each run of complete lines as it arrives, with
-    # C-level bytes methods, yielding to other sessions between megabytes:
-    # - the end is <CRLF>.<CRLF> only (the DATA command's own CRLF counts as the first CRLF), so a
-    #   lone LF or CR never ends DATA (no SMTP smuggling);
-    # - a line is what lies between two CRLFs; one longer than DATA_LINE_MAX is refused (500);
-    # - a message larger than SIZE is read to its end and refused (552), keeping nothing;
-    # - transparency: a dot starting a line is removed (4.5.2);
-    # - then lone CR/LF are normalised to CRLF (the stored message is CRLF-canonical);
-    # - bytes after the terminator (pipelined commands) go back to the command reader.
+    # passes during which no other session runs (docs/benchmarks.md, B6). Here 64 KiB chunks go
+    # to the sans-IO reader (smtp/datareader.py: the end, transparency, line endings, line and
+    # size limits), yielding to other sessions between megabytes; what follows the terminator
+    # (pipelined commands) goes back to the command reader.
 
     DATA_CHUNK = 65536
     DATA_LINE_MAX = 999  # aiosmtpd's limit (1001 octets with CRLF); RFC 5321 4.5.3.1.6 says 998
@@ -621,56 +614,29 @@ class HomeSMTP(SMTP):
 
     async def _read_data(self) -> None:
         assert self.envelope is not None
-        limit = self.data_size_limit
-        pending = bytearray(b"\r\n")  # not yet processed; starts with the CRLF that ended DATA
-        parts: list[bytes] = []  # finished runs of complete lines
-        size = 0
-        state = "ok"
+        data = DataReader(self.data_size_limit, self.DATA_LINE_MAX)
         since_yield = 0
-        while True:
+        while not data.done:
             chunk = await self._reader.read(self.DATA_CHUNK)
             if not chunk:
                 return  # connection gone: nothing was accepted
             self._reset_timeout()  # RFC 5321 4.5.3.2.5/6: the timeout is per data block
-            search_from = max(0, len(pending) - 4)
-            pending += chunk
-            end = pending.find(b"\r\n.\r\n", search_from)
-            # Finish everything up to the last complete line (up to the terminator's first CRLF).
-            cut = end + 2 if end >= 0 else pending.rfind(b"\r\n") + 2
-            if cut > 2:
-                run = bytes(pending[2:cut])  # lines, each ending in CRLF
-                del pending[: cut - 2]  # keep the CRLF that ended the run (for the searches)
-                size += len(run)
-                if state == "ok":
-                    if max(map(len, run.split(b"\r\n"))) > self.DATA_LINE_MAX:
-                        state = "too_long"
-                    elif limit and size > limit:
-                        state = "too_big"
-                    else:
-                        parts.append(_finish_lines(run))
-                if state != "ok":
-                    parts.clear()
-            if end >= 0:
-                leftover = bytes(pending[5:])
-                if leftover:
-                    self._reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-                break
-            if state == "ok" and len(pending) - 2 > self.DATA_LINE_MAX:
-                state = "too_long"  # an unfinished line is already too long
-                parts.clear()
-            if state != "ok" and len(pending) > 8:
-                del pending[2:-4]  # keep only what the terminator search needs
+            data.feed(chunk)
             since_yield += len(chunk)
             if since_yield >= 1 << 20:
                 since_yield = 0
                 await asyncio.sleep(0)  # let other sessions run during a large message
-        if state != "ok":
-            self._reject("line_too_long" if state == "too_long" else "message_too_big")
+        if data.leftover:
+            # aiosmtpd private: the StreamReader's buffer is where its command loop reads from
+            # (docs/development.md, "aiosmtpd internals we touch").
+            self._reader._buffer[0:0] = data.leftover  # type: ignore[attr-defined]
+        if data.status != OK:
+            too_long = data.status == LINE_TOO_LONG
+            self._reject("line_too_long" if too_long else "message_too_big")
             self._set_post_data_state()
-            await self.push(R.R500_LINE_TOO_LONG if state == "too_long" else R.R552_TOO_BIG)
+            await self.push(R.R500_LINE_TOO_LONG if too_long else R.R552_TOO_BIG)
             return
-        content = b"".join(parts)
-        parts.clear()
+        content = data.content()
         self.envelope.content = content
         self.envelope.original_content = content
         self.envelope.canonical = True  # type: ignore[attr-defined]
@@ -799,7 +765,7 @@ class HomeSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         if user is None:
             return await self._auth_failed()
-        self.auth_user = user
+        self.login_user = user
         log.info("conn=%s client=%s authenticated as %s", self.conn_id, self.client_host, user)
         return AuthResult(success=True, auth_data=user, message=R.R235_AUTH_OK)
 
@@ -881,7 +847,7 @@ class Handler:
         if session.authenticated:
             if not sender:
                 return R.R553_NULL_SENDER
-            return None if d.owns(server.auth_user or "", sender) else R.R553_NOT_OWNER
+            return None if d.owns(server.login_user or "", sender) else R.R553_NOT_OWNER
         # lan, trusted network, no AUTH: any address of ours, nothing else (we sign for our domains only).
         if not sender:
             return R.R553_NULL_SENDER
@@ -917,110 +883,44 @@ class Handler:
         return R.R250_OK
 
     async def handle_DATA(self, server: HomeSMTP, session: Session, envelope: Envelope) -> str:
-        listener = self.ctx.listener.name
+        """The dot: the message goes through the accept pipeline (backend/accept.py)."""
         content = envelope.original_content or b""
         if not getattr(envelope, "canonical", False):
             content = crlf_canonical(content)
-        header, _ = split_header(content)
-        if count_received(header) >= self.ctx.listener.max_received_headers:
-            server._reject("mail_loop")
-            self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
-            return R.R554_LOOP
-        if self.kind != "mx":
-            reply = self._check_from_header(server, session, header)
-            if reply:
-                server._reject("from_not_allowed")
-                self.ctx.metrics.messages_received.labels(listener, "rejected").inc()
-                return reply
-        qid = new_queue_id(time.time())
-        prefix = self._received_header(server, session, envelope, qid)
-        if self.kind != "mx":
-            prefix += self._submission_fields(header, qid)
-        msg = NewMessage(
+        proto = "ESMTP" if session.extended_smtp else "SMTP"  # RFC 3848 names
+        proto += "S" if server.tls_active else ""
+        proto += "A" if session.authenticated else ""
+        incoming = Incoming(
+            listener=self.ctx.listener.name,
+            kind=self.kind if self.kind == "mx" else ("lan" if self.kind == "lan" else "submission"),
             sender="" if envelope.mail_from == "<>" else envelope.mail_from,
             recipients=tuple(getattr(envelope, "resolved", [])),
-            content=prefix + content,
-            listener=listener,
+            content=content,
             client_addr=server.client_host,
-            auth_user=server.auth_user if session.authenticated else None,
-            id=qid,
+            helo=session.host_name or "unknown",
+            protocol=proto,
+            auth_user=server.login_user if session.authenticated else None,
+            rcpt_to=tuple(envelope.rcpt_tos),
+            max_received=self.ctx.listener.max_received_headers,
+            conn_id=server.conn_id,
         )
         # The commit runs as a task of its own: when the client vanishes after the dot, aiosmtpd
         # cancels this session, and the shield keeps that cancellation away from the commit (and
         # from the queue writer's future), so the message is either stored whole or not at all.
-        commit = asyncio.ensure_future(self._commit(server, msg, getattr(envelope, "started", time.monotonic())))
+        commit = asyncio.ensure_future(self._accept(server, incoming, getattr(envelope, "started", time.monotonic())))
         self.ctx.sessions.track_commit(commit)
         return await asyncio.shield(commit)
 
-    async def _commit(self, server: HomeSMTP, msg: NewMessage, started: float) -> str:
-        """Sign (submission), spool (large bodies) and store ``msg``; the reply for the dot."""
-        listener = self.ctx.listener.name
+    async def _accept(self, server: HomeSMTP, incoming: Incoming, started: float) -> str:
         try:
-            if self.ctx.signer is not None and self.kind != "mx":
-                signed = await self.ctx.run_blocking(self.ctx.signer, msg.content, msg.sender or "<>")
-                msg = dataclasses.replace(msg, content=signed)
-            if len(msg.content) > self.ctx.queue.SPOOL_THRESHOLD:
-                msg = await self.ctx.run_blocking(self.ctx.queue.spool_large, msg)
-            # The queue's writer thread commits it with whatever else is pending (group commit);
-            # waiting on its future takes no worker thread.
-            await asyncio.wrap_future(self.ctx.queue.submit(msg))
-        except Exception:  # noqa: BLE001 - any local fault: 451, never 5xx, never a traceback
-            log.exception("conn=%s could not queue message", server.conn_id)
-            self.ctx.metrics.messages_received.labels(listener, "error").inc()
-            return R.R451_LOCAL_ERROR
+            qid = await self.ctx.acceptor.accept(incoming, started)
+        except Refused as e:
+            if not e.reply.startswith("4"):
+                server._reject(e.reason)
+            return e.reply
         server.accepted += 1
         server.outcome = "accepted"
-        self.ctx.metrics.messages_received.labels(listener, "accepted").inc()
-        log.info(
-            "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d duration=%.3fs",
-            server.conn_id, server.client_host, msg.id, msg.sender, len(msg.recipients), len(msg.content),
-            time.monotonic() - started,
-        )
-        return R.queued(msg.id)
-
-    def _submission_fields(self, header: bytes, qid: str) -> bytes:
-        """RFC 6409 8.2-8.3: a submission server adds Date and Message-ID when the client left
-        them out (before DKIM signing, so the signature covers them)."""
-        out = b""
-        if not has_field(header, b"Date"):
-            out += b"Date: " + rfc5322_date().encode() + b"\r\n"
-        if not has_field(header, b"Message-ID"):
-            # RFC 5322 3.6.4: unique worldwide; the queue id is unique here, the random part
-            # keeps it so across data directories.
-            mid = f"<{qid}.{secrets.token_hex(6)}@{self.ctx.config.server.hostname}>"
-            out += b"Message-ID: " + mid.encode() + b"\r\n"
-        return out
-
-    def _check_from_header(self, server: HomeSMTP, session: Session, header: bytes) -> str | None:
-        addrs = from_addresses(header)
-        if addrs is None:
-            return R.R550_NO_FROM
-        d = self.ctx.directory
-        for a in addrs:
-            if session.authenticated:
-                if not d.owns(server.auth_user or "", a):
-                    return R.R553_FROM_NOT_OWNER
-            elif not d.is_local_domain(a.rpartition("@")[2]):
-                return R.R553_SENDER_DOMAIN
-        return None
-
-    def _received_header(self, server: HomeSMTP, session: Session, envelope: Envelope, qid: str) -> bytes:
-        # RFC 5321 4.4 trace information; RFC 3848 protocol names.
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if server.tls_active:
-            proto += "S"
-        if session.authenticated:
-            proto += "A"
-        helo = re.sub(r"[^\x21-\x7e]", "?", session.host_name or "unknown")[:255]
-        ip = server.client_host
-        lit = f"IPv6:{ip}" if ":" in ip else ip
-        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        date = rfc5322_date()
-        line = (
-            f"Received: from {helo} ([{lit}])\r\n\tby {self.ctx.config.server.hostname} (homemx) with {proto}"
-            f" id {qid}{rcpt};\r\n\t{date}\r\n"
-        )
-        return line.encode("utf-8", "surrogateescape")
+        return R.queued(qid)
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
@@ -1031,7 +931,7 @@ class Handler:
 
 
 class _AiosmtpdInspect:
-    """Stand-in for the ``inspect`` module inside aiosmtpd.smtp, for our own session classes only.
+    """Stand-in for the ``inspect`` module inside aiosmtpd.smtp while a HomeSMTP is constructed.
 
     aiosmtpd's SMTP.__init__ calls ``inspect.getmembers()`` on the session and on the handler for
     every connection, only to pick the ``auth_*`` methods, and ``inspect.signature()`` on the EHLO
@@ -1113,4 +1013,4 @@ def protocol_factory(ctx: ListenerContext) -> Callable[[], HomeSMTP]:
     return factory
 
 
-aiosmtpd_smtp.inspect = _AiosmtpdInspect(inspect, (HomeSMTP, Handler))
+_INSPECT = _AiosmtpdInspect(inspect, (HomeSMTP, Handler))  # used inside HomeSMTP.__init__ only

@@ -1,0 +1,176 @@
+"""The accept pipeline: one path from "a front end has a message" to "it is queued".
+
+Every SMTP listener calls it at the final dot (receive/smtpd.py), and any other front end (the
+HTTP send API, a local ``sendmail``) calls it the same way, without SMTP:
+
+    policy (loop count; on submission/lan the From header) → trace header (Received) →
+    submission fields (Date, Message-ID) → DKIM signature (submission/lan) → spool (large bodies)
+    → queue (group commit) → the queue id
+
+It raises ``Refused`` with the SMTP reply to give (a policy 5xx, or 451 for a local fault) and
+counts every outcome in ``homemx_backend_messages_received{listener, outcome}``. Envelope checks
+(who may send from which address, who receives) stay at MAIL/RCPT time in receive/, where SMTP
+can refuse them early; the accept pipeline trusts the envelope it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from backend.config import BackendConfig
+from backend.metrics import BackendMetrics
+from backend.queue.store import NewMessage, NewRecipient, Queue, QueueError, new_queue_id
+from backend.receive.directory import Directory
+from backend.smtp import replies as R
+from backend.smtp.message import count_received, from_addresses, has_field, rfc5322_date, split_header
+
+log = logging.getLogger("homemx.accept")
+
+MX, SUBMISSION, LAN = "mx", "submission", "lan"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message as a front end hands it over: its envelope, what is known of the client, and the
+    CRLF-canonical bytes (smtp.message.crlf_canonical)."""
+
+    listener: str  # the listener's name (metrics, queue record)
+    kind: str  # MX, SUBMISSION or LAN: which policy applies
+    sender: str  # envelope sender, "" for the null sender
+    recipients: tuple[NewRecipient, ...]  # resolved at RCPT time
+    content: bytes
+    client_addr: str
+    helo: str = "unknown"
+    protocol: str = "ESMTP"  # RFC 3848 ("ESMTPSA" …) for the Received header
+    auth_user: str | None = None
+    rcpt_to: tuple[str, ...] = ()  # the addresses as the client gave them (a single one is traced)
+    max_received: int = 30  # more Received fields than this: a mail loop (RFC 5321 6.3)
+    conn_id: str = "-"  # for the log line
+
+
+class Refused(Exception):
+    """The message is not queued; ``reply`` is the SMTP answer, ``reason`` the metric label."""
+
+    def __init__(self, reply: str, reason: str):
+        super().__init__(reply)
+        self.reply, self.reason = reply, reason
+
+
+class Acceptor:
+    def __init__(
+        self,
+        config: BackendConfig,
+        queue: Queue,
+        directory: Directory,
+        metrics: BackendMetrics,
+        run_blocking: Callable[..., Awaitable],
+        signer: Callable[[bytes, str], bytes] | None = None,
+    ):
+        self.config = config
+        self.queue = queue
+        self.directory = directory
+        self.metrics = metrics
+        self.run_blocking = run_blocking
+        self.signer = signer  # DKIM (deliver/outbound.py): blocking, (message, sender) -> signed
+
+    async def accept(self, m: Incoming, started: float | None = None) -> str:
+        """Queue ``m``; returns its queue id, or raises Refused."""
+        started = time.monotonic() if started is None else started
+        try:
+            qid = await self._accept(m)
+        except Refused as e:
+            self.metrics.messages_received.labels(m.listener, "error" if e.reply.startswith("4") else "rejected").inc()
+            raise
+        self.metrics.messages_received.labels(m.listener, "accepted").inc()
+        log.info(
+            "conn=%s client=%s queued %s from=<%s> rcpts=%d size=%d duration=%.3fs",
+            m.conn_id, m.client_addr, qid, m.sender, len(m.recipients), len(m.content), time.monotonic() - started,
+        )
+        return qid
+
+    async def _accept(self, m: Incoming) -> str:
+        header, _ = split_header(m.content)
+        if count_received(header) >= m.max_received:
+            raise Refused(R.R554_LOOP, "mail_loop")
+        if m.kind != MX:
+            reply = self.check_from_header(m, header)
+            if reply:
+                raise Refused(reply, "from_not_allowed")
+        qid = new_queue_id(time.time())
+        prefix = self.received_header(m, qid)
+        if m.kind != MX:
+            prefix += self.submission_fields(header, qid)
+        msg = NewMessage(
+            sender=m.sender,
+            recipients=m.recipients,
+            content=prefix + m.content,
+            listener=m.listener,
+            client_addr=m.client_addr,
+            auth_user=m.auth_user,
+            id=qid,
+        )
+        try:
+            if self.signer is not None and m.kind != MX:
+                signed = await self.run_blocking(self.signer, msg.content, msg.sender or "<>")
+                msg = dataclasses.replace(msg, content=signed)
+            if len(msg.content) > self.queue.SPOOL_THRESHOLD:
+                msg = await self.run_blocking(self.queue.spool_large, msg)
+            # The queue's writer thread commits it with whatever else is pending (group commit);
+            # waiting on its future takes no worker thread.
+
+            await asyncio.wrap_future(self.queue.submit(msg))
+        except Exception as e:  # noqa: BLE001 - any local fault: 451, never 5xx
+            # A full disk or a stopped queue is named in one line; anything else is a bug and
+            # gets its traceback in the log (never in the reply).
+            expected = isinstance(e, (OSError, sqlite3.Error, QueueError))
+            log.error("conn=%s could not queue message: %s: %s", m.conn_id, type(e).__name__, e,
+                      exc_info=None if expected else e)
+            raise Refused(R.R451_LOCAL_ERROR, "local_error") from e
+        return qid
+
+    def check_from_header(self, m: Incoming, header: bytes) -> str | None:
+        """Submission and lan: the From header names addresses the client may use (RFC 6409 8.1
+        leaves it to policy; homemx refuses spoofing its own users)."""
+        addrs = from_addresses(header)
+        if addrs is None:
+            return R.R550_NO_FROM
+        for a in addrs:
+            if m.auth_user is not None:
+                if not self.directory.owns(m.auth_user, a):
+                    return R.R553_FROM_NOT_OWNER
+            elif not self.directory.is_local_domain(a.rpartition("@")[2]):
+                return R.R553_SENDER_DOMAIN
+        return None
+
+    def submission_fields(self, header: bytes, qid: str) -> bytes:
+        """RFC 6409 8.2-8.3: a submission server adds Date and Message-ID when the client left
+        them out (before DKIM signing, so the signature covers them)."""
+        out = b""
+        if not has_field(header, b"Date"):
+            out += b"Date: " + rfc5322_date().encode() + b"\r\n"
+        if not has_field(header, b"Message-ID"):
+            # RFC 5322 3.6.4: unique worldwide; the queue id is unique here, the random part
+            # keeps it so across data directories.
+            mid = f"<{qid}.{secrets.token_hex(6)}@{self.config.server.hostname}>"
+            out += b"Message-ID: " + mid.encode() + b"\r\n"
+        return out
+
+    def received_header(self, m: Incoming, qid: str) -> bytes:
+        """RFC 5321 4.4 trace information; RFC 3848 protocol names."""
+        helo = re.sub(r"[^\x21-\x7e]", "?", m.helo or "unknown")[:255]
+        ip = m.client_addr
+        lit = f"IPv6:{ip}" if ":" in ip else ip
+        rcpt = f"\r\n\tfor <{m.rcpt_to[0]}>" if len(m.rcpt_to) == 1 else ""
+        line = (
+            f"Received: from {helo} ([{lit}])\r\n\tby {self.config.server.hostname} (homemx) with {m.protocol}"
+            f" id {qid}{rcpt};\r\n\t{rfc5322_date()}\r\n"
+        )
+        return line.encode("utf-8", "surrogateescape")
