@@ -23,8 +23,8 @@ from tests.backend.helpers import (
     run_cli,
     wait_for_sync,
     write_config,
-    free_port,
 )
+from tests.lab.ports import free_port
 from tests.conftest import require_root, require_tool
 
 MSG = "From: alice@example.org\r\nTo: friend@remote.example\r\nSubject: t\r\n\r\nbody\r\n"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.backend.faults import fill, small_tmpfs
-from tests.backend.helpers import ALICE, BOB, free_port, listener_block, maildir_files, run_cli, wait_for_sync, write_config
+from tests.backend.helpers import ALICE, BOB, listener_block, maildir_files, run_cli, wait_for_sync, write_config
+from tests.lab.ports import free_port
 from tests.backend.test_process import Daemon, queue_json
 
 RETRY_HOUR = '[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_schedule = ["1h"]\n'

@@ -18,7 +18,8 @@ import pytest
 
 from backend.queue.store import NewMessage, NewRecipient, Queue
 from tests.backend.faults import small_tmpfs
-from tests.backend.helpers import ALICE, free_port, listener_block, maildir_files, wait_for_sync, write_config
+from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for_sync, write_config
+from tests.lab.ports import free_port
 from tests.backend.test_process import Daemon, queue_json
 
 

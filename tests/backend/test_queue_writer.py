@@ -191,7 +191,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _daemon_with_a_mortal_writer(tmp_path):
-    from tests.backend.helpers import free_port
+    from tests.lab.ports import free_port
     from tests.backend.test_process import Daemon, lan_config
 
     port = free_port()

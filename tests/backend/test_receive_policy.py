@@ -19,7 +19,6 @@ from tests.backend.helpers import (
     ALICE_PW,
     BOB,
     RawSMTP,
-    free_port,
     listener_block,
     maildir_files,
     running_backend,
@@ -27,6 +26,7 @@ from tests.backend.helpers import (
     wait_for_sync,
     write_config,
 )
+from tests.lab.ports import free_port
 from tests.backend.test_process import Daemon
 
 REMOTE_MSG = b"From: Carol <carol@remote.example>\r\nSubject: in\r\n\r\nHello.\r\n"

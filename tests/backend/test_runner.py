@@ -21,7 +21,6 @@ from tests.backend.faults import fill, small_tmpfs
 from tests.backend.helpers import (
     ALICE,
     BOB,
-    free_port,
     listener_block,
     maildir_files,
     run_cli,
@@ -29,6 +28,7 @@ from tests.backend.helpers import (
     wait_for_sync,
     write_config,
 )
+from tests.lab.ports import free_port
 from tests.backend.test_delivery_lab import Receivers, Sink
 from tests.backend.test_process import Daemon, queue_json
 from tests.backend.test_receive import started

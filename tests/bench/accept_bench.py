@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.backend.helpers import BACKEND_CLI, free_port, listener_block, wait_for_sync, write_config  # noqa: E402
+from tests.backend.helpers import BACKEND_CLI, listener_block, wait_for_sync, write_config  # noqa: E402
+from tests.lab.ports import free_port  # noqa: E402
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 DEFAULT_JSON = ROOT / "bench-results" / "accept.json"

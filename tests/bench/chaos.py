@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from backend.config import load_config  # noqa: E402
-from tests.backend.helpers import ALICE, BOB, free_port, maildir_files  # noqa: E402
+from tests.backend.helpers import ALICE, BOB, maildir_files  # noqa: E402
+from tests.lab.ports import free_port  # noqa: E402
 from tests.chaos.stack import Daemon, backend_daemon, gateway_daemon, tracebacks  # noqa: E402
 from tests.chaos.vanish import ACKNOWLEDGED, CLOSE_MODES, MAYBE_COMMITTED, random_step, session  # noqa: E402
 from tests.gateway.peers import stop, wait_port  # noqa: E402

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.backend.helpers import listener_block  # noqa: E402
 from tests.bench.accept_bench import SMTP_SOURCE, Backend  # noqa: E402
-from tests.gateway.peers import free_port, stop, wait_port  # noqa: E402
+from tests.gateway.peers import stop, wait_port  # noqa: E402
+from tests.lab.ports import free_port  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench-results" / "fairness.json"
 LARGE = 25 * 1024 * 1024

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.gateway.peers import free_port, haproxy, stop, wait_for_text, wait_port  # noqa: E402
+from tests.gateway.peers import haproxy, stop, wait_for_text, wait_port  # noqa: E402
+from tests.lab.ports import free_port  # noqa: E402
 
 # ---------------------------------------------------------------- the shared upstream
 

@@ -10,7 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.backend.helpers import BACKEND_CLI, free_port, listener_block, write_config
+from tests.backend.helpers import BACKEND_CLI, listener_block, write_config
+from tests.lab.ports import free_port
 from tests.gateway.peers import wait_port
 
 GATEWAY_CLI = str(Path(sys.executable).parent / "homemx-gateway")

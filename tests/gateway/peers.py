@@ -11,13 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just handed out (for daemons whose config needs a number up front)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from tests.lab.ports import free_port
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:

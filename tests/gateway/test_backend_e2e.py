@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from tests.backend.helpers import BACKEND_CLI, client_tls, listener_block, maildir_files, write_config
-from tests.gateway.peers import free_port, stop, wait_port
+from tests.gateway.peers import stop, wait_port
+from tests.lab.ports import free_port
 from tests.gateway.test_integration import bound, gateway_config, running, sample, smtp_banner, wait_sample
 
 

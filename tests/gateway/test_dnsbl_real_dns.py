@@ -10,7 +10,7 @@ import trio
 
 from gateway.config import config_from_dict
 from tests.conftest import require_tool
-from tests.gateway.peers import free_port
+from tests.lab.ports import free_port
 from tests.gateway.test_integration import bound, running
 from tests.lab.nsd import NSD, zone_text
 

@@ -21,7 +21,8 @@ import trio
 from gateway.config import config_from_dict
 from gateway.proxy import Gateway, tcp_connect
 from tests.conftest import require_tool
-from tests.gateway.peers import dovecot, free_port, haproxy, sink_messages, smtp_sink, wait_for_text
+from tests.gateway.peers import dovecot, haproxy, sink_messages, smtp_sink, wait_for_text
+from tests.lab.ports import free_port
 
 HOST = "mx.example.org"
 

@@ -16,13 +16,14 @@ import ipaddress
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from tests.lab.ports import free_port
 
 NSD_BIN = "/usr/sbin/nsd"
 NSD_CHECKZONE_BIN = "/usr/sbin/nsd-checkzone"
@@ -76,22 +77,6 @@ def reverse_zone_name(address: str) -> str:
     return ".".join(labels[1:] if ip.version == 4 else labels[16:])
 
 
-def free_port(address: str) -> int:
-    """A port free for both UDP and TCP on ``address`` (asked of the OS, never a fixed number)."""
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as u:
-            u.bind((address, 0))
-            port = u.getsockname()[1]
-            with socket.socket(family, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((address, port))
-                except OSError:
-                    continue
-                return port
-    raise NSDError(f"no free UDP+TCP port on {address}")
-
-
 class NSD:
     """One nsd instance with its own working directory; a context manager that always stops it."""
 
@@ -109,7 +94,7 @@ class NSD:
         self.netns_exec = list(netns_exec)
         if port is None:
             # Inside a namespace the test owns the whole port space: use the real DNS port there.
-            port = 53 if self.netns_exec else free_port(self.address)
+            port = 53 if self.netns_exec else free_port(self.address, udp=True)
         self.port = port
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="homemx-nsd-"))
