@@ -17,14 +17,11 @@ from backend.receive.directory import Directory
 from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
 from backend.queue.runner import QueueRunner, wake_path
-from backend.receive.smtpd import (
-    PROXY_TIMEOUT,
-    AuthLimiter,
-    ListenerContext,
-    SessionRegistry,
-    make_tls_context,
-    protocol_factory,
-)
+from backend.receive.authlimit import AuthLimiter
+from backend.receive.context import PROXY_TIMEOUT, ListenerContext
+from backend.receive.sessions import SessionRegistry
+from backend.receive.smtpd import protocol_factory
+from backend.tls.context import make_tls_context
 from backend.receive.users import UserDB
 
 log = logging.getLogger("homemx.backend")

@@ -21,7 +21,8 @@ from aiosmtpd.proxy_protocol import get_proxy
 from backend.config import load_config
 from backend.queue.store import Queue
 from backend.run import Backend
-from backend.receive.smtpd import AUTH_DELAY_MAX, auth_delay, proxy_checksum_ok
+from backend.receive.authlimit import AUTH_DELAY_MAX, auth_delay
+from backend.receive.proxy import proxy_checksum_ok
 from gateway.proxyv2 import encode_proxy_v2
 from tests.backend.helpers import (
     ALICE,
