@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from backend.receive.clientaddr import client_ip
+
 
 
 
@@ -25,13 +27,10 @@ def client_key(host: str) -> str:
     """The unit a limit applies to: an IPv4 address, or the /64 of an IPv6 address (one home or
     one server usually holds a whole /64, so counting single IPv6 addresses limits nothing).
     An IPv4-mapped IPv6 address counts as the IPv4 address it maps."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    ip = client_ip(host)
+    if ip is None:
         return host
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
 from backend.receive.users import UserDB
 from backend.receive.authlimit import AuthLimiter
+from backend.receive.clientaddr import client_ip
 from backend.receive.sessions import SessionRegistry
 
 
@@ -58,10 +58,5 @@ class ListenerContext:
 
 
 def _in_networks(host: str, networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in n for n in networks)
+    ip = client_ip(host)
+    return ip is not None and any(ip in n for n in networks)

@@ -20,6 +20,7 @@ from backend.smtp.paths import (
 from backend.accept import Incoming, Refused
 from backend.smtp.message import crlf_canonical
 from backend.queue.model import NewRecipient
+from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
 from backend.receive.proxy import proxy_checksum_ok
 
@@ -57,7 +58,7 @@ class Handler:
             server._reject("bad_proxy_checksum")
             log.info("conn=%s peer=%s refused PROXY header: bad CRC32C or TLV block", server.conn_id, server.client_host)
             return False
-        server.client = (str(proxy_data.src_addr), int(proxy_data.src_port or 0))
+        server.client = (canonical_host(str(proxy_data.src_addr)), int(proxy_data.src_port or 0))
         if self.kind == "submissions":
             return await server.start_implicit_tls()
         return True

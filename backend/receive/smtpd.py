@@ -45,6 +45,7 @@ from backend.smtp.paths import (
     parse_path,
     split_path_and_params,
 )
+from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
 from backend.receive.handler import Handler
 from backend.receive.smtpauth import SMTPAuth
@@ -110,7 +111,7 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
                 self.session.proxy_data = old_session.proxy_data
             return
         peer = transport.get_extra_info("peername")
-        self.client = (peer[0], peer[1]) if peer else ("unknown", 0)
+        self.client = (canonical_host(peer[0]), peer[1]) if peer else ("unknown", 0)
         self.ctx.sessions.add(self)
         self._registered = True
         if self.ctx.listener.proxy_protocol and not self.ctx.trusted_proxy(self.client[0]):
