@@ -27,7 +27,8 @@ from typing import Awaitable, Callable
 
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.queue.store import NewMessage, NewRecipient, Queue, QueueError, new_queue_id
+from backend.queue.model import NewMessage, NewRecipient, QueueError, new_queue_id
+from backend.queue.store import Queue
 from backend.receive.directory import Directory
 from backend.smtp import replies as R
 from backend.smtp.message import count_received, from_addresses, has_field, rfc5322_date, split_header

@@ -11,7 +11,8 @@ import sys
 from backend.smtp.paths import PathError, parse_address
 from backend.local.maildir import ensure_maildir
 from backend.cli.run import DEFAULT_CONFIG, load_or_exit
-from backend.queue.store import Queue, QueueError
+from backend.queue.model import QueueError
+from backend.queue.store import Queue
 from backend.queue.runner import poke_daemon
 from backend.receive.users import UserDB, UserError
 

@@ -46,7 +46,8 @@ from backend.deliver import dsn
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
 from backend.deliver.mtasts import ASYNCIO_DNS, MTASTS, STORE_FILE, Policy, PolicyStore
-from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue, QueueEntry, Recipient
+from backend.queue.model import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, QueueEntry, Recipient
+from backend.queue.store import Queue
 
 log = logging.getLogger("homemx.delivery")
 

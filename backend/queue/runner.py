@@ -27,7 +27,9 @@ from typing import Awaitable, Callable, Iterator, Protocol
 from backend.local import maildir
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
-from backend.queue.store import DELIVERED, DEFERRED, Queue, QueueClosed, Recipient
+from backend.queue.model import DELIVERED, DEFERRED, Recipient
+from backend.queue.store import Queue
+from backend.queue.writer import QueueClosed
 
 log = logging.getLogger("homemx.runner")
 

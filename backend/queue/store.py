@@ -1,19 +1,7 @@
-"""Durable mail queue: enqueue with group commit, per-recipient state, scheduling, and admin operations.
-
-Storage choice: one SQLite database in WAL mode with ``synchronous=FULL``, message bodies stored as
-BLOBs next to their recipient rows. A commit is then a single append to the WAL plus one fsync, and
-the message and its queue record become durable *atomically* — there is no window where a spool file
-exists without its record or the reverse (the file + rename + directory fsync design needs a second
-fsync and a clean-up pass for orphans). It also makes group commit trivial: every message that
-finished DATA while the previous commit was syncing goes into the next transaction, so N concurrent
-sessions cost one fsync, not N (Postfix pays one fsync per message).
-
-Large bodies are the exception (``spool_large``): above SPOOL_THRESHOLD the body is written to its
-own file under spool/ (write, fsync, rename, directory fsync) by the session's worker thread, and
-only the record goes through the group commit. Otherwise a small message's commit would wait behind
-25 MB of WAL writes from a neighbour (docs/benchmarks.md, B6). The record is committed only after
-the file is durable; a crash in between leaves an orphan file that ``remove_orphans`` deletes at
-the next start.
+"""Durable mail queue on SQLite: enqueue through the group-commit writer, per-recipient state,
+scheduling (claim before attempt, expiry), outcomes with their DSNs in one commit, and the
+postsuper-like admin operations. The layout and its migrations are in backend/queue/schema.py, the
+writer thread in backend/queue/writer.py, large bodies in backend/queue/spool.py.
 
 Every method is blocking; the daemon calls them from worker threads, never on the event loop.
 The queue CLI opens the same database from another process while the daemon runs (WAL allows
@@ -26,154 +14,39 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
-import queue as stdqueue
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from backend.durable import fsync_dir, unlink_quietly
+from backend.queue import reads, schema, spool
+from backend.queue.model import (
+    QUEUED, STATES, NewMessage, QueueEntry, QueueError, Recipient, new_queue_id,
+)
+from backend.queue.writer import GroupCommitWriter, QueueClosed
 
 log = logging.getLogger("homemx.queue")
 
-QUEUED, DEFERRED, DELIVERED, BOUNCED, HELD = "queued", "deferred", "delivered", "bounced", "held"
-ACTIVE_STATES = (QUEUED, DEFERRED)
-FINAL_STATES = (DELIVERED, BOUNCED)
-STATES = (QUEUED, DEFERRED, DELIVERED, BOUNCED, HELD)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS message (
-    id          TEXT PRIMARY KEY,
-    created     REAL NOT NULL,
-    sender      TEXT NOT NULL,            -- '' is the null reverse-path <>
-    listener    TEXT NOT NULL,
-    client_addr TEXT,
-    auth_user   TEXT,
-    size        INTEGER NOT NULL,
-    content     BLOB NOT NULL,            -- CRLF-canonical, Received (and DKIM) headers included
-    spool       TEXT,                     -- set: the body is in spool/<this> and content is empty
-    delay_dsn_sent INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS recipient (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id   TEXT NOT NULL REFERENCES message(id) ON DELETE CASCADE,
-    address      TEXT NOT NULL,           -- where it goes (after alias expansion)
-    orig_address TEXT NOT NULL,           -- the RCPT TO the sender gave (DSN Original-Recipient)
-    domain       TEXT NOT NULL,
-    local        INTEGER NOT NULL,        -- 1: a Maildir on this host
-    state        TEXT NOT NULL,
-    held_from    TEXT,                    -- state to return to on release
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_attempt REAL,
-    last_reply   TEXT,
-    updated      REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, next_attempt);
-CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
-"""
-
-
-class QueueError(Exception):
-    """A queue operation that cannot be done (unknown id, wrong state); the message says why."""
-
-
-class QueueClosed(QueueError):
-    """The queue takes no more writes: closed, or its writer thread is gone (sessions answer 451)."""
-
-
-@dataclass(frozen=True)
-class NewRecipient:
-    address: str
-    orig_address: str
-    local: bool
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    sender: str  # '' for <>
-    recipients: tuple[NewRecipient, ...]
-    content: bytes
-    listener: str
-    client_addr: str | None = None
-    auth_user: str | None = None
-    id: str | None = None  # pre-assigned queue id (the Received header names it); None: assign one
-    spool: str | None = None  # body already durable in spool/<spool> (see Queue.spool_large)
-
-
-@dataclass(frozen=True)
-class Recipient:
-    id: int
-    message_id: str
-    address: str
-    orig_address: str
-    domain: str
-    local: bool
-    state: str
-    attempts: int
-    next_attempt: float
-    last_attempt: float | None
-    last_reply: str | None
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    id: str
-    created: float
-    sender: str
-    listener: str
-    client_addr: str | None
-    auth_user: str | None
-    size: int
-    recipients: tuple[Recipient, ...] = field(default=())
-    delay_dsn_sent: bool = False
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "created": self.created,
-            "sender": self.sender,
-            "listener": self.listener,
-            "client_addr": self.client_addr,
-            "auth_user": self.auth_user,
-            "size": self.size,
-            "recipients": [
-                {
-                    "id": r.id,
-                    "address": r.address,
-                    "orig_address": r.orig_address,
-                    "state": r.state,
-                    "attempts": r.attempts,
-                    "next_attempt": r.next_attempt,
-                    "last_attempt": r.last_attempt,
-                    "last_reply": r.last_reply,
-                }
-                for r in self.recipients
-            ],
-        }
-
-
-def new_queue_id(now: float) -> str:
-    """Sortable by arrival (millisecond hex time) and unique (random suffix)."""
-    return f"{int(now * 1000):011X}{secrets.token_hex(3).upper()}"
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: the WAL is fsynced at every commit, so a commit that returned survives power loss.
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
 
 class Queue:
-    """The queue database. Thread-safe; all methods block (call them from worker threads)."""
+    """The queue, stored in SQLite. Thread-safe; all methods block (call them from worker threads).
+
+    What any store of the queue must provide (a PostgreSQL one would be a sibling class with the
+    same methods and the records of backend/queue/model.py):
+    - receiving: ``spool_large`` (make a large body durable first), ``enqueue`` (blocking) and
+      ``submit`` (a future), both durable before they return a queue id, ``on_enqueued`` called
+      after a commit that brought new work;
+    - delivery: ``claim_due`` (plans the next attempt *before* the attempt), ``next_due_time``,
+      ``content``, ``record_outcomes`` (outcomes and their DSNs in one commit), ``set_result``,
+      ``mark_delay_dsn_sent``;
+    - admin and monitoring: ``get``, ``list``, ``stats``, ``retry``, ``hold``, ``release``,
+      ``delete``, ``purge_final``;
+    - lifetime: ``remove_orphans`` (at start), ``close``, ``healthy``, ``failure``.
+    Errors: QueueError (unknown id, ...), QueueClosed (no more writes: sessions answer 451).
+    """
+
+    SPOOL_THRESHOLD = spool.SPOOL_THRESHOLD
 
     def __init__(
         self,
@@ -192,30 +65,19 @@ class Queue:
         self._local = threading.local()
         self.spool_dir = self.path.parent / "spool"
         with self._conn() as conn:
-            conn.executescript(SCHEMA)
-            cols = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
-            if "spool" not in cols:  # a database from before spooled bodies
-                conn.execute("ALTER TABLE message ADD COLUMN spool TEXT")
-        self._pending: stdqueue.Queue = stdqueue.Queue()
-        self._writer: threading.Thread | None = None
-        # _lock orders "is the writer still taking work?" against putting work in _pending, so no
-        # operation is ever left in the queue after the writer stopped (its caller would wait forever).
-        self._lock = threading.Lock()
+            schema.migrate(conn)
         self._closed = False
-        self._stopped = False  # the writer thread has ended (closed, or died)
-        self.failure: BaseException | None = None  # what killed the writer, if anything did
-        if group_commit:
-            self._writer = threading.Thread(target=self._writer_loop, name="queue-writer", daemon=True)
-            self._writer.start()
         # Listeners get told when new work is queued (the runner wakes up instead of polling).
         self.on_enqueued: Callable[[], None] | None = None
+        # Without group commit (tests, the CLI), each write is its own transaction on the caller's thread.
+        self._writer = GroupCommitWriter(self._run_ops, self._notify) if group_commit else None
 
     # -- connections ---------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = _connect(self.path)
+            conn = self._local.conn = schema.connect(self.path)
         return conn
 
     def _drop_conn(self) -> None:
@@ -230,37 +92,23 @@ class Queue:
 
     def close(self) -> None:
         """Let the writer finish what was submitted, then stop it. Later writes raise QueueClosed."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self._writer is not None and not self._stopped:
-                self._pending.put(None)
+        self._closed = True
         if self._writer is not None:
-            self._writer.join(timeout=10)
+            self._writer.close()
 
     def healthy(self) -> bool:
         """False once the writer thread has died: nothing can be stored any more (the daemon's
         watchdog then stops it so that systemd restarts it)."""
         if self._writer is None:
             return not self._closed
-        return self._writer.is_alive() and self.failure is None
+        return self._writer.healthy()
 
-    # -- writes (group commit) -----------------------------------------------------------------
-    # Every write that must be durable before its caller goes on (a new message before the 250, a
-    # delivery result before the next attempt is planned) is an operation handed to one writer
-    # thread. The writer runs everything that queued up while the previous commit was syncing in a
-    # single transaction: N concurrent writers cost one fsync.
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the writer thread, if anything did."""
+        return None if self._writer is None else self._writer.failure
 
-    # Waiters may go away: a session whose client vanished after the dot is cancelled by aiosmtpd,
-    # and cancelling the asyncio side cancels the concurrent future. That is normal. The writer
-    # marks every future RUNNING when it takes the batch (set_running_or_notify_cancel), so from
-    # then on nobody can cancel it and setting its result is always valid; a future already
-    # cancelled before that keeps its op anyway. Policy: every submitted operation is executed,
-    # whether or not anyone still waits for its result. Delivery outcomes must be recorded in any
-    # case; a message whose client vanished at the dot is committed whole (the client saw no 250,
-    # may send it again: a duplicate, which RFC 5321 6.1 prefers to a loss). Never half-written:
-    # each operation is inside one SQLite transaction.
+    # -- writes ---------------------------------------------------------------------------------
 
     def _write(self, op: Callable[[sqlite3.Connection, float], object], notify: bool = False) -> object:
         if self._writer is None:
@@ -270,91 +118,7 @@ class Queue:
             if notify:
                 self._notify()
             return result
-        return self._submit_op(op, notify).result()
-
-    def _submit_op(self, op: Callable[[sqlite3.Connection, float], object], notify: bool = False) -> concurrent.futures.Future:
-        """Hand ``op`` to the writer; ``notify``: wake the runner once it is committed (new work).
-        Raises QueueClosed at once when the writer takes no more work."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed or self._stopped:
-                raise QueueClosed(
-                    "the queue is closed" if self._closed else f"the queue writer has stopped: {self.failure!r}"
-                )
-            self._pending.put((op, fut, notify))
-        return fut
-
-    def _writer_loop(self) -> None:
-        batch: list = []
-        try:
-            while True:
-                item = self._pending.get()
-                if item is None:
-                    return
-                batch = [item]
-                while len(batch) < 256:
-                    try:
-                        nxt = self._pending.get_nowait()
-                    except stdqueue.Empty:
-                        break
-                    if nxt is None:
-                        self._pending.put(None)
-                        break
-                    batch.append(nxt)
-                self._commit_batch(batch)
-                batch = []
-        except BaseException as e:  # noqa: BLE001 - not a write failure (those are reported): a bug
-            self.failure = e
-            # ERROR with the traceback (it is a bug); the daemon's watchdog logs the one CRITICAL
-            # line when it stops because of it (backend/run.py).
-            log.error("queue writer died, nothing can be stored any more: %r", e, exc_info=e)
-            raise
-        finally:
-            with self._lock:
-                self._stopped = True
-            # Nobody may wait forever: what was taken or is still queued fails now.
-            gone = QueueClosed(f"the queue writer has stopped: {self.failure!r}")
-            leftover = list(batch)
-            while True:
-                try:
-                    item = self._pending.get_nowait()
-                except stdqueue.Empty:
-                    break
-                if item is not None:
-                    leftover.append(item)
-            for _, fut, _ in leftover:
-                # Those of the batch that failed are RUNNING already (or settled): asking again
-                # would make concurrent.futures log a CRITICAL "unexpected state" line.
-                if not (fut.running() or fut.done()):
-                    fut.set_running_or_notify_cancel()
-                _settle(fut, exc=gone)
-
-    def _commit_batch(self, batch: list) -> None:
-        """One transaction for the whole batch; on failure, each op alone (isolation)."""
-        for _, fut, _ in batch:
-            fut.set_running_or_notify_cancel()  # False: cancelled waiter, the op runs all the same
-        try:
-            results = self._run_ops([op for op, _, _ in batch])
-        except Exception as e:  # noqa: BLE001 - reported to each waiting caller
-            if len(batch) == 1:
-                _settle(batch[0][1], exc=e)
-                return
-            # One bad write (say, a message too big for the remaining disk) must not fail its
-            # neighbours: retry each on its own.
-            for op, fut, notify in batch:
-                try:
-                    result = self._run_ops([op])[0]
-                except Exception as e1:  # noqa: BLE001
-                    _settle(fut, exc=e1)
-                    continue
-                _settle(fut, result=result)
-                if notify:
-                    self._notify()
-            return
-        for (_, fut, _), result in zip(batch, results):
-            _settle(fut, result=result)
-        if any(notify for _, _, notify in batch):
-            self._notify()
+        return self._writer.submit(op, notify).result()
 
     def _run_ops(self, ops: list) -> list:
         conn = self._conn()
@@ -389,7 +153,7 @@ class Queue:
         queue id, set once the message is durable (asyncio callers await ``asyncio.wrap_future``)."""
         if self._writer is None:
             raise RuntimeError("submit() needs the group-commit writer")
-        return self._submit_op(self._insert_op(msg), notify=True)
+        return self._writer.submit(self._insert_op(msg), notify=True)
 
     @staticmethod
     def _insert_op(msg: NewMessage) -> Callable[[sqlite3.Connection, float], str]:
@@ -448,7 +212,7 @@ class Queue:
             return [rid for rid, _, _ in rows]
 
         ids = self._write(claim)
-        return self._recipients_by_ids(ids)  # type: ignore[arg-type]
+        return reads.recipients_by_ids(self._conn(), ids)  # type: ignore[arg-type]
 
     def _capped(self, next_attempt: float, created: float, now: float) -> float:
         """``next_attempt``, or the message's expiry when that comes first. Once expired, the
@@ -471,18 +235,6 @@ class Queue:
         # Filtered here as in claim_due (a NOT IN list would hit SQLite's parameter limit).
         rows = self._conn().execute(sql + " ORDER BY next_attempt LIMIT ?", (len(excluded) + 1,))
         return next((due for rid, due in rows if rid not in excluded), None)
-
-    def _recipients_by_ids(self, ids: Iterable[int]) -> list[Recipient]:
-        ids = list(ids)
-        if not ids:
-            return []
-        q = ",".join("?" * len(ids))
-        rows = self._conn().execute(
-            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
-            f" last_attempt, last_reply FROM recipient WHERE id IN ({q}) ORDER BY id",
-            ids,
-        ).fetchall()
-        return [_recipient(r) for r in rows]
 
     def set_result(self, rcpt_id: int, state: str, reply: str | None, next_attempt: float | None = None) -> None:
         """Record the outcome of an attempt: delivered, deferred (with its next attempt, capped at
@@ -541,12 +293,10 @@ class Queue:
         if row is None:
             raise QueueError(f"no message {message_id}")
         if row[1]:
-            return (self.spool_dir / row[1]).read_bytes()
+            return spool.read(self.spool_dir, row[1])
         return bytes(row[0])
 
     # -- spooled bodies --------------------------------------------------------------------------
-
-    SPOOL_THRESHOLD = 256 * 1024
 
     def spool_large(self, msg: NewMessage) -> NewMessage:
         """Blocking. For a body above SPOOL_THRESHOLD, make it durable in its own file and return
@@ -554,37 +304,14 @@ class Queue:
         if len(msg.content) <= self.SPOOL_THRESHOLD or msg.spool:
             return msg
         qid = msg.id or new_queue_id(self.now())
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        final = self.spool_dir / qid
-        tmp = self.spool_dir / f"{qid}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(msg.content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, final)
-            fsync_dir(self.spool_dir)
-        except BaseException:
-            unlink_quietly(tmp, final)
-            raise
+        spool.write_durably(self.spool_dir, qid, msg.content)
         return dataclasses.replace(msg, id=qid, spool=qid)
 
     def remove_orphans(self) -> int:
         """Delete spool files without a queue record (a crash between the file and the commit).
         Only at daemon start: while sessions run, a file may be durable and its record not yet."""
-        if not self.spool_dir.exists():
-            return 0
         known = {row[0] for row in self._conn().execute("SELECT spool FROM message WHERE spool IS NOT NULL")}
-        removed = 0
-        for name in os.listdir(self.spool_dir):
-            if name not in known:
-                os.unlink(self.spool_dir / name)
-                removed += 1
-        return removed
-
-    def _unlink_spools(self, names) -> None:
-        unlink_quietly(*(self.spool_dir / n for n in names if n))
+        return spool.remove_orphans(self.spool_dir, known)
 
     def mark_delay_dsn_sent(self, message_id: str) -> None:
         """Remember that the message's one "delayed" notice went out (prefer ``record_outcomes``,
@@ -594,53 +321,18 @@ class Queue:
     # -- reading -------------------------------------------------------------------------------
 
     def get(self, message_id: str) -> QueueEntry:
-        conn = self._conn()
-        row = conn.execute(
-            "SELECT id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent FROM message"
-            " WHERE id = ?",
-            (message_id,),
-        ).fetchone()
-        if row is None:
+        entry = reads.entry(self._conn(), message_id)
+        if entry is None:
             raise QueueError(f"no message {message_id} in the queue")
-        rcpts = conn.execute(
-            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
-            " last_attempt, last_reply FROM recipient WHERE message_id = ? ORDER BY id",
-            (message_id,),
-        ).fetchall()
-        return _entry(row, [_recipient(r) for r in rcpts])
+        return entry
 
     def list(self, states: Iterable[str] | None = None) -> list[QueueEntry]:
-        conn = self._conn()
-        rows = conn.execute(
-            "SELECT id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent FROM message"
-            " ORDER BY created, id"
-        ).fetchall()
-        rcpts = conn.execute(
-            "SELECT id, message_id, address, orig_address, domain, local, state, attempts, next_attempt,"
-            " last_attempt, last_reply FROM recipient ORDER BY id"
-        ).fetchall()
-        by_msg: dict[str, list[Recipient]] = {}
-        for r in rcpts:
-            by_msg.setdefault(r[1], []).append(_recipient(r))
-        wanted = set(states) if states else None
-        out = []
-        for row in rows:
-            rs = by_msg.get(row[0], [])
-            if wanted is None or any(r.state in wanted for r in rs):
-                out.append(_entry(row, rs))
-        return out
+        """Messages in arrival order; ``states``: only those with a recipient in one of them."""
+        return reads.entries(self._conn(), states)
 
     def stats(self) -> tuple[dict[str, int], float | None]:
         """(recipient count by state, creation time of the oldest message with unfinished recipients)."""
-        conn = self._conn()
-        counts = {s: 0 for s in STATES}
-        for state, n in conn.execute("SELECT state, COUNT(*) FROM recipient GROUP BY state"):
-            counts[state] = n
-        row = conn.execute(
-            "SELECT MIN(m.created) FROM message m JOIN recipient r ON r.message_id = m.id"
-            " WHERE r.state IN ('queued','deferred','held')"
-        ).fetchone()
-        return counts, row[0]
+        return reads.stats(self._conn())
 
     # -- admin (postsuper-like) ----------------------------------------------------------------
 
@@ -688,7 +380,7 @@ class Queue:
         conn = self._conn()
         spools = [r[0] for r in conn.execute("SELECT spool FROM message WHERE id = ?", (message_id,))]
         conn.execute("DELETE FROM message WHERE id = ?", (message_id,))
-        self._unlink_spools(spools)  # after the record is gone: a crash in between leaves an orphan
+        spool.unlink(self.spool_dir, spools)  # after the record is gone: a crash in between leaves an orphan
 
     def purge_final(self, keep_for: float) -> int:
         """Remove messages whose recipients are all final (delivered/bounced) for longer than keep_for."""
@@ -701,7 +393,7 @@ class Queue:
         with self._transaction(conn):
             spools = [r[0] for r in conn.execute(f"SELECT spool FROM message WHERE id IN ({done})", (cutoff,))]
             cur = conn.execute(f"DELETE FROM message WHERE id IN ({done})", (cutoff,))
-        self._unlink_spools(spools)
+        spool.unlink(self.spool_dir, spools)
         return cur.rowcount
 
     def _notify(self) -> None:
@@ -710,23 +402,3 @@ class Queue:
                 self.on_enqueued()
             except Exception:  # noqa: BLE001 - a wake-up must never fail a write
                 log.exception("on_enqueued callback failed")
-
-
-def _settle(fut: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> None:
-    """Give a RUNNING future its outcome. Harmless on a future that is already done (cancelled
-    before the writer took it): a waiter that went away is normal, never the writer's error."""
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
-def _recipient(r) -> Recipient:
-    return Recipient(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10])
-
-
-def _entry(row, rcpts: list[Recipient]) -> QueueEntry:
-    return QueueEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tuple(rcpts), bool(row[7]))

@@ -12,7 +12,8 @@ import pytest
 
 from backend.accept import LAN, MX, SUBMISSION, Incoming, Refused
 from backend.dkim import sign as dkim
-from backend.queue.store import NewRecipient, Queue
+from backend.queue.model import NewRecipient
+from backend.queue.store import Queue
 from tests.backend.helpers import ALICE, listener_block, running_backend, write_config
 from tests.backend.test_dkim import sig_tags, verify_all
 

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from backend.config import ConfigError, load_config
-from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
+from backend.queue.model import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient
+from backend.queue.store import Queue
 from tests.backend.helpers import listener_block, run_cli, write_config
 
 

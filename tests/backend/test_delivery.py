@@ -15,7 +15,7 @@ import warnings
 import pytest
 import pytest_asyncio
 
-from backend.queue.store import BOUNCED, DEFERRED, DELIVERED
+from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
 from tests.conftest import require_tool
 from tests.backend.test_delivery_lab import (
     T0,
@@ -232,7 +232,7 @@ async def test_5xx_for_one_of_two_recipients_delivers_one_and_bounces_one_with_a
 async def test_original_recipient_is_reported_when_an_alias_was_expanded(make, receivers):
     await receivers.start("127.0.0.11", Sink(rcpt_replies={"gone@dest.test": "550 5.1.1 Gone"}))
     h = make()
-    from backend.queue.store import NewMessage, NewRecipient
+    from backend.queue.model import NewMessage, NewRecipient
 
     qid = h.queue.enqueue(
         NewMessage(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.queue.store import BOUNCED, DELIVERED
+from backend.queue.model import BOUNCED, DELIVERED
 from tests.backend.helpers import ALICE, run_cli, wait_for, wait_for_sync
 from tests.lab.ports import free_port
 from tests.backend.test_delivery import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures

@@ -22,7 +22,8 @@ from backend.config import config_from_dict
 from backend.deliver.remote import Deliverer, make_resolver
 from backend.metrics import BackendMetrics
 from backend.deliver.mtasts import MTASTS, STORE_FILE, PolicyStore
-from backend.queue.store import NewMessage, NewRecipient, Queue
+from backend.queue.model import NewMessage, NewRecipient
+from backend.queue.store import Queue
 from backend.queue.runner import QueueRunner
 from tests.lab.nsd import NSD
 

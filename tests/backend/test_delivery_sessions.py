@@ -17,7 +17,7 @@ import pytest_asyncio
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from backend.config import ConfigError
-from backend.queue.store import DEFERRED, DELIVERED
+from backend.queue.model import DEFERRED, DELIVERED
 from tests.backend.test_delivery import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
 from tests.backend.test_delivery_lab import Clock, Sink, backend_config, self_signed_context
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.queue.store import NewMessage, NewRecipient, Queue
+from backend.queue.model import NewMessage, NewRecipient
+
+from backend.queue.store import Queue
 from tests.backend.faults import small_tmpfs
 from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for_sync, write_config
 from tests.lab.ports import free_port

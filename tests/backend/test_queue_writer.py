@@ -15,7 +15,11 @@ import sys
 import aiosmtplib
 import pytest
 
-from backend.queue.store import NewMessage, NewRecipient, Queue, QueueClosed
+from backend.queue.model import NewMessage, NewRecipient
+
+from backend.queue.store import Queue
+
+from backend.queue.writer import QueueClosed
 from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for, write_config
 from tests.backend.test_receive import started
 
@@ -83,7 +87,7 @@ def test_a_waiter_cancelled_before_the_commit_is_harmless_and_its_message_is_com
 
     q = Queue(tmp_path / "q.db")
     gate = threading.Event()
-    held = q._submit_op(lambda conn, now: gate.wait(5))  # the only seam: holds the writer so the next write waits
+    held = q._writer.submit(lambda conn, now: gate.wait(5))  # the only seam: holds the writer so the next write waits
     abandoned = q.submit(_msg("abandoned"))
     assert abandoned.cancel()  # what asyncio.wrap_future does when aiosmtpd cancels the session
     gate.set()
@@ -127,11 +131,11 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
         def kill(conn, now):  # no real fault kills the writer any more: a bug is injected as an op
             raise SystemExit("injected writer death")
 
-        b.queue._submit_op(hold)
+        b.queue._writer.submit(hold)
         # Only once the writer is inside ``hold`` (not before: it would take both ops in one batch
         # and die before the message below is queued behind it).
         await asyncio.to_thread(holding.wait, 5)
-        b.queue._submit_op(kill)
+        b.queue._writer.submit(kill)
         # A message whose commit is queued behind the fatal op ...
         waiting = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False, local_hostname="w.example")
         await waiting.connect()
@@ -141,7 +145,7 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
         pending = asyncio.ensure_future(waiting.data(BODY.format(marker="WAITING").encode()))
         # This message's commit is queued behind kill (a message insert is the op that notifies
         # the runner; the runner's own claims may be queued too).
-        await wait_for(lambda: any(item and item[2] for item in list(b.queue._pending.queue)))
+        await wait_for(lambda: any(item and item[2] for item in list(b.queue._writer._pending.queue)))
         gate.set()
         with pytest.raises(aiosmtplib.SMTPDataError) as e:
             await asyncio.wait_for(pending, 5)

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-from backend.queue.store import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient, Queue
+from backend.queue.model import BOUNCED, DEFERRED, DELIVERED, NewMessage, NewRecipient
+
+from backend.queue.store import Queue
 from backend.queue.runner import IDLE_POLL, retry_delay_for
 from tests.backend.faults import fill, small_tmpfs
 from tests.backend.helpers import (

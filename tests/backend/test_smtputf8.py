@@ -11,7 +11,7 @@ import subprocess
 import aiosmtplib
 import pytest
 
-from backend.queue.store import BOUNCED, DEFERRED, DELIVERED
+from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
 from tests.backend.helpers import wait_for
 from tests.backend.test_delivery import ca, dns_server, maildir_messages, make, parse_dsn, receivers  # noqa: F401 - fixtures
 from tests.backend.test_delivery_lab import Sink

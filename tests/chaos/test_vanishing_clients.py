@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from backend.config import load_config
-from backend.queue.store import ACTIVE_STATES, Queue
+from backend.queue.model import ACTIVE_STATES
+from backend.queue.store import Queue
 from tests.backend.helpers import ALICE, BOB, maildir_files, wait_for_sync
 from tests.chaos.stack import EXCEPTION_TEXT_RE, Daemon, backend_daemon, gateway_daemon, tracebacks
 from tests.chaos.vanish import (

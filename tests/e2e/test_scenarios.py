@@ -18,7 +18,7 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.queue.store import FINAL_STATES, STATES
+from backend.queue.model import FINAL_STATES, STATES
 from tests.lab.topology import HOME_DOMAIN, HOSTNAME, REMOTE_DOMAIN, USERS, MailLab, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
