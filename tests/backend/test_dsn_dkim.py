@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.dkim import keys as dkim_keys
+from backend.dkim import sign as dkim
 
 from backend.deliver import outbound
 from backend.metrics import BackendMetrics
-from backend.queue.model import BOUNCED, DEFERRED
+from backend.queue.store import BOUNCED, DEFERRED
 from tests.backend.helpers import ALICE, wait_for_sync
 from tests.lab.ports import free_port
 from tests.backend.test_delivery import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
@@ -35,7 +35,7 @@ def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("dsnkeys")
     out = {}
     for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
-        g = dkim_keys.generate_key("example.org", sel, alg, d)
+        g = dkim.generate_key("example.org", sel, alg, d)
         out[alg] = (SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path), g.txt_value)
     return out
 
