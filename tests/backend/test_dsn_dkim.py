@@ -17,7 +17,7 @@ from backend.dkim import sign as dkim
 
 from backend.deliver import outbound
 from backend.metrics import BackendMetrics
-from backend.queue.store import BOUNCED, DEFERRED
+from backend.queue.model import BOUNCED, DEFERRED
 from tests.backend.helpers import ALICE, wait_for_sync
 from tests.lab.ports import free_port
 from tests.backend.test_delivery import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
