@@ -153,7 +153,7 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
     def hang_up(self, reply: str | None, outcome: str) -> None:
         """Send a last reply (when the peer reads replies yet) and close. Commands the client
         already pipelined behind are dropped, never executed."""
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._drop_pipelined()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -198,6 +198,14 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
             self.loop.call_soon(self._end_if_open)
             return False
         return True
+
+    def _drop_pipelined(self) -> None:
+        """The session is ending: forget the commands the client pipelined, and never resume the
+        reader's transport (were it paused for a full buffer, the reader's next wait would resume
+        it, and asyncio's TLS transport, closed twice by aiosmtpd and by us, has no protocol left
+        to resume: AttributeError '_resume_reading', an ERROR line the fuzzer saw twice in 10 min)."""
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        self._reader._paused = False  # type: ignore[attr-defined]
 
     def _drop_plaintext(self) -> None:
         """Before TLS starts: forget what the command reader holds (RFC 3207 5: nothing sent in
@@ -247,7 +255,7 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
             # reader until connection_lost ends the session. (Writing on would make asyncio log
             # "socket.send() raised exception." for every reply after the fifth.)
             self._reply_lines.clear()
-            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._drop_pipelined()
             return
         closing = False
         if isinstance(status, str):
@@ -270,7 +278,7 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
             status = status.encode("utf-8", "replace")
         await super().push(status)
         if closing:
-            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._drop_pipelined()
 
     def _timeout_cb(self):
         self.hang_up(R.R421_TIMEOUT, "timeout")
