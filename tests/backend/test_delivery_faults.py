@@ -28,8 +28,8 @@ import pytest
 from backend.queue.model import BOUNCED, DELIVERED
 from tests.backend.helpers import ALICE, run_cli, wait_for, wait_for_sync
 from tests.lab.ports import free_port
-from tests.backend.test_delivery import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Sink
+from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
+from tests.lab.delivery import Sink
 from tests.backend.test_process import Daemon, daemons, lan_config  # noqa: F401 - fixture
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text

@@ -18,8 +18,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from backend.config import ConfigError
 from backend.queue.model import DEFERRED, DELIVERED
-from tests.backend.test_delivery import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Clock, Sink, backend_config, self_signed_context
+from tests.lab.delivery_fixtures import SOURCE, ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
+from tests.lab.delivery import Clock, Sink, backend_config, self_signed_context
 
 
 async def serve(receivers, address: str, factory) -> None:

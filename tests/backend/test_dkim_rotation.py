@@ -18,8 +18,8 @@ import pytest
 from backend.metrics import BackendMetrics
 from backend.deliver.outbound import make_signer
 from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
-from tests.backend.test_delivery import ca, dns_server, maildir_messages, make, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Sink, backend_config
+from tests.lab.delivery_fixtures import ca, dns_server, maildir_messages, make, receivers  # noqa: F401 - fixtures
+from tests.lab.delivery import Sink, backend_config
 from tests.backend.test_dkim import _run_cli, sig_tags
 
 

@@ -19,7 +19,7 @@ from backend.deliver import mtasts
 from backend.deliver.remote import Deliverer
 from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
-from tests.backend.test_delivery_lab import TestCA, backend_config, run_blocking
+from tests.lab.delivery import LabCA, backend_config, run_blocking
 from tests.backend.test_mtasts import POLICY
 
 DOMAIN = "example.net"
@@ -106,7 +106,7 @@ class RawHTTPS:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory):
-    return TestCA(tmp_path_factory.mktemp("ca"))
+    return LabCA(tmp_path_factory.mktemp("ca"))
 
 
 @pytest_asyncio.fixture
@@ -230,7 +230,7 @@ async def test_a_body_of_exactly_64_kib_is_accepted(serve, fetcher, framing):
 @pytest.mark.parametrize("wrong", ["untrusted issuer", "other name"])
 async def test_a_wrong_certificate_is_no_policy_and_no_request_is_sent(serve, fetcher, ca, tmp_path, caplog, wrong):
     if wrong == "untrusted issuer":
-        ctx = TestCA(tmp_path).server_context(HOST)  # the right name, from a CA the fetcher does not trust
+        ctx = LabCA(tmp_path).server_context(HOST)  # the right name, from a CA the fetcher does not trust
     else:
         ctx = ca.server_context(f"mta-sts.other.{DOMAIN}")  # the trusted CA, another name
     srv = await serve({PATH: response("200 OK", POLICY.encode())}, ctx=ctx)

@@ -15,8 +15,8 @@ import pytest
 
 from backend.deliver import mtasts
 from backend.queue.model import DEFERRED
-from tests.backend.test_delivery import ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Sink
+from tests.lab.delivery_fixtures import ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
+from tests.lab.delivery import Sink
 from tests.backend.test_mtasts import POLICY, _Resolver
 
 

@@ -31,7 +31,7 @@ from tests.backend.helpers import (
     write_config,
 )
 from tests.lab.ports import free_port
-from tests.backend.test_delivery_lab import Receivers, Sink
+from tests.lab.delivery import Receivers, Sink
 from tests.backend.test_process import Daemon, queue_json
 from tests.backend.test_receive import started
 from tests.conftest import require_tool

@@ -13,8 +13,8 @@ import pytest
 
 from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
 from tests.backend.helpers import wait_for
-from tests.backend.test_delivery import ca, dns_server, maildir_messages, make, parse_dsn, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_lab import Sink
+from tests.lab.delivery_fixtures import ca, dns_server, maildir_messages, make, parse_dsn, receivers  # noqa: F401 - fixtures
+from tests.lab.delivery import Sink
 
 SMTPUTF8_MX = "127.0.0.11"  # dest.test
 ASCII_MX = "127.0.0.14"  # amx.test (implicit MX)

@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.backend.test_delivery_lab import Harness, Receivers, Sink, TestCA, backend_config, free_port_on
+from tests.lab.delivery import Harness, LabCA, Receivers, Sink, backend_config
+from tests.lab.ports import free_port
 from tests.lab.nsd import NSD, zone_text
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -67,7 +68,7 @@ async def _main(args) -> int:
     try:
         zone = zone_text("sink.test", "@ IN MX 10 mx\nmx IN A 127.0.0.41\n")
         with NSD({"sink.test": zone}) as ns:
-            port = free_port_on(["127.0.0.41"])
+            port = free_port("127.0.0.41")
             if shutil.which(SMTP_SINK):
                 sink = subprocess.Popen(
                     [SMTP_SINK, "-c", "-u", "nobody", f"127.0.0.41:{port}", "256"],
@@ -84,7 +85,7 @@ async def _main(args) -> int:
                     sink.wait(5)
             else:
                 print(f"  ({SMTP_SINK} not installed: skipping the Postfix sink)")
-            ca = TestCA(tmp)
+            ca = LabCA(tmp)
             receivers = Receivers()
             receivers.port = port
             await receivers.start("127.0.0.41", Sink(), hostname="mx.sink.test", tls_context=ca.server_context("mx.sink.test"))

@@ -1,4 +1,4 @@
-"""Shared pieces for outbound-delivery tests (no tests here): a test CA, real aiosmtpd receivers on 127.x addresses, a
+"""The outbound-delivery lab: a test CA, real aiosmtpd receivers on 127.x addresses, a
 loopback HTTPS server for MTA-STS policies, an nsd that can also answer SERVFAIL, and a queue/runner
 harness driven by an injected clock."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,9 @@ T0 = 1_700_000_000.0
 # ---------------------------------------------------------------- certificates
 
 
-class TestCA:
+class LabCA:
     """A throwaway certificate authority; ``issue`` gives leaf certificates for DNS names."""
 
-    __test__ = False
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -218,25 +216,6 @@ class Receivers:
                 await asyncio.wait_for(s.wait_closed(), 5)
             except asyncio.TimeoutError:
                 pass
-
-
-def free_port_on(addresses: list[str]) -> int:
-    """A TCP port free on every one of ``addresses`` (asked of the OS)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((addresses[0], 0))
-            port = s.getsockname()[1]
-            ok = True
-            for a in addresses[1:]:
-                with socket.socket() as t:
-                    try:
-                        t.bind((a, port))
-                    except OSError:
-                        ok = False
-                        break
-            if ok:
-                return port
-    raise RuntimeError("no common free port")
 
 
 # ---------------------------------------------------------------- HTTPS for MTA-STS policies
