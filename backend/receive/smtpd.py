@@ -29,14 +29,12 @@ import asyncio
 import inspect
 import itertools
 import logging
-import ssl
 import time
 from typing import Any, Callable
 
-from asyncio import sslproto
 
 import aiosmtpd.smtp as aiosmtpd_smtp
-from aiosmtpd.smtp import SMTP, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Session
 
 from backend.smtp import replies as R
 from backend.smtp.paths import (
@@ -50,6 +48,7 @@ from backend.receive.context import ListenerContext
 from backend.receive.handler import Handler
 from backend.receive.smtpauth import SMTPAuth
 from backend.receive.smtpdata import SMTPData
+from backend.receive.smtptls import SMTPTLS
 
 log = logging.getLogger("homemx.smtp")
 
@@ -63,7 +62,7 @@ class HomeSession(Session):
     login_data: Any = None
 
 
-class HomeSMTP(SMTPAuth, SMTPData, SMTP):
+class HomeSMTP(SMTPTLS, SMTPAuth, SMTPData, SMTP):
     """One SMTP session (aiosmtpd creates one protocol object per connection)."""
 
     def __init__(self, handler: "Handler", ctx: ListenerContext, **kwargs):
@@ -167,38 +166,6 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
                 pass
         transport.close()
 
-    async def start_implicit_tls(self) -> bool:
-        """Implicit TLS (RFC 8314) on a listener that first reads a PROXY header: the header is
-        cleartext, the TLS ClientHello follows it (often in the same segment), so the TLS layer is
-        put in place after the header, fed whatever bytes were already read past it, and the
-        banner is sent inside TLS."""
-        assert self.transport is not None and self.ctx.tls_context is not None
-        leftover = bytes(self._reader._buffer)  # type: ignore[attr-defined]
-        self._drop_plaintext()
-        waiter = self.loop.create_future()
-        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.ctx.tls_context, waiter, server_side=True)
-        self._original_transport = self.transport
-        self._original_transport.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(self._original_transport)
-        if leftover:
-            buf = self._tls_protocol.get_buffer(len(leftover))
-            buf[: len(leftover)] = leftover
-            self._tls_protocol.buffer_updated(len(leftover))
-        try:
-            await asyncio.wait_for(waiter, self.ctx.proxy_timeout)
-            if self._lost_in_handshake():
-                raise ConnectionResetError("connection closed during the TLS handshake")
-        except (asyncio.TimeoutError, ssl.SSLError, ConnectionError, OSError) as e:
-            log.info("conn=%s client=%s TLS handshake failed: %r", self.conn_id, self.client_host, e)
-            if self.outcome == "closed":
-                self.outcome = "tls-failed"
-            # Nobody else will end this session (see _lost_in_handshake): once aiosmtpd has
-            # closed the transport on our False, finish it like any lost connection.
-            self.loop.call_soon(self._end_if_open)
-            return False
-        return True
-
     def _drop_pipelined(self) -> None:
         """The session is ending: forget the commands the client pipelined, and never resume the
         reader's transport (were it paused for a full buffer, the reader's next wait would resume
@@ -207,32 +174,9 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         self._reader._paused = False  # type: ignore[attr-defined]
 
-    def _drop_plaintext(self) -> None:
-        """Before TLS starts: forget what the command reader holds (RFC 3207 5: nothing sent in
-        clear may count as sent under TLS) and let the socket be read again. The reader pauses
-        the socket's transport when it holds more than 128 KiB; the TLS layer then waited for a
-        ClientHello, or noticed a reset, only at the idle timeout."""
-        self._reader._buffer.clear()  # type: ignore[attr-defined]
-        self._reader._maybe_resume_transport()  # type: ignore[attr-defined]
-
-    def _lost_in_handshake(self) -> bool:
-        """Whether the connection went while the TLS handshake was in progress. asyncio's
-        SSLProtocol then wakes the handshake waiter without an error and never calls our
-        connection_lost (it only does so after a completed handshake), so the session would
-        wait on its reader for ever: never logged, never counted, held by the drain."""
-        return self.transport is None or self.transport.is_closing()
-
-    def _end_if_open(self) -> None:
-        if self._registered:
-            self.connection_lost(None)
-
     @property
     def client_host(self) -> str:
         return self.client[0] if self.client else "unknown"
-
-    @property
-    def tls_active(self) -> bool:
-        return self._tls_protocol is not None or self.ctx.listener.kind == "submissions"
 
     def _wire_closing(self) -> bool:
         """Whether the connection under this session is lost or being closed. Under TLS the
@@ -297,28 +241,6 @@ class HomeSMTP(SMTPAuth, SMTPData, SMTP):
             await self.push(R.R501_BARE_CR)
             return
         await super().smtp_HELO(hostname)
-
-    async def smtp_STARTTLS(self, arg: str | None):
-        if self.tls_active:
-            # A second STARTTLS would stack TLS inside TLS (aiosmtpd does not check); asyncio's
-            # SSLProtocol cannot run over its own transport (TypeError on the first error).
-            await self.push(R.R503_TLS_ACTIVE)
-            return
-        if not arg and self.tls_context:
-            self._drop_plaintext()
-        try:
-            await super().smtp_STARTTLS(arg)
-            if self._lost_in_handshake():
-                # Closed mid-handshake (our idle timeout, a silent client): aiosmtpd saw a
-                # success. Raising makes it end the session (it calls connection_lost itself).
-                raise TLSSetupException() from ConnectionResetError("connection closed during the TLS handshake")
-        except TLSSetupException as e:
-            # After "220 Ready to start TLS" the handshake failed (a scanner, no common cipher, a
-            # reset): a normal network outcome, one line. aiosmtpd then closes the connection.
-            log.info("conn=%s client=%s STARTTLS handshake failed: %r", self.conn_id, self.client_host, e.__cause__)
-            if self.outcome == "closed":
-                self.outcome = "tls-failed"  # a timeout keeps its own outcome
-            raise
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         if self.ctx.listener.kind == "mx":
