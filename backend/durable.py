@@ -1,4 +1,4 @@
-"""Small helpers for writing files that must survive a crash: directory fsync, quiet clean-up."""
+"""Small helpers for files that must survive a crash: directory fsync, secret files (0600, atomic), quiet clean-up."""
 
 from __future__ import annotations
 
@@ -22,3 +22,36 @@ def unlink_quietly(*paths: Path) -> None:
             os.unlink(p)
         except FileNotFoundError:
             pass
+
+
+def write_secret(path: Path, data: bytes, *, replace: bool = False) -> None:
+    """Write a secret (private key, password) so that it is never readable by others nor half-written.
+
+    The data goes to a temporary file in the same directory, created 0600 (O_EXCL: nobody else's
+    file; fchmod: a restrictive umask cannot leave it unreadable to us, a lax one cannot widen
+    it), fsynced, then put in place in one step and the directory fsynced: after a crash the
+    path holds either nothing (or the old secret) or the whole new one. With ``replace`` false an
+    existing ``path`` is never overwritten (FileExistsError): link(2) fails on an existing name,
+    where rename(2) would silently replace it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)

@@ -80,7 +80,7 @@ def tunnel_config(req: dict) -> dict:
 
 def dkim_keys(req: dict) -> dict:
     """Generate the DKIM keys named in the request if absent (they never leave this host); return the TXT lines."""
-    from backend.dkim import sign as dkim
+    from backend.dkim import keys as dkim_keys
 
     out = {"records": [], "keys": "unchanged"}
     for entry in req["keys"]:
@@ -89,12 +89,12 @@ def dkim_keys(req: dict) -> dict:
             if req.get("dry_run"):
                 out["keys"] = "would change"
                 continue
-            gen = dkim.generate_key(req["domain"], entry["selector"], entry["algorithm"], path.parent)
+            gen = dkim_keys.generate_key(req["domain"], entry["selector"], entry["algorithm"], path.parent)
             if gen.path != path:
                 raise RuntimeError(f"dkim key written to {gen.path}, expected {path}")
             out["keys"] = "changed"
-        value = dkim.dkim_txt_record(path, entry["algorithm"])
-        out["records"].append(f"{entry['selector']}._domainkey.{req['domain']}.\tIN\tTXT\t{dkim.zone_txt_rdata(value)}")
+        value = dkim_keys.dkim_txt_record(path, entry["algorithm"])
+        out["records"].append(f"{entry['selector']}._domainkey.{req['domain']}.\tIN\tTXT\t{dkim_keys.zone_txt_rdata(value)}")
     return out
 
 

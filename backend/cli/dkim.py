@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backend.dkim import sign as dkim
+from backend.dkim import keys as dkim_keys
 from backend.config import parse_domain
 
 _SELECTOR_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -54,13 +54,13 @@ def cmd_keygen(args) -> int:
     try:
         if args.selector is None:
             # Rotation is a new key under a new selector (docs/dkim.md): the next free dated one.
-            selectors = dkim.free_default_selectors(args.domain, algorithms, args.dir)
+            selectors = dkim_keys.free_default_selectors(args.domain, algorithms, args.dir)
         elif len(algorithms) > 1:
             selectors = {alg: f"{args.selector}-{alg}" for alg in algorithms}
         else:
             selectors = {algorithms[0]: args.selector}
         for alg in algorithms:
-            generated.append(dkim.generate_key(args.domain, selectors[alg], alg, args.dir))
+            generated.append(dkim_keys.generate_key(args.domain, selectors[alg], alg, args.dir))
     except (FileExistsError, OSError) as e:
         print(f"homemx-backend dkim keygen: {e}", file=sys.stderr)
         return 1

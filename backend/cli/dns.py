@@ -38,7 +38,7 @@ def _load(path: str):
 
 
 def cmd_records(args) -> int:
-    from backend.dkim.sign import DKIMKeyError
+    from backend.dkim.keys import DKIMKeyError
     from backend.dns.records import render_ptr_records, render_records
 
     config = _load(args.config)

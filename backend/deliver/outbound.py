@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
 from backend.config import BackendConfig, DKIMKeyConfig
 from backend.deliver.remote import Deliverer
@@ -27,7 +28,7 @@ def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Cal
     message from a domain without keys passes through unsigned (CRLF-canonical either way).
     """
     for k in keys:
-        dkim.load_key(k)  # raises DKIMKeyError naming the file
+        dkim_keys.load_key(k)  # raises DKIMKeyError naming the file
 
     def sign(message: bytes, envelope_sender: str) -> bytes:
         message, signatures = dkim.make_signatures(message, keys)

@@ -23,7 +23,7 @@ import dns.resolver
 import dns.reversename
 
 from backend.config import BackendConfig
-from backend.dkim.sign import DKIMKeyError, load_private_key, public_key_bytes
+from backend.dkim.keys import DKIMKeyError, load_private_key, public_key_bytes
 from backend.dns.records import fqdn, mta_sts_id, tlsrpt_rua
 
 

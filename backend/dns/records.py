@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from backend.config import BackendConfig
-from backend.dkim.sign import dkim_txt_record, zone_txt_rdata
+from backend.dkim.keys import dkim_txt_record, zone_txt_rdata
 
 DEFAULT_TTL = 3600
 MX_PREFERENCE = 10

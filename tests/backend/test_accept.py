@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from backend.accept import LAN, MX, SUBMISSION, Incoming, Refused
-from backend.dkim import sign as dkim
+from backend.dkim import keys as dkim_keys
 from backend.queue.model import NewRecipient
 from backend.queue.store import Queue
 from tests.backend.helpers import ALICE, listener_block, running_backend, write_config
@@ -45,7 +45,7 @@ def fields(message: bytes, name: str) -> list[str]:
 
 @pytest.fixture
 def dkim_config(tmp_path):
-    g = dkim.generate_key("example.org", "s1", "ed25519", tmp_path)
+    g = dkim_keys.generate_key("example.org", "s1", "ed25519", tmp_path)
     keys = {"ed25519": (SimpleNamespace(domain="example.org", selector="s1", algorithm="ed25519", private_key=g.path),
                         g.txt_value)}
     extra = f'[[dkim]]\ndomain = "example.org"\nselector = "s1"\nalgorithm = "ed25519"\nprivate_key = "{g.path}"\n'

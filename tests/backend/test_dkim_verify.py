@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
 from tests.conftest import require_root, require_tool
 from tests.lab.nsd import NSD, zone_text
@@ -54,7 +55,7 @@ def netns_dns(tmp_path_factory):
     keys = []
     records = ""
     for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
-        g = dkim.generate_key("example.org", sel, alg, tmp)
+        g = dkim_keys.generate_key("example.org", sel, alg, tmp)
         keys.append(SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path))
         records += g.zone_line() + "\n"
     name = f"hmxdk-{uuid.uuid4().hex[:8]}"

@@ -9,9 +9,10 @@ import pytest
 
 from backend.cli import dns as cmd_dns
 
-from backend.dkim import sign as dkim
+from backend.dkim import keys as dkim_keys
 from backend.config import load_config
-from backend.dns.check import DNSLookup, resolver_for, run_checks
+from backend.dns.check import resolver_for, run_checks
+from backend.dns.lookup import DNSLookup
 from backend.dns.records import render_ptr_records, render_records
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, NSDError, reverse_zone_name, zone_text
@@ -24,8 +25,8 @@ HOST = "mail.example.org."
 
 def write_config(tmp, port: int, extra_dkim: str = "") -> object:
     keys = tmp / "keys"
-    dkim.generate_key("example.org", "rsa1", "rsa", keys)
-    dkim.generate_key("example.org", "ed1", "ed25519", keys)
+    dkim_keys.generate_key("example.org", "rsa1", "rsa", keys)
+    dkim_keys.generate_key("example.org", "ed1", "ed25519", keys)
     (tmp / "passwd").write_text("")
     (tmp / "backend.toml").write_text(
         f"""
@@ -132,7 +133,7 @@ def test_records_output_loads_into_nsd_and_every_check_passes(lab):
     # What nsd serves is what the output said: the long DKIM TXT came back as one key.
     r = ns.resolver()
     txt = b"".join(r.resolve("rsa1._domainkey.example.org", "TXT")[0].strings).decode()
-    assert txt == dkim.dkim_txt_record(config.dkim[0].private_key, "rsa")
+    assert txt == dkim_keys.dkim_txt_record(config.dkim[0].private_key, "rsa")
 
 
 def test_missing_ptr_is_detected(lab):
@@ -165,7 +166,7 @@ def test_spf_with_too_many_lookups_is_detected(lab):
     # Eleven includes before the gateway address: RFC 7208 4.6.4 stops at ten lookups.
     includes = " ".join(f"include:s{i}.example.org" for i in range(11))
     extra = "".join(f's{i}.example.org.\t300\tIN\tTXT\t"v=spf1 ip4:192.0.2.{i} -all"\n' for i in range(11))
-    broken = drop(records, "example.org.", "TXT") + f"example.org.\t300\tIN\tTXT\t{dkim.zone_txt_rdata(f'v=spf1 {includes} ip4:{GW4} ip6:{GW6} -all')}\n"
+    broken = drop(records, "example.org.", "TXT") + f"example.org.\t300\tIN\tTXT\t{dkim_keys.zone_txt_rdata(f'v=spf1 {includes} ip4:{GW4} ip6:{GW6} -all')}\n"
     report, failed = check_after(lab, broken, extra)
     assert failed == {f"SPF example.org {GW4}", f"SPF example.org {GW6}"}
     assert "permerror" in detail(report, f"SPF example.org {GW4}")
@@ -174,7 +175,7 @@ def test_spf_with_too_many_lookups_is_detected(lab):
 
 def test_wrong_dkim_key_is_detected(lab, tmp_path):
     config, _, records, _, _ = lab
-    other = dkim.generate_key("example.org", "rsa1", "rsa", tmp_path)
+    other = dkim_keys.generate_key("example.org", "rsa1", "rsa", tmp_path)
     broken = drop(records, "rsa1._domainkey.example.org.", "TXT") + other.zone_line() + "\n"
     report, failed = check_after(lab, broken)
     assert failed == {"DKIM rsa1._domainkey.example.org"}

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.dkim import sign as dkim
+from backend.dkim import keys as dkim_keys
 
 from backend.deliver import outbound
 from backend.metrics import BackendMetrics
@@ -24,7 +24,7 @@ from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receive
 from tests.backend.test_delivery_faults import RefusingMX, _queue_db
 from tests.lab.delivery import Sink
 from tests.backend.test_dkim import verify_all
-from tests.backend.test_process import Daemon, daemons, lan_config  # noqa: F401 - fixture
+from tests.lab.backend import Daemon, daemons, lan_config  # noqa: F401 - fixture
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text
 
@@ -35,7 +35,7 @@ def keys(tmp_path_factory):
     d = tmp_path_factory.mktemp("dsnkeys")
     out = {}
     for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
-        g = dkim.generate_key("example.org", sel, alg, d)
+        g = dkim_keys.generate_key("example.org", sel, alg, d)
         out[alg] = (SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path), g.txt_value)
     return out
 

@@ -38,7 +38,7 @@ from tests.backend.helpers import (
     write_config,
 )
 from tests.lab.ports import free_port
-from tests.backend.test_process import Daemon
+from tests.lab.backend import Daemon
 
 REMOTE_MSG = b"From: Carol <carol@remote.example>\r\nSubject: in\r\n\r\nHello.\r\n"
 GOOD = base64.b64encode(f"\0{ALICE}\0{ALICE_PW}".encode()).decode()
@@ -439,10 +439,10 @@ async def test_added_date_and_message_id_are_covered_by_the_dkim_signature(tmp_p
     that changes the added Date breaks the signature."""
     from types import SimpleNamespace
 
-    from backend.dkim import sign as dkim
+    from backend.dkim import keys as dkim_keys
     from tests.backend.test_dkim import sig_tags, verify_all
 
-    g = dkim.generate_key("example.org", "s1", "ed25519", tmp_path)
+    g = dkim_keys.generate_key("example.org", "s1", "ed25519", tmp_path)
     keys = {"ed25519": (SimpleNamespace(domain="example.org", selector="s1", algorithm="ed25519", private_key=g.path),
                         g.txt_value)}
     extra = f'[[dkim]]\ndomain = "example.org"\nselector = "s1"\nalgorithm = "ed25519"\nprivate_key = "{g.path}"\n'

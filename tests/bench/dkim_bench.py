@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
 
 SIZES = (("2KB", 2 * 1024), ("50KB", 50 * 1024), ("1MB", 1024 * 1024))
@@ -77,8 +78,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="homemx-dkim-bench-") as d:
-        rsa_key = dkim.generate_key("example.org", "rsa1", "rsa", d)
-        ed_key = dkim.generate_key("example.org", "ed1", "ed25519", d)
+        rsa_key = dkim_keys.generate_key("example.org", "rsa1", "rsa", d)
+        ed_key = dkim_keys.generate_key("example.org", "ed1", "ed25519", d)
         rsa = SimpleNamespace(domain="example.org", selector="rsa1", algorithm="rsa", private_key=rsa_key.path)
         ed = SimpleNamespace(domain="example.org", selector="ed1", algorithm="ed25519", private_key=ed_key.path)
         variants = {

@@ -117,12 +117,12 @@ def homemx_pair(lab, messages: int, lat_n: int) -> dict:
 
 
 def _homemx_run(work: Path, nsd, sink, sink_port: int, sink_log: Path, messages: int, lat_n: int) -> dict:
-    from backend.dkim import sign as dkim
+    from backend.dkim import keys as dkim_keys
 
     wait_port("127.0.0.1", sink_port, proc=sink)
     keys = work / "dkim"
-    rsa = dkim.generate_key("example.org", "rsa1", "rsa", keys)
-    ed = dkim.generate_key("example.org", "ed1", "ed25519", keys)
+    rsa = dkim_keys.generate_key("example.org", "rsa1", "rsa", keys)
+    ed = dkim_keys.generate_key("example.org", "ed1", "ed25519", keys)
     extra = (f'[[dkim]]\ndomain = "example.org"\nselector = "rsa1"\nalgorithm = "rsa"\nprivate_key = "{rsa.path}"\n'
              f'[[dkim]]\ndomain = "example.org"\nselector = "ed1"\nalgorithm = "ed25519"\nprivate_key = "{ed.path}"\n'
              f'[delivery]\nnameservers = ["{nsd.address}"]\ndns_port = {nsd.port}\nremote_port = {sink_port}\n'
