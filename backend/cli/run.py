@@ -60,7 +60,7 @@ def run_daemon(cfg) -> int:
     setup_logging(cfg.server.log_level)
     from backend.run import serve
 
-    from backend.dkim.sign import DKIMKeyError
+    from backend.dkim.keys import DKIMKeyError
     from backend.receive.smtpd import TLSSetupError
 
     try:
@@ -195,7 +195,7 @@ def cmd_demo(args) -> int:
         write_self_signed(d / "tls" / "cert.pem", d / "tls" / "key.pem", "mail.example.test")
     if not cfg_path.exists():
         text = demo_config_text(d, args.port_base)
-        from backend.dkim.sign import generate_key
+        from backend.dkim.keys import generate_key
 
         # Demo mail is signed like real mail: one RSA and one Ed25519 key for example.test.
         for algorithm, selector in (("rsa", "demo-rsa"), ("ed25519", "demo-ed")):
