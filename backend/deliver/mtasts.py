@@ -26,17 +26,14 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
-import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-log = logging.getLogger("homemx.mtasts")
+from backend.dns.resolver import ASYNCIO
 
-# DNS runs on asyncio's backend, named rather than sniffed: dnspython caches the first async library
-# it detects for the whole process.
-ASYNCIO_DNS = dns.asyncbackend.get_backend("asyncio")
+log = logging.getLogger("homemx.mtasts")
 
 MODES = ("enforce", "testing", "none")
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may limit the policy size; 64 KiB as in mox
@@ -241,7 +238,7 @@ class MTASTS:
     async def _txt_id(self, domain: str) -> tuple[str | None, bool]:
         """(policy id, whether the answer is authoritative). A DNS failure is not "no policy"."""
         try:
-            ans = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT", backend=ASYNCIO_DNS)
+            ans = await self.resolver.resolve(f"_mta-sts.{domain}", "TXT", backend=ASYNCIO)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None, True
         except dns.exception.DNSException as e:
@@ -354,7 +351,7 @@ class _PolicyHostResolver(AbstractResolver):
             if family not in (socket.AF_UNSPEC, fam):
                 continue
             try:
-                ans = await self.resolver.resolve(host, rtype, backend=ASYNCIO_DNS)
+                ans = await self.resolver.resolve(host, rtype, backend=ASYNCIO)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
             results += [

@@ -49,8 +49,8 @@ class RemoteDelivery(Protocol):
 
 def retry_delay_for(schedule: tuple[float, ...]) -> Callable[[int], float]:
     """The delay planned at claim time, from the number of attempts made *before* this one: the
-    n-th attempt (1-based) plans schedule[n-1], as ``delivery.next_attempt_after`` does when it
-    records a deferral with the attempt count after the claim (one index convention)."""
+    n-th attempt (1-based) plans schedule[n-1]. The deliverer calls the same function when it
+    records a deferral (with the attempt count after the claim, minus one): one index convention."""
 
     def delay(attempts_before: int) -> float:
         return schedule[min(max(attempts_before, 0), len(schedule) - 1)]
