@@ -53,7 +53,8 @@ def cmd_records(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from backend.dns.check import DNSLookup, resolver_for, run_checks
+    from backend.dns.check import resolver_for, run_checks
+    from backend.dns.lookup import DNSLookup
 
     config = _load(args.config)
     if config is None:

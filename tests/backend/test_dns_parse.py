@@ -6,15 +6,9 @@ import base64
 
 import pytest
 
-from backend.dns.check import (
-    DNSTempError,
-    ParseError,
-    check_host,
-    expand_macros,
-    parse_dkim_txt,
-    parse_dmarc,
-    parse_spf,
-)
+from backend.dns.lookup import DNSTempError
+from backend.dns.parse import ParseError, parse_dkim_txt, parse_dmarc, parse_spf
+from backend.dns.spf import check_host, expand_macros
 
 
 class TableLookup:
