@@ -221,6 +221,8 @@ class Transaction:
             if not decided:
                 raise HostFailure(reply) from None
             return _defer_rest(decided, rcpts, reply), False
+        if accepted is None:
+            return decided, c.is_connected
         if not accepted:
             await self._rset()
             return decided, c.is_connected
@@ -240,8 +242,11 @@ class Transaction:
         await self._rset()
         return decided, c.is_connected
 
-    async def _envelope(self, sender, options, encoding, rcpts: list[Recipient], decided: Outcomes) -> list[Recipient]:
-        """MAIL and RCPTs; the accepted recipients. Refused ones go into ``decided``."""
+    async def _envelope(
+        self, sender, options, encoding, rcpts: list[Recipient], decided: Outcomes
+    ) -> list[Recipient] | None:
+        """MAIL and RCPTs; the accepted recipients (None: MAIL got a 4xx, no RSET needed).
+        Refused ones go into ``decided``."""
         c = self.client
         try:
             await c.mail(sender, options=options, encoding=encoding)
@@ -251,7 +256,7 @@ class Transaction:
             if state == DEFERRED and not decided:
                 raise HostFailure(reply) from None  # 4xx to MAIL: maybe the next MX does better
             decided.update({r.id: (state, reply) for r in rcpts})
-            return []
+            return [] if state == BOUNCED else None
         accepted: list[Recipient] = []
         for r in rcpts:
             try:
