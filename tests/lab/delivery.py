@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from backend.config import config_from_dict
-from backend.deliver.remote import Deliverer, make_resolver
+from backend.deliver.remote import Deliverer
+from backend.dns.resolver import make_resolver
 from backend.metrics import BackendMetrics
 from backend.deliver.mtasts import MTASTS, STORE_FILE, PolicyStore
 from backend.queue.model import NewMessage, NewRecipient
