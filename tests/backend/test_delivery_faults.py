@@ -30,7 +30,7 @@ from tests.backend.helpers import ALICE, run_cli, wait_for, wait_for_sync
 from tests.lab.ports import free_port
 from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
 from tests.lab.delivery import Sink
-from tests.backend.test_process import Daemon, daemons, lan_config  # noqa: F401 - fixture
+from tests.lab.backend import Daemon, daemons, lan_config  # noqa: F401 - fixture
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text
 

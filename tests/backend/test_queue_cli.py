@@ -16,7 +16,7 @@ import pytest
 from tests.backend.faults import fill, small_tmpfs
 from tests.backend.helpers import ALICE, BOB, listener_block, maildir_files, run_cli, wait_for_sync, write_config
 from tests.lab.ports import free_port
-from tests.backend.test_process import Daemon, queue_json
+from tests.lab.backend import Daemon, queue_json
 
 RETRY_HOUR = '[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_schedule = ["1h"]\n'
 MARKER = "MAILDIR-FAULT-MARKER-51c2"

@@ -22,7 +22,7 @@ from backend.queue.store import Queue
 from tests.backend.faults import small_tmpfs
 from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for_sync, write_config
 from tests.lab.ports import free_port
-from tests.backend.test_process import Daemon, queue_json
+from tests.lab.backend import Daemon, queue_json
 
 
 def wal_commits(db: Path) -> tuple[tuple[int, int], int]:

@@ -21,7 +21,7 @@ from backend.queue.store import Queue
 
 from backend.queue.writer import QueueClosed
 from tests.backend.helpers import ALICE, listener_block, maildir_files, wait_for, write_config
-from tests.backend.test_receive import started
+from tests.backend.helpers import running_backend
 
 BODY = "From: carol@remote.example\r\nTo: alice@example.org\r\nSubject: {marker}\r\n\r\n{marker} END-OF-BODY\r\n"
 
@@ -54,7 +54,7 @@ async def vanish_after_dot(port: int, marker: str, rst: bool, linger: float) -> 
 @pytest.mark.asyncio
 async def test_clients_vanishing_after_the_dot_never_stop_mail(tmp_path):
     cfg = write_config(tmp_path, listener_block("mx", "mx"))
-    async with started(cfg) as b:
+    async with running_backend(cfg) as b:
         port = b.bound_port("mx")
         for i in range(40):
             await vanish_after_dot(port, f"VANISHED-{i}", rst=i % 2 == 1, linger=(i % 20) * 0.0005)
@@ -120,7 +120,7 @@ async def test_a_dead_writer_fails_waiting_and_new_messages_with_451_instead_of_
     import threading
 
     cfg = write_config(tmp_path, listener_block("mx", "mx"))
-    async with started(cfg) as b:
+    async with running_backend(cfg) as b:
         port = b.bound_port("mx")
         holding, gate = threading.Event(), threading.Event()
 
@@ -196,7 +196,7 @@ sys.exit(main(sys.argv[2:]))
 
 def _daemon_with_a_mortal_writer(tmp_path):
     from tests.lab.ports import free_port
-    from tests.backend.test_process import Daemon, lan_config
+    from tests.lab.backend import Daemon, lan_config
 
     port = free_port()
     cfg = lan_config(tmp_path, port)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import smtplib
 import ssl
 import subprocess
@@ -27,6 +26,7 @@ from tests.backend.helpers import (
     client_tls,
     listener_block,
     maildir_files,
+    running_backend,
     wait_for,
     write_config,
 )
@@ -54,21 +54,10 @@ def all_listeners(**lan) -> str:
     )
 
 
-@contextlib.asynccontextmanager
-async def started(cfg_path):
-    """A backend running in this event loop for the duration of the block."""
-    b = Backend(load_config(cfg_path))
-    await b.start()
-    try:
-        yield b
-    finally:
-        await b.stop(grace=0.5)
-
-
 @pytest_asyncio.fixture
 async def backend(tmp_path):
     cfg_path = write_config(tmp_path, all_listeners(), aliases={"postmaster": [ALICE], "team": [ALICE, BOB]})
-    async with started(cfg_path) as b:
+    async with running_backend(cfg_path) as b:
         b.tmp = tmp_path  # type: ignore[attr-defined]
         yield b
 
@@ -146,7 +135,7 @@ async def test_mx_without_valid_header_closed_before_banner(backend, prefix):
 @pytest.mark.asyncio
 async def test_mx_untrusted_peer_closed_before_banner(tmp_path):
     cfg_path = write_config(tmp_path, listener_block("mx", "mx", proxy_protocol=True, trusted_proxies=["127.0.0.2/32"]))
-    async with started(cfg_path) as b:
+    async with running_backend(cfg_path) as b:
         c = await RawSMTP.connect(b.bound_port("mx"), prefix=encode_proxy_v2(REAL_CLIENT, ("198.51.100.1", 25)))
         assert await c.closed_without_banner()
         # ... while the trusted address gets through.
@@ -394,7 +383,7 @@ async def test_lan_trusted_cannot_use_foreign_sender(backend):
 @pytest.mark.asyncio
 async def test_lan_untrusted_must_auth(tmp_path):
     cfg = write_config(tmp_path, listener_block("lan", "lan", trusted_networks=["10.0.0.0/8"]))
-    async with started(cfg) as b:
+    async with running_backend(cfg) as b:
         c = await RawSMTP.connect(b.bound_port("lan"))
         await c.reply()
         await c.cmd("EHLO app")
@@ -481,7 +470,7 @@ async def test_metrics_endpoint_counts_outcomes(tmp_path):
         listener_block("mx", "mx") + listener_block("sub", "submission", auth_failure_delay=0),
         server_extra='metrics_listen = "127.0.0.1:0"',
     )
-    async with started(cfg_path) as b:
+    async with running_backend(cfg_path) as b:
         c = await RawSMTP.connect(b.bound_port("mx"))
         await c.reply()
         await c.cmd("EHLO x.example")
@@ -523,7 +512,7 @@ async def test_submissions_behind_proxy_tls_after_header(tmp_path):
         tmp_path,
         listener_block("smtps", "submissions", proxy_protocol=True, trusted_proxies=["127.0.0.1/32"]),
     )
-    async with started(cfg_path) as b:
+    async with running_backend(cfg_path) as b:
         sock = socketmod.create_connection(("127.0.0.1", b.bound_port("smtps")))
         sock.sendall(encode_proxy_v2(REAL_CLIENT, ("198.51.100.1", 465)))
         sock.setblocking(False)
@@ -544,7 +533,7 @@ async def test_paused_delivery_queues_remote_and_still_delivers_local(tmp_path):
         listener_block("lan", "lan", trusted_networks=["127.0.0.0/8"]),
         extra='[delivery]\npaused = true\nnameservers = ["127.0.0.1"]\ndns_port = 9\n',
     )
-    async with started(cfg_path) as b:
+    async with running_backend(cfg_path) as b:
         def send():
             with smtplib.SMTP("127.0.0.1", b.bound_port("lan")) as s:
                 s.sendmail("nas@example.org", ["alice@example.org", "someone@remote.example"],

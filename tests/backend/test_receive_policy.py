@@ -27,7 +27,7 @@ from tests.backend.helpers import (
     write_config,
 )
 from tests.lab.ports import free_port
-from tests.backend.test_process import Daemon
+from tests.lab.backend import Daemon
 
 REMOTE_MSG = b"From: Carol <carol@remote.example>\r\nSubject: in\r\n\r\nHello.\r\n"
 

@@ -32,8 +32,8 @@ from tests.backend.helpers import (
 )
 from tests.lab.ports import free_port
 from tests.lab.delivery import Receivers, Sink
-from tests.backend.test_process import Daemon, queue_json
-from tests.backend.test_receive import started
+from tests.lab.backend import Daemon, queue_json
+from tests.backend.helpers import running_backend
 from tests.conftest import require_tool
 
 HOUR = 3600.0
@@ -80,7 +80,7 @@ async def test_a_full_queue_disk_backs_off_logs_once_exports_the_state_and_recov
         blocker = _bob_maildir(tmp_path)
         blocker.parent.mkdir(parents=True)
         blocker.write_text("a file where the Maildir directory belongs\n")
-        async with started(cfg) as b:
+        async with running_backend(cfg) as b:
             sample = b.metrics.registry.get_sample_value
             qid = await asyncio.to_thread(_mail, b.bound_port("lan"), BOB, "full-disk")
             await wait_for(lambda: b.queue.get(qid).recipients[0].state == DEFERRED)
@@ -200,7 +200,7 @@ async def test_a_message_bounces_at_its_max_age_not_at_its_next_scheduled_attemp
                 f'nameservers = ["{ns.address}"]\ndns_port = {ns.port}\nremote_port = {receivers.port}\n'
                 'retry_schedule = ["1h"]\nmax_queue_age = "4s"\nmta_sts = false\n'
             ))
-            async with started(cfg) as b:
+            async with running_backend(cfg) as b:
                 arrived = time.monotonic()
                 qid = await asyncio.to_thread(_mail, b.bound_port("lan"), "bob@dest.test", "expires")
                 [dsn] = await wait_for(lambda: maildir_files(tmp_path, ALICE), 30)  # far below the hour
