@@ -106,6 +106,56 @@ def original_headers(message: bytes) -> bytes:
     return message[:end]
 
 
+SUBJECTS = {FAILED: "Undelivered Mail Returned to Sender", DELAYED: "Delayed Mail (still being retried)"}
+
+
+def _human_text(action: str, reporting_mta: str, recipients: list[DSNRecipient]) -> str:
+    """The report's first part, for people (RFC 3462 / RFC 6522: text/plain)."""
+    if action == FAILED:
+        intro = (
+            f"This is the mail system at {reporting_mta}.\r\n\r\n"
+            "Your message could not be delivered to one or more recipients.\r\n"
+            "It will not be retried for them. The details follow.\r\n"
+        )
+    else:
+        intro = (
+            f"This is the mail system at {reporting_mta}.\r\n\r\n"
+            "Your message has not been delivered yet to one or more recipients.\r\n"
+            "It is still in the queue and will be retried; you do not need to resend it.\r\n"
+        )
+    lines_human = [intro]
+    for r in recipients:
+        shown = r.final_recipient if r.final_recipient.isascii() else _utf8_addr_xtext(r.final_recipient)
+        lines_human.append(f"\r\n<{_xtext_free(shown)}>: {_xtext_free(r.diagnostic or r.status)}\r\n")
+    return "".join(lines_human)
+
+
+def _delivery_status(reporting_mta: str, queue_id: str, arrival: float, recipients: list[DSNRecipient]) -> str:
+    """The message/delivery-status part (RFC 3464 2.2: per-message fields, then a blank line
+    before each recipient's fields)."""
+    status_lines = [
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Homemx-Queue-ID: {queue_id}",  # extension field (RFC 3464 2.2: X- fields allowed)
+        f"Arrival-Date: {rfc5322_date(arrival)}",
+    ]
+    for r in recipients:
+        status_lines.append("")
+        if r.original_recipient and r.original_recipient.lower() != r.final_recipient.lower():
+            status_lines.append(f"Original-Recipient: {_address_field(r.original_recipient)}")
+        status_lines.append(f"Final-Recipient: {_address_field(r.final_recipient)}")
+        status_lines.append(f"Action: {r.action}")
+        status_lines.append(f"Status: {r.status}")
+        if r.remote_mta:
+            status_lines.append(f"Remote-MTA: {_xtext_free(r.remote_mta)}")
+        if r.diagnostic:
+            status_lines.append(f"Diagnostic-Code: smtp; {_xtext_free(r.diagnostic)}")
+        if r.last_attempt is not None:
+            status_lines.append(f"Last-Attempt-Date: {rfc5322_date(r.last_attempt)}")
+        if r.will_retry_until is not None and r.action == DELAYED:
+            status_lines.append(f"Will-Retry-Until: {rfc5322_date(r.will_retry_until)}")
+    return "\r\n".join(status_lines) + "\r\n"
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -131,49 +181,9 @@ def build_dsn(
     action = actions.pop()
     boundary = f"=_homemx_{secrets.token_hex(12)}"
     msgid = f"<{queue_id}.{secrets.token_hex(6)}.dsn@{reporting_mta}>"
-
-    if action == FAILED:
-        subject = "Undelivered Mail Returned to Sender"
-        intro = (
-            f"This is the mail system at {reporting_mta}.\r\n\r\n"
-            "Your message could not be delivered to one or more recipients.\r\n"
-            "It will not be retried for them. The details follow.\r\n"
-        )
-    else:
-        subject = "Delayed Mail (still being retried)"
-        intro = (
-            f"This is the mail system at {reporting_mta}.\r\n\r\n"
-            "Your message has not been delivered yet to one or more recipients.\r\n"
-            "It is still in the queue and will be retried; you do not need to resend it.\r\n"
-        )
-    lines_human = [intro]
-    for r in recipients:
-        shown = r.final_recipient if r.final_recipient.isascii() else _utf8_addr_xtext(r.final_recipient)
-        lines_human.append(f"\r\n<{_xtext_free(shown)}>: {_xtext_free(r.diagnostic or r.status)}\r\n")
-    human = "".join(lines_human)
-
-    # RFC 3464 2.2: per-message fields, then a blank line before each recipient's fields.
-    status_lines = [
-        f"Reporting-MTA: dns; {reporting_mta}",
-        f"X-Homemx-Queue-ID: {queue_id}",  # extension field (RFC 3464 2.2: X- fields allowed)
-        f"Arrival-Date: {rfc5322_date(arrival)}",
-    ]
-    for r in recipients:
-        status_lines.append("")
-        if r.original_recipient and r.original_recipient.lower() != r.final_recipient.lower():
-            status_lines.append(f"Original-Recipient: {_address_field(r.original_recipient)}")
-        status_lines.append(f"Final-Recipient: {_address_field(r.final_recipient)}")
-        status_lines.append(f"Action: {r.action}")
-        status_lines.append(f"Status: {r.status}")
-        if r.remote_mta:
-            status_lines.append(f"Remote-MTA: {_xtext_free(r.remote_mta)}")
-        if r.diagnostic:
-            status_lines.append(f"Diagnostic-Code: smtp; {_xtext_free(r.diagnostic)}")
-        if r.last_attempt is not None:
-            status_lines.append(f"Last-Attempt-Date: {rfc5322_date(r.last_attempt)}")
-        if r.will_retry_until is not None and r.action == DELAYED:
-            status_lines.append(f"Will-Retry-Until: {rfc5322_date(r.will_retry_until)}")
-    delivery_status = "\r\n".join(status_lines) + "\r\n"
+    subject = SUBJECTS[action]
+    human = _human_text(action, reporting_mta, recipients)
+    delivery_status = _delivery_status(reporting_mta, queue_id, arrival, recipients)
 
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
