@@ -8,7 +8,6 @@ generated where it is used. This module must not import Fabric (the hosts do not
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import os
@@ -100,27 +99,16 @@ def dkim_keys(req: dict) -> dict:
 
 def tls_selfsigned(req: dict) -> dict:
     """A self-signed certificate for the mail host name when none is there (the user may replace it later)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from backend.tls.selfsigned import write_self_signed
 
     cert_p, key_p = Path(req["cert"]), Path(req["key"])
     if cert_p.exists() and key_p.exists():
         return {"tls": "unchanged"}
     if req.get("dry_run"):
         return {"tls": "would change"}
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req["hostname"])])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=825))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(req["hostname"])]), critical=False)
-            .sign(key, hashes.SHA256()))
-    _write_if_changed(key_p, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()).decode(), 0o600, False)
-    _write_if_changed(cert_p, cert.public_bytes(serialization.Encoding.PEM).decode(), 0o644, False)
+    cert_p.parent.mkdir(parents=True, exist_ok=True)
+    key_p.parent.mkdir(parents=True, exist_ok=True)
+    write_self_signed(cert_p, key_p, req["hostname"], days=825)
     return {"tls": "changed"}
 
 

@@ -10,8 +10,10 @@ import sys
 # `func=callable(args) -> int` on the parser. Keep the list explicit: a module that is not
 # listed does not exist as a command.
 COMMAND_MODULES = [
-    "backend.cli.run",  # run, demo, config check
-    "backend.cli.admin",  # queue, users
+    "backend.cli.run",  # run, config check
+    "backend.cli.demo",  # demo
+    "backend.cli.queue",  # queue list/show/retry/hold/release/delete
+    "backend.cli.users",  # users add/passwd/delete/list
     "backend.cli.tunnel",  # tunnel up/down/status/keygen/config (wireguard/cli.py)
     "backend.cli.dkim",  # dkim keygen
     "backend.cli.dns",  # dns records, dns check

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.cli.run import write_self_signed
+from backend.tls.selfsigned import write_self_signed
 from backend.receive.users import UserDB
 
 DOMAIN = "example.org"

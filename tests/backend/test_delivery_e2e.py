@@ -14,7 +14,7 @@ import ssl
 import aiosmtplib
 import pytest
 
-from backend.cli.run import write_self_signed
+from backend.tls.selfsigned import write_self_signed
 from backend.run import Backend
 from backend.receive.users import UserDB
 from tests.lab.delivery import Receivers, Sink, backend_config

@@ -95,7 +95,7 @@ class LabCA:
 
 def self_signed_context(directory: Path, name: str) -> ssl.SSLContext:
     """A server context with a certificate no client trusts (the "bad certificate" peer)."""
-    from backend.cli.run import write_self_signed
+    from backend.tls.selfsigned import write_self_signed
 
     cert, key = directory / f"selfsigned-{name}.crt", directory / f"selfsigned-{name}.key"
     write_self_signed(cert, key, name)
