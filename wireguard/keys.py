@@ -75,7 +75,11 @@ def from_hex(value: str) -> str:
 
 
 def write_secret(path: str | os.PathLike[str], text: str) -> None:
-    """Write a secret file atomically with mode 0600 from the start (never briefly world-readable)."""
+    """Write a secret file atomically with mode 0600 from the start (never briefly world-readable).
+
+    The backend's convention for this is backend.durable.write_secret; this copy stays because
+    wireguard/ also runs on the gateway host, and gateway code may not import the backend.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
