@@ -15,7 +15,7 @@ from backend.dkim import keys as dkim_keys
 from backend.queue.model import NewRecipient
 from backend.queue.store import Queue
 from tests.backend.helpers import ALICE, listener_block, running_backend, write_config
-from tests.backend.test_dkim import sig_tags, verify_all
+from tests.lab.dkim import sig_tags, verify_all
 
 BODY = b"From: alice@example.org\r\nTo: friend@remote.example\r\nSubject: direct\r\n\r\nhello\r\n"
 

@@ -18,7 +18,7 @@ from backend.tls.selfsigned import write_self_signed
 from backend.run import Backend
 from backend.receive.users import UserDB
 from tests.lab.delivery import Receivers, Sink, backend_config
-from tests.backend.test_dkim_verify import netns_dns, only_signature, opendkim  # noqa: F401 - fixture reused
+from tests.lab.dkim import netns_dns, only_signature, opendkim  # noqa: F401 - fixture reused
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 import stat
 import threading
@@ -14,10 +13,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from backend.cli import dkim as cmd_dkim
 from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
 from backend.dns.parse import parse_dkim_txt
+from tests.lab.dkim import run_dkim_cli, sig_tags, verify_all
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\n"
@@ -42,33 +41,6 @@ def keys(tmp_path_factory):
     for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
         g = dkim_keys.generate_key("example.org", sel, alg, d)
         out[alg] = (SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path), g.txt_value)
-    return out
-
-
-def dns_table(keys):
-    return {f"{k.selector}._domainkey.{k.domain}.".encode(): txt.encode() for k, txt in keys.values()}
-
-
-def verify_all(signed: bytes, keys) -> list[bool]:
-    """dkimpy's verifier on every signature (the independent verifiers run in test_dkim_verify)."""
-    table = dns_table(keys)
-    d = dkimpy.DKIM(signed)
-    n = len([1 for name, _ in d.headers if name.lower() == b"dkim-signature"])
-    results = []
-    for i in range(n):
-        try:
-            results.append(d.verify(idx=i, dnsfunc=lambda name, timeout=5: table.get(name)))
-        except dkimpy.ValidationError:  # dkimpy raises on a body hash mismatch
-            results.append(False)
-    return results
-
-
-def sig_tags(signed: bytes) -> list[dict[str, str]]:
-    unfolded = re.sub(rb"\r\n[ \t]", b" ", signed.partition(b"\r\n\r\n")[0]).decode()
-    out = []
-    for line in unfolded.split("\r\n"):
-        if line.lower().startswith("dkim-signature:"):
-            out.append({k.strip(): re.sub(r"\s+", "", v) for k, _, v in (t.partition("=") for t in line.split(":", 1)[1].split(";"))})
     return out
 
 
@@ -167,16 +139,8 @@ def test_split_txt_keeps_strings_within_255_bytes(keys):
     assert len(value) > 255 and all(len(p) <= 255 for p in parts) and "".join(parts) == value
 
 
-def _run_cli(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    cmd_dkim.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
-    rc = _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)])
+    rc = run_dkim_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     files = sorted(tmp_path.iterdir())
@@ -192,7 +156,7 @@ def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
         assert all(len(s) <= 255 for s in re.findall(r'"([^"]*)"', line))
     assert f'private_key = "{files[1]}"' in out
     # A second run with the same selector never overwrites a key.
-    assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
+    assert run_dkim_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
 
 
 def test_keygen_default_selectors_move_to_the_next_letter_at_each_rotation(tmp_path, capsys):
@@ -201,7 +165,7 @@ def test_keygen_default_selectors_move_to_the_next_letter_at_each_rotation(tmp_p
     year = datetime.date.today().year
     generated = []
     for letter in "abc":  # the first key and two rotations, all in one year
-        assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--dir", str(tmp_path)]) == 0
+        assert run_dkim_cli(["dkim", "keygen", "--domain", "example.org", "--dir", str(tmp_path)]) == 0
         out = capsys.readouterr().out
         assert f'selector = "rsa{year}{letter}"' in out and f'selector = "ed{year}{letter}"' in out
         assert f"rsa{year}{letter}._domainkey.example.org." in out and f"ed{year}{letter}._domainkey.example.org." in out
@@ -212,7 +176,7 @@ def test_keygen_default_selectors_move_to_the_next_letter_at_each_rotation(tmp_p
     # No rotation touched an earlier key (never overwritten, so mail signed with it still verifies).
     assert all(generated[-1][name] == data for g in generated for name, data in g.items())
     # Another domain's keys in the same directory start at "a" (selectors are per domain).
-    assert _run_cli(["dkim", "keygen", "--domain", "example.net", "--algorithm", "rsa", "--dir", str(tmp_path)]) == 0
+    assert run_dkim_cli(["dkim", "keygen", "--domain", "example.net", "--algorithm", "rsa", "--dir", str(tmp_path)]) == 0
     assert f'selector = "rsa{year}a"' in capsys.readouterr().out
 
 

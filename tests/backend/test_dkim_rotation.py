@@ -20,12 +20,12 @@ from backend.deliver.outbound import make_signer
 from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
 from tests.lab.delivery_fixtures import ca, dns_server, maildir_messages, make, receivers  # noqa: F401 - fixtures
 from tests.lab.delivery import Sink, backend_config
-from tests.backend.test_dkim import _run_cli, sig_tags
+from tests.lab.dkim import run_dkim_cli, sig_tags
 
 
 def keygen(keydir, capsys):
     """Run ``dkim keygen`` with its default selectors: ({TXT name: value} to publish, [[dkim]] tables)."""
-    assert _run_cli(["dkim", "keygen", "--domain", "example.org", "--dir", str(keydir)]) == 0
+    assert run_dkim_cli(["dkim", "keygen", "--domain", "example.org", "--dir", str(keydir)]) == 0
     out = capsys.readouterr().out
     zone, _, toml = out.partition("# backend.toml: add these tables")
     records = {}

@@ -7,21 +7,13 @@ inside that namespace. The namespace and its /etc/netns directory are always rem
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import signal
 import subprocess
-import uuid
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
-from tests.conftest import require_root, require_tool
-from tests.lab.nsd import NSD, zone_text
+from tests.conftest import require_tool
+from tests.lab.dkim import netns_dns, only_signature, opendkim, run_in  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.netns
 
@@ -44,64 +36,6 @@ local $/; my $msg = <STDIN>; $msg =~ s/\r?\n/\r\n/g;
 $v->PRINT($msg); $v->CLOSE();
 foreach my $sig ($v->signatures) { printf "%s %s %s\n", $sig->algorithm, $sig->result, ($sig->result_detail // ''); }
 """
-
-
-@pytest.fixture(scope="module")
-def netns_dns(tmp_path_factory):
-    """A namespace with lo up, its own resolv.conf, and nsd on 127.0.0.1:53 serving the DKIM keys."""
-    require_root()
-    require_tool("ip", "/usr/sbin/nsd", "dig", "opendkim-testmsg")
-    tmp = tmp_path_factory.mktemp("dkimverify")
-    keys = []
-    records = ""
-    for alg, sel in (("rsa", "rsa1"), ("ed25519", "ed1")):
-        g = dkim_keys.generate_key("example.org", sel, alg, tmp)
-        keys.append(SimpleNamespace(domain="example.org", selector=sel, algorithm=alg, private_key=g.path))
-        records += g.zone_line() + "\n"
-    name = f"hmxdk-{uuid.uuid4().hex[:8]}"
-    etc = Path("/etc/netns") / name
-    ns = None
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        etc.mkdir(parents=True)
-        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        ns = NSD(
-            {"example.org": zone_text("example.org", records, ns_address="127.0.0.1")},
-            address="127.0.0.1",
-            port=53,
-            netns_exec=["ip", "netns", "exec", name],
-            workdir=tmp / "nsd",
-        )
-        ns.start()
-        yield SimpleNamespace(name=name, keys=keys)
-    finally:
-        if ns is not None:
-            ns.close()
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", name])
-        shutil.rmtree(etc, ignore_errors=True)
-
-
-def run_in(ns, cmd, data: bytes) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns.name, *cmd], input=data, capture_output=True, timeout=60)
-
-
-def only_signature(signed: bytes, algorithm: str) -> bytes:
-    """The message with only the DKIM-Signature whose a= is ``algorithm`` (folded lines included)."""
-    head, _, body = signed.partition(b"\r\n\r\n")
-    fields = re.split(rb"\r\n(?![ \t])", head)
-    kept = [f for f in fields if not f.lower().startswith(b"dkim-signature:") or re.search(rb"a=" + algorithm.encode() + rb";", f)]
-    return b"\r\n".join(kept) + b"\r\n\r\n" + body
-
-
-def opendkim(ns, message: bytes) -> subprocess.CompletedProcess:
-    return run_in(ns, ["opendkim-testmsg"], message)
 
 
 def test_opendkim_verifies_both_signatures_each_alone(netns_dns):

@@ -23,7 +23,7 @@ from tests.lab.ports import free_port
 from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
 from tests.backend.test_delivery_faults import RefusingMX, _queue_db
 from tests.lab.delivery import Sink
-from tests.backend.test_dkim import verify_all
+from tests.lab.dkim import verify_all
 from tests.lab.backend import Daemon, daemons, lan_config  # noqa: F401 - fixture
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text

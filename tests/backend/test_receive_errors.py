@@ -440,7 +440,7 @@ async def test_added_date_and_message_id_are_covered_by_the_dkim_signature(tmp_p
     from types import SimpleNamespace
 
     from backend.dkim import keys as dkim_keys
-    from tests.backend.test_dkim import sig_tags, verify_all
+    from tests.lab.dkim import sig_tags, verify_all
 
     g = dkim_keys.generate_key("example.org", "s1", "ed25519", tmp_path)
     keys = {"ed25519": (SimpleNamespace(domain="example.org", selector="s1", algorithm="ed25519", private_key=g.path),
