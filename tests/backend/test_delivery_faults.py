@@ -16,11 +16,9 @@ import email.policy
 import os
 import signal
 import smtplib
-import socket
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,8 @@ from tests.backend.helpers import ALICE, run_cli, wait_for, wait_for_sync
 from tests.lab.ports import free_port
 from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
 from tests.lab.delivery import Sink
-from tests.lab.backend import Daemon, daemons, lan_config  # noqa: F401 - fixture
+from tests.lab.backend import Daemon, daemons, lan_config, queue_db  # noqa: F401 - fixture
+from tests.lab.refusing_mx import RefusingMX
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text
 
@@ -82,78 +81,8 @@ async def test_a_finished_destination_is_recorded_with_its_dsn_while_a_slow_one_
 # ---------------------------------------------------------------- a real crash while bounces are recorded
 
 
-@dataclass
-class RefusingMX:
-    """A minimal SMTP server (one thread per connection) that refuses every recipient with 550.
-
-    ``on_last_refusal`` runs right after the reply to the ``expect``-th RCPT of a connection has
-    been sent; ``on_rset`` right after the reply to a RSET.
-    """
-
-    address: str
-    expect: int
-    on_last_refusal: object = None
-    on_rset: object = None
-    rcpts: int = 0
-    sock: socket.socket = field(init=False)
-
-    def __post_init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((self.address, 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket):
-        f = conn.makefile("rb")
-        per_connection = 0
-        try:
-            conn.sendall(b"220 mx.refuse.test ESMTP\r\n")
-            for line in f:
-                verb = line[:4].upper()
-                if verb in (b"EHLO", b"HELO"):
-                    conn.sendall(b"250-mx.refuse.test\r\n250 8BITMIME\r\n")
-                elif verb == b"MAIL":
-                    conn.sendall(b"250 2.1.0 OK\r\n")
-                elif verb == b"RCPT":
-                    per_connection += 1
-                    self.rcpts += 1
-                    conn.sendall(b"550 5.1.1 No such user here\r\n")
-                    if per_connection == self.expect and self.on_last_refusal:
-                        self.on_last_refusal()
-                elif verb == b"RSET":
-                    conn.sendall(b"250 2.0.0 OK\r\n")
-                    if self.on_rset:
-                        self.on_rset()
-                elif verb == b"QUIT":
-                    conn.sendall(b"221 2.0.0 Bye\r\n")
-                    return
-                else:
-                    conn.sendall(b"250 2.0.0 OK\r\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self):
-        self.sock.close()
-
-
-def _queue_db(tmp: Path) -> Path:
-    return tmp / "data" / "queue.sqlite3"
-
-
 def _read_only(tmp: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{_queue_db(tmp)}?mode=ro", uri=True, timeout=30)
+    return sqlite3.connect(f"file:{queue_db(tmp)}?mode=ro", uri=True, timeout=30)
 
 
 def _recipient_states(tmp: Path, qid: str) -> dict[str, str]:

@@ -21,10 +21,10 @@ from backend.queue.model import BOUNCED, DEFERRED
 from tests.backend.helpers import ALICE, wait_for_sync
 from tests.lab.ports import free_port
 from tests.lab.delivery_fixtures import ca, dns_server, make, parse_dsn, receivers  # noqa: F401 - fixtures
-from tests.backend.test_delivery_faults import RefusingMX, _queue_db
+from tests.lab.refusing_mx import RefusingMX
 from tests.lab.delivery import Sink
 from tests.lab.dkim import verify_all
-from tests.lab.backend import Daemon, daemons, lan_config  # noqa: F401 - fixture
+from tests.lab.backend import Daemon, daemons, lan_config, queue_db  # noqa: F401 - fixture
 from tests.conftest import require_tool
 from tests.lab.nsd import NSD, zone_text
 
@@ -68,7 +68,7 @@ def test_the_daemons_bounce_is_signed_and_verifies(tmp_path, daemons, keys):
                 s.sendmail(ALICE, ["nobody@refuse.test"], f"From: {ALICE}\r\nSubject: hi\r\n\r\nbody\r\n")
 
             def bounce():
-                with sqlite3.connect(f"file:{_queue_db(tmp_path)}?mode=ro", uri=True) as db:
+                with sqlite3.connect(f"file:{queue_db(tmp_path)}?mode=ro", uri=True) as db:
                     row = db.execute("SELECT content FROM message WHERE sender = ''").fetchone()
                 return bytes(row[0]) if row else None
 

@@ -6,8 +6,7 @@ import dns.resolver
 import pytest
 
 from backend.deliver import mtasts
-
-POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.net\r\nmx: *.example.net\r\nmax_age: 604800\r\n"
+from tests.lab.mtasts import POLICY, TableResolver
 
 
 def test_parse_txt():
@@ -57,25 +56,6 @@ def test_mx_matching(pattern, host, ok):
     assert mtasts.mx_matches(pattern, host) is ok
 
 
-class _TXT:
-    def __init__(self, text):
-        self.strings = [text.encode()]
-
-
-class _Resolver:
-    """A table resolver for cache tests: the network lookups are covered in test_delivery."""
-
-    def __init__(self):
-        self.txt: list[str] | Exception = []
-
-    async def resolve(self, name, rtype, **kwargs):
-        if isinstance(self.txt, Exception):
-            raise self.txt
-        if not self.txt:
-            raise dns.resolver.NXDOMAIN()
-        return [_TXT(t) for t in self.txt]
-
-
 @pytest.mark.asyncio
 async def test_cache_refetches_on_new_id_and_survives_txt_removal_and_fetch_failure():
     now = [1000.0]
@@ -88,7 +68,7 @@ async def test_cache_refetches_on_new_id_and_survives_txt_removal_and_fetch_fail
             raise OSError("connection refused")
         return bodies["ok"]
 
-    res = _Resolver()
+    res = TableResolver()
     m = mtasts.MTASTS(res, fetcher=fetcher, now=lambda: now[0])
     assert await m.policy("example.net") is None and fetched == []  # no TXT: no policy, no fetch
     res.txt = ["v=STSv1; id=1"]

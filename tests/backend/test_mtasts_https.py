@@ -20,7 +20,7 @@ from backend.deliver.remote import Deliverer
 from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
 from tests.lab.delivery import LabCA, backend_config, run_blocking
-from tests.backend.test_mtasts import POLICY
+from tests.lab.mtasts import POLICY
 
 DOMAIN = "example.net"
 HOST = f"mta-sts.{DOMAIN}"

@@ -17,7 +17,7 @@ from backend.deliver import mtasts
 from backend.queue.model import DEFERRED
 from tests.lab.delivery_fixtures import ca, dns_server, make, policy_server, receivers  # noqa: F401 - fixtures
 from tests.lab.delivery import Sink
-from tests.backend.test_mtasts import POLICY, _Resolver
+from tests.lab.mtasts import POLICY, TableResolver
 
 
 @pytest.mark.asyncio
@@ -53,7 +53,7 @@ def _rows(path):
 async def test_stored_policy_is_applied_when_a_refresh_fails_and_dropped_at_max_age(tmp_path):
     store_path = tmp_path / mtasts.STORE_FILE
     now = [1000.0]
-    res = _Resolver()
+    res = TableResolver()
     res.txt = ["v=STSv1; id=1"]
 
     async def serve(domain):

@@ -72,3 +72,8 @@ def queue_json(cfg: Path, *args: str):
     r = run_cli("queue", "list", "--all", "--json", "-c", str(cfg), *args)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def queue_db(tmp: Path) -> Path:
+    """The queue database of a daemon whose config ``lan_config`` wrote in ``tmp``."""
+    return tmp / "data" / "queue.sqlite3"
