@@ -14,7 +14,7 @@ import trio
 from tests.backend.helpers import BACKEND_CLI, client_tls, listener_block, maildir_files, write_config
 from tests.gateway.peers import stop, wait_port
 from tests.lab.ports import free_port
-from tests.gateway.test_integration import bound, gateway_config, running, sample, smtp_banner, wait_sample
+from tests.lab.gateway import bound, gateway_config, running, sample, smtp_banner, wait_sample
 
 
 def start_backend(cfg: Path, port: int) -> subprocess.Popen:

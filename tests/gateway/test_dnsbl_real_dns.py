@@ -11,7 +11,7 @@ import trio
 from gateway.config import config_from_dict
 from tests.conftest import require_tool
 from tests.lab.ports import free_port
-from tests.gateway.test_integration import bound, running
+from tests.lab.gateway import bound, running
 from tests.lab.nsd import NSD, zone_text
 
 

@@ -13,7 +13,7 @@ from tests.lab.proxyv2_decoder import parse_proxy_v2
 from gateway.config import config_from_dict
 from gateway.dnsbl import DnsblChecker
 from gateway.proxy import Gateway
-from tests.gateway.test_integration import sample
+from tests.lab.gateway import sample
 
 HOST = "mx.example.org"
 CLIENT = ("203.0.113.7", 40001)
