@@ -2,7 +2,7 @@
 receiver's copy verified by OpenDKIM against the published TXT records.
 
 The backend (backend.run.Backend, in process) resolves the MX through an nsd on loopback; the DKIM
-keys and their TXT records come from test_dkim_verify's namespace fixture, whose nsd serves them to
+keys and their TXT records come from the namespace fixture of tests.lab.dkim, whose nsd serves them to
 opendkim-testmsg inside a throwaway network namespace.
 """
 
