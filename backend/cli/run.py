@@ -49,7 +49,7 @@ def run_daemon(cfg) -> int:
     from backend.run import serve
 
     from backend.dkim.keys import DKIMKeyError
-    from backend.receive.smtpd import TLSSetupError
+    from backend.tls.context import TLSSetupError
 
     try:
         status = asyncio.run(serve(cfg))
