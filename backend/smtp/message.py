@@ -8,7 +8,7 @@ import re
 import time
 
 _LINE_END_RE = re.compile(rb"\r\n|\r|\n")
-_FROM_RE = re.compile(rb"^From[ \t]*:(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_FROM_RE = re.compile(rb"^From[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE)
 # RFC 5322 4.5 (obs-optional): white space may stand between a field name and its colon.
 _RECEIVED_RE = re.compile(rb"^Received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 

@@ -153,3 +153,16 @@ async def test_every_smtp_listener_goes_through_the_accept_pipeline(dkim_config,
 
         codes = [await asyncio.to_thread(send, b.bound_port(n), n == "sub") for n in ("mx", "sub", "lan")]
     assert codes == [451, 451, 451] and calls == ["mx", "submission", "lan"]
+
+
+@pytest.mark.asyncio
+async def test_a_folded_from_header_is_read_whole_accepted_and_signed(dkim_config):
+    """RFC 5322 2.2.3 folding: 'From: Alice' CRLF ' <alice@example.org>' is one field. Its first
+    line alone ('Alice') was taken for the address: submission answered 553 and the signer found
+    no key for the message."""
+    keys, cfg = dkim_config
+    folded = BODY.replace(b"From: alice@example.org", b"From: Alice Example\r\n <alice@example.org>")
+    async with running_backend(cfg) as b:
+        qid = await b.acceptor.accept(incoming(SUBMISSION, folded))
+        stored = Queue(b.config.queue_db, group_commit=False).content(qid)
+    assert fields(stored, "DKIM-Signature") and verify_all(stored, keys) == [True]
