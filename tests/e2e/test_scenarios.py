@@ -97,7 +97,7 @@ def test_1_inbound_via_gateway_25_then_imaps_via_993(mail_lab: MailLab):
 
 # ---------------------------------------------------------------- 2 outbound from the LAN
 
-# The SPF oracle is pyspf (an independent implementation), not backend.dnscheck: our own engine
+# The SPF oracle is pyspf (an independent implementation), not backend.dns.spf: our own engine
 # grading our own records would agree with itself. It resolves through the internet namespace's
 # resolv.conf, i.e. the lab's nsd serving the records `homemx-backend dns records` printed.
 SPF_CHECK = r"""
