@@ -108,8 +108,11 @@ class _Conn:
     def vanish(self, mode: str) -> None:
         sock: socket.socket | None = self.writer.get_extra_info("socket")
         if mode == RST:
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            try:
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:  # the server closed first and the transport already let go of the socket
+                pass
             self.writer.transport.abort()
             return
         try:
