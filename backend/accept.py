@@ -3,9 +3,10 @@
 Every SMTP listener calls it at the final dot (receive/smtpd.py), and any other front end (the
 HTTP send API, a local ``sendmail``) calls it the same way, without SMTP:
 
-    policy (loop count; on submission/lan the From header) → trace header (Received) →
-    submission fields (Date, Message-ID) → DKIM signature (submission/lan) → spool (large bodies)
-    → queue (group commit) → the queue id
+    policy (loop count; on submission/lan the From header) → inbound trust (mx: SPF, DKIM, ARC,
+    DMARC, rspamd — backend/auth/inbound.py: a refusal, Authentication-Results, or the Junk folder)
+    → trace header (Received) → submission fields (Date, Message-ID) → DKIM signature
+    (submission/lan) → spool (large bodies) → queue (group commit) → the queue id
 
 It raises ``Refused`` with the SMTP reply to give (a policy 5xx, or 451 for a local fault) and
 counts every outcome in ``homemx_backend_messages_received{listener, outcome}``. Envelope checks
@@ -23,8 +24,9 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
+from backend.auth.results import Envelope
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
 from backend.queue.model import NewMessage, NewRecipient, QueueError, new_queue_id
@@ -32,6 +34,9 @@ from backend.queue.store import Queue
 from backend.receive.directory import Directory
 from backend.smtp import replies as R
 from backend.smtp.message import count_received, from_addresses, has_field, rfc5322_date, split_header
+
+if TYPE_CHECKING:
+    from backend.auth.inbound import InboundChecks
 
 log = logging.getLogger("homemx.accept")
 
@@ -74,6 +79,7 @@ class Acceptor:
         metrics: BackendMetrics,
         run_blocking: Callable[..., Awaitable],
         signer: Callable[[bytes, str], bytes] | None = None,
+        checks: InboundChecks | None = None,
     ):
         self.config = config
         self.queue = queue
@@ -81,6 +87,7 @@ class Acceptor:
         self.metrics = metrics
         self.run_blocking = run_blocking
         self.signer = signer  # DKIM (deliver/outbound.py): blocking, (message, sender) -> signed
+        self.checks = checks  # inbound trust (auth/inbound.py); None: accept as received
 
     async def accept(self, m: Incoming, started: float | None = None) -> str:
         """Queue ``m``; returns its queue id, or raises Refused."""
@@ -106,17 +113,36 @@ class Acceptor:
             if reply:
                 raise Refused(reply, "from_not_allowed")
         qid = new_queue_id(time.time())
-        prefix = self.received_header(m, qid)
+        content, prefix, folder = m.content, self.received_header(m, qid), None
+        if self.checks is not None:
+            verify = m.kind == MX and self.config.auth.enabled
+            if verify or self.checks.scans(m.listener, m.kind):
+                env = Envelope(m.listener, m.client_addr, m.helo, m.sender,
+                               tuple(r.address for r in m.recipients), m.auth_user, qid)
+                try:
+                    out = await self.checks.check(env, header, m.content, verify=verify)
+                except Exception as e:  # noqa: BLE001 - a bug in a check: 451 (the sender retries), never a lost message
+                    log.error("conn=%s inbound checks failed: %s: %s", m.conn_id, type(e).__name__, e, exc_info=e)
+                    raise Refused(R.R451_LOCAL_ERROR, "local_error") from e
+                if out.refuse is not None:
+                    raise Refused(*out.refuse)
+                if out.header is not None:  # forged fields removed
+                    content = out.header + m.content[len(header):]
+                # RFC 8601 5: Authentication-Results goes above the existing fields, with the trace
+                # fields of this hop (Received on top: it is the hop's first).
+                prefix += out.prepend
+                folder = out.folder
         if m.kind != MX:
             prefix += self.submission_fields(header, qid)
         msg = NewMessage(
             sender=m.sender,
             recipients=m.recipients,
-            content=prefix + m.content,
+            content=prefix + content,
             listener=m.listener,
             client_addr=m.client_addr,
             auth_user=m.auth_user,
             id=qid,
+            folder=folder,
         )
         try:
             if self.signer is not None and m.kind != MX:

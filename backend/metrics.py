@@ -52,6 +52,20 @@ class BackendMetrics:
             "homemx_backend_delivery_attempts", "Remote delivery attempts per recipient by result and TLS",
             ["result", "tls"], registry=r,
         )
+        # Inbound trust (backend/auth/): every verdict of every check, by method (spf_mailfrom,
+        # spf_helo, dkim, dmarc, arc) and RFC 8601 result.
+        self.auth_verdicts = Counter(
+            "homemx_backend_auth_verdicts", "Inbound check verdicts by method and result", ["method", "result"], registry=r
+        )
+        self.auth_forged_fields_removed = Counter(
+            "homemx_backend_auth_forged_fields_removed",
+            "Authentication-Results fields claiming our authserv-id, and spam verdict fields, removed from inbound mail",
+            registry=r,
+        )
+        self.auth_seconds = Histogram(
+            "homemx_backend_auth_check_seconds", "Time for SPF, DKIM, ARC and DMARC of one message", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15),
+        )
         self.delivery_duration = Histogram(
             "homemx_backend_delivery_duration_seconds", "Duration of one remote delivery transaction", registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),

@@ -38,6 +38,7 @@ class DKIMVerdict:
     header_b: str = ""
     key_bits: int | None = None
     identity: str = ""  # i= (or @d when absent)
+    body_length: int | None = None  # l=: the signature covers only this much of the body (RFC 6376 8.2)
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,16 @@ class SpamVerdict:
     available: bool = True
     reason: str = ""
     headers: tuple[tuple[str, str], ...] = field(default=())  # headers the filter asks us to add
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the checks need to know of the message besides its bytes."""
+
+    listener: str
+    client_ip: str
+    helo: str
+    sender: str
+    recipients: tuple[str, ...]
+    auth_user: str | None
+    queue_id: str

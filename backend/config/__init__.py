@@ -259,6 +259,49 @@ class DNSConfig(_Table):
     tlsrpt_rua: Str | None = None
 
 
+DMARC_DISPOSITIONS = ("none", "quarantine", "reject")
+
+
+class AuthConfig(_Table):
+    """``[auth]``: the inbound checks on mx listeners (backend/auth/, docs/inbound-trust.md)."""
+
+    enabled: StrictBool = True  # SPF, DKIM, ARC and DMARC on every message accepted on mx
+    authserv_id: Domain | None = None  # RFC 8601 authserv-id of our Authentication-Results; default server.hostname
+    # Apply the sender domain's published DMARC policy (reject → 550 5.7.1, quarantine → Junk); false:
+    # verify and record only.
+    dmarc_enforce: StrictBool = True
+    # Mail on mx whose From is one of our domains and does not pass DMARC is refused, whatever our own
+    # published policy says (our users send through submission, never through mx).
+    own_domain_protection: StrictBool = True
+    # Per sender domain (or its organizational domain), what to do on a DMARC fail instead of the
+    # published policy: for senders whose mail is known broken ("none") or who publish none ("reject").
+    dmarc_overrides: dict[Annotated[str, PlainValidator(lambda v: parse_domain(v))],
+                          Literal["none", "quarantine", "reject"]] = {}
+    timeout: Duration = 15.0  # all DNS work for one message; what is unanswered by then is a temperror
+
+
+class RspamdConfig(_Table):
+    """``[rspamd]``: the spam filter, spoken to over its HTTP protocol (backend/auth/rspamd.py).
+    Without this table there is no spam filtering."""
+
+    url: Annotated[str, PlainValidator(lambda v: _http_url(v))]
+    timeout: Duration = 10.0
+    # rspamd down or slow: false accepts the message (and counts it), true answers 451 4.7.1.
+    fail_closed: StrictBool = False
+    # Which listeners' mail is scanned: mx only by default (submission and lan are our own users).
+    scan_listeners: Annotated[tuple[str, ...], PlainValidator(_list_of(_str))] = ("mx",)
+
+
+def _http_url(v: Any) -> str:
+    from urllib.parse import urlsplit
+
+    text = _str(v)
+    u = urlsplit(text)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    return text.rstrip("/")
+
+
 class _UsersTable(_Table):
     passwd_file: FilePath
     maildir_root: FilePath | None = None  # default: data_dir/mail
@@ -289,6 +332,8 @@ class _BackendFile(_Table):
     delivery: DeliveryConfig = DeliveryConfig()
     gateway: GatewayInfo = GatewayInfo()
     dns: DNSConfig = DNSConfig()
+    auth: AuthConfig = AuthConfig()
+    rspamd: RspamdConfig | None = None
 
     @field_validator("listener", mode="wrap")
     @classmethod
@@ -339,6 +384,12 @@ class BackendConfig:
     delivery: DeliveryConfig
     gateway: GatewayInfo
     dns: DNSConfig
+    auth: AuthConfig = AuthConfig()
+    rspamd: RspamdConfig | None = None
+
+    @property
+    def authserv_id(self) -> str:
+        return self.auth.authserv_id or self.server.hostname
 
     @property
     def queue_db(self) -> Path:
@@ -385,4 +436,6 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
         delivery=doc.delivery,
         gateway=doc.gateway,
         dns=doc.dns,
+        auth=doc.auth,
+        rspamd=doc.rspamd,
     )

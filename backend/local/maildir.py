@@ -22,6 +22,27 @@ def ensure_maildir(path: Path) -> None:
         (path / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+# Folder names a message may be filed into: a fixed set, so nothing a sender controls ever becomes
+# a path. Dovecot presents ".Junk" as the special-use \Junk mailbox (docs/inbound-trust.md).
+FOLDERS = ("Junk",)
+
+
+def folder_path(maildir: Path, folder: str | None) -> Path:
+    """The Maildir of ``folder`` inside ``maildir`` (Maildir++: a ".Name" sub-directory holding a
+    ``maildirfolder`` marker); None is the inbox itself. Created on first use."""
+    if folder is None:
+        return maildir
+    if folder not in FOLDERS:
+        raise ValueError(f"unknown folder {folder!r}")
+    path = maildir / f".{folder}"
+    if not (path / "maildirfolder").exists():
+        ensure_maildir(maildir)  # the inbox first: Dovecot expects the parent Maildir to exist
+        ensure_maildir(path)
+        (path / "maildirfolder").touch(mode=0o600)
+        fsync_dir(maildir)
+    return path
+
+
 def already_delivered(maildir: Path, unique: str) -> bool:
     """True if a file for this (message, recipient) exists in new/ or cur/ (an IMAP server may have
     moved it to cur/ and appended flags). Makes re-delivery after a crash between the rename and

@@ -33,6 +33,7 @@ class NewMessage:
     auth_user: str | None = None
     id: str | None = None  # pre-assigned queue id (the Received header names it); None: assign one
     spool: str | None = None  # body already durable in spool/<spool> (see Queue.spool_large)
+    folder: str | None = None  # local recipients get it in this Maildir++ folder ("Junk"); None: the inbox
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class QueueEntry:
     size: int
     recipients: tuple[Recipient, ...] = field(default=())
     delay_dsn_sent: bool = False
+    folder: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class QueueEntry:
             "client_addr": self.client_addr,
             "auth_user": self.auth_user,
             "size": self.size,
+            "folder": self.folder,
             "recipients": [
                 {
                     "id": r.id,

@@ -268,6 +268,8 @@ class QueueRunner:
             box = self.config.maildir_for(r.address)
             prefix = f"Return-Path: <{entry.sender}>\r\nDelivered-To: {r.address}\r\n".encode()
             try:
+                if entry.folder is not None:  # Junk (auth/): created on first use
+                    box = await self.run_blocking(maildir.folder_path, box, entry.folder)
                 await self.run_blocking(maildir.deliver, box, content, f"{message_id}_{r.id}", prefix)
             except OSError as e:
                 log.error("queue=%s rcpt=%s maildir delivery deferred: %s", message_id, r.address, e)
@@ -276,7 +278,8 @@ class QueueRunner:
                 continue
             self.metrics.maildir_deliveries.labels("delivered").inc()
             await self.run_blocking(self.queue.set_result, r.id, DELIVERED, "250 2.0.0 Delivered to Maildir")
-            log.info("queue=%s rcpt=%s delivered to maildir", message_id, r.address)
+            log.info("queue=%s rcpt=%s delivered to maildir%s", message_id, r.address,
+                     f" folder {entry.folder}" if entry.folder else "")
 
     async def drain(self, timeout: float) -> None:
         """Let deliveries in flight finish for ``timeout`` seconds, then cancel the rest: their next

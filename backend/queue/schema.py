@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS message (
     size        INTEGER NOT NULL,
     content     BLOB NOT NULL,            -- CRLF-canonical, Received (and DKIM) headers included
     spool       TEXT,                     -- set: the body is in spool/<this> and content is empty
-    delay_dsn_sent INTEGER NOT NULL DEFAULT 0
+    delay_dsn_sent INTEGER NOT NULL DEFAULT 0,
+    folder      TEXT                      -- local delivery into this Maildir++ folder (Junk); NULL: the inbox
 );
 CREATE TABLE IF NOT EXISTS recipient (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,3 +66,5 @@ def migrate(conn: sqlite3.Connection) -> None:
     cols = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
     if "spool" not in cols:  # a database from before spooled bodies
         conn.execute("ALTER TABLE message ADD COLUMN spool TEXT")
+    if "folder" not in cols:  # a database from before the Junk folder (issue 13)
+        conn.execute("ALTER TABLE message ADD COLUMN folder TEXT")

@@ -40,6 +40,11 @@ R554_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
 R530_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 R550_NO_FROM = "550 5.6.0 Message has no From header"
 
+# Inbound trust (backend/auth/; RFC 7372 2.1 for the DMARC code 5.7.1 + text, RFC 7489 6.6.1)
+R550_DMARC_REJECT = "550 5.7.1 Rejected by the DMARC policy of the From domain"
+R550_DMARC_OWN_DOMAIN = "550 5.7.1 From is a domain of this server, and the message is not authenticated as its mail"
+R550_DMARC_MULTIPLE_FROM = "550 5.7.1 From names more than one domain: DMARC cannot be evaluated"
+
 # AUTH (RFC 4954)
 R235_AUTH_OK = "235 2.7.0 Authentication successful"
 R535_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"

@@ -24,3 +24,24 @@ def test_redelivery_of_same_pair_is_a_no_op_even_after_imap_moved_it(tmp_path):
     os.rename(first, box / "cur" / (first.name + ":2,S"))
     maildir.deliver(box, b"Subject: a\r\n\r\nx\r\n", "Q2_7")
     assert os.listdir(box / "new") == [] and len(os.listdir(box / "cur")) == 1
+
+
+def test_junk_folder_is_a_maildirplusplus_folder_created_on_first_use(tmp_path):
+    box = tmp_path / "Maildir"
+    junk = maildir.folder_path(box, "Junk")
+    assert junk == box / ".Junk" and (junk / "maildirfolder").is_file()
+    for sub in ("cur", "new", "tmp"):
+        assert (box / sub).is_dir() and (junk / sub).is_dir()  # the inbox exists too: Dovecot expects it
+    path = maildir.deliver(junk, b"Subject: spam\r\n\r\nx\r\n", "Q3_1")
+    assert path.parent == junk / "new" and os.listdir(box / "new") == []
+    assert maildir.folder_path(box, "Junk") == junk  # second use: same folder, nothing re-created
+    assert maildir.folder_path(box, None) == box
+
+
+def test_a_folder_name_outside_the_fixed_set_is_never_a_path(tmp_path):
+    import pytest
+
+    for bad in ("../../etc", "Junk/..", "INBOX", ".Junk"):
+        with pytest.raises(ValueError):
+            maildir.folder_path(tmp_path / "Maildir", bad)
+    assert not (tmp_path / "Maildir").exists()
