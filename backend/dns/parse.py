@@ -54,6 +54,13 @@ def parse_dkim_txt(text: str) -> DKIMKeyRecord:
     return DKIMKeyRecord(k, p)
 
 
+DMARC_POLICIES = ("none", "quarantine", "reject")
+# RFC 7489 6.4: dmarc-version = "v" *WSP "=" *WSP %x44 %x4d %x41 %x52 %x43 %x31 ("DMARC1", case-sensitive).
+_DMARC_V_RE = re.compile(r"^\s*v\s*=\s*DMARC1\s*(;|$)")
+# RFC 7489 6.4: dmarc-uri = URI [ "!" 1*DIGIT [ "k" / "m" / "g" / "t" ] ], the URI with a scheme (RFC 3986 3).
+_DMARC_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s!]+(?:![0-9]+[kmgtKMGT]?)?$")
+
+
 @dataclass(frozen=True)
 class DMARCRecord:
     policy: str
@@ -62,31 +69,60 @@ class DMARCRecord:
     aspf: str
     pct: int
     rua: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what a receiver-side parse discarded or replaced, for the verdict's reason
 
 
-def parse_dmarc(text: str) -> DMARCRecord:
-    """A DMARC record (RFC 7489 6.3, 6.4): v=DMARC1 first, then p= (required here) and the rest."""
-    if not re.match(r"^\s*v\s*=\s*DMARC1\s*(;|$)", text):
+def is_dmarc_record(text: str) -> bool:
+    """Whether a TXT string at _dmarc.DOMAIN is a DMARC record at all (RFC 7489 6.6.3 step 3: the
+    others are discarded before the records are counted)."""
+    return _DMARC_V_RE.match(text) is not None
+
+
+def parse_dmarc(text: str, *, receiver: bool = False) -> DMARCRecord:
+    """A DMARC record (RFC 7489 6.3, 6.4): v=DMARC1 first, then p= and the rest.
+
+    By default every error raises (``dns check`` judging the record we publish). ``receiver=True``
+    reads someone else's record as a Mail Receiver must: a missing or invalid p=, or an invalid sp=,
+    with at least one valid rua= URI reads as p=none (6.6.3), and without one raises (no DMARC
+    processing); an invalid adkim=, aspf= or pct= falls back to its default (6.3: syntax errors in
+    the remainder are discarded in favour of default values), named in ``notes``. Either way tag
+    values are case-insensitive (ABNF strings, RFC 5234 2.3) and unknown tags are ignored (6.3)."""
+    if not is_dmarc_record(text):
         raise ParseError("does not start with v=DMARC1")
     tags = parse_tags(text)
-    p = tags.get("p")
-    if p is None:
-        raise ParseError("no p= policy")
-    if p not in ("none", "quarantine", "reject"):
-        raise ParseError(f"p={p} is not none, quarantine or reject")
-    sp = tags.get("sp")
-    if sp is not None and sp not in ("none", "quarantine", "reject"):
-        raise ParseError(f"sp={sp} is not none, quarantine or reject")
-    adkim, aspf = tags.get("adkim", "r"), tags.get("aspf", "r")
-    for n, v in (("adkim", adkim), ("aspf", aspf)):
-        if v not in ("r", "s"):
-            raise ParseError(f"{n}={v} is not r or s")
-    try:
-        pct = int(tags.get("pct", "100"))
-    except ValueError:
-        raise ParseError("pct= is not a number") from None
+    notes: list[str] = []
     rua = tuple(u.strip() for u in tags.get("rua", "").split(",") if u.strip())
-    return DMARCRecord(p, sp, adkim, aspf, pct, rua)
+    p = tags["p"].lower() if "p" in tags else None
+    sp = tags["sp"].lower() if "sp" in tags else None
+    problem = None
+    if p is None:
+        problem = "no p= policy"
+    elif p not in DMARC_POLICIES:
+        problem = f"p={tags['p']} is not none, quarantine or reject"
+    elif sp is not None and sp not in DMARC_POLICIES:
+        problem = f"sp={tags['sp']} is not none, quarantine or reject"
+    if problem:
+        if not (receiver and any(_DMARC_URI_RE.match(u) for u in rua)):
+            raise ParseError(problem)
+        notes.append(f"{problem}: read as p=none (RFC 7489 6.6.3, rua= given)")
+        p, sp = "none", None
+    modes = {}
+    for name in ("adkim", "aspf"):
+        value = tags.get(name, "r").lower()
+        if value not in ("r", "s"):
+            if not receiver:
+                raise ParseError(f"{name}={value} is not r or s")
+            notes.append(f"{name}={value} ignored (not r or s)")
+            value = "r"
+        modes[name] = value
+    raw_pct = tags.get("pct", "100")
+    pct = int(raw_pct) if re.fullmatch(r"[0-9]{1,3}", raw_pct) else 101
+    if pct > 100:
+        if not receiver:
+            raise ParseError(f"pct={raw_pct} is not a number from 0 to 100")
+        notes.append(f"pct={raw_pct} ignored (not 0 to 100)")
+        pct = 100
+    return DMARCRecord(p, sp, modes["adkim"], modes["aspf"], pct, rua, tuple(notes))
 
 
 # SPF (RFC 7208 4.6.1, 12): term = directive / modifier
