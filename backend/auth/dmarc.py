@@ -90,9 +90,9 @@ async def _discover(lookup, domain: str, org: str) -> tuple[str, list[str]]:
     """RFC 7489 6.6.3: the DMARC records at _dmarc.<From domain>, or, when there are none there, at
     _dmarc.<organizational domain>. Returns the domain asked last and the records found there.
     A From domain that is no DNS name raises ParseError (permerror): asking would only fail."""
+    if not domain:
+        raise ParseError("empty From domain")
     try:
-        if not domain:
-            raise dns.name.EmptyLabel
         dns.name.from_text(f"_dmarc.{domain}")
     except dns.exception.DNSException as e:
         raise ParseError(f"From domain {domain!r} is not a DNS name ({e.__class__.__name__})") from None
@@ -191,9 +191,10 @@ async def evaluate_dmarc(
         if policy != "none" and record.pct < 100 and not rand() * 100 < record.pct:
             disposition = _STEP_DOWN[policy]
             reason += f"; outside pct={record.pct} sample: {policy} applied as {disposition}"
+        local = {normalize_domain(k): v for k, v in overrides.items()}
         for key in (domain, org):
-            if key in overrides:
-                override = disposition = overrides[key]
+            if key in local:
+                override = disposition = local[key]
                 reason += f"; local override for {key}: {override}"
                 break
 

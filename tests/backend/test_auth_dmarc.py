@@ -243,6 +243,9 @@ async def test_record_count_and_syntax(nsd):
     assert "p=block" in badp.reason
     broken = await evaluate_dmarc(lookup, "broken.test", None, [], rand=never)
     assert (broken.result, broken.disposition) == ("permerror", "none")
+    # A From domain that is no DNS name (a 64-octet label) is not looked up: permerror.
+    bad = await evaluate_dmarc(lookup, "x" * 64 + ".test", None, [], rand=never)
+    assert (bad.result, bad.disposition) == ("permerror", "none")
     # No record anywhere.
     none = await evaluate_dmarc(lookup, "norecord.test", spf_pass("norecord.test"), [], rand=never)
     assert (none.result, none.disposition) == ("none", "none")
@@ -268,8 +271,8 @@ async def test_temperror_when_the_dns_server_fails(nsd, tmp_path):
 @pytest.mark.asyncio
 async def test_local_overrides_replace_the_policy_on_fail(nsd):
     lookup = lookup_at(nsd)
-    # Keyed by the From domain ...
-    v = await evaluate_dmarc(lookup, "reject.test", None, [], overrides={"reject.test": "none"}, rand=never)
+    # Keyed by the From domain (in any case) ...
+    v = await evaluate_dmarc(lookup, "reject.test", None, [], overrides={"Reject.TEST": "none"}, rand=never)
     assert (v.result, v.policy, v.disposition, v.override) == ("fail", "reject", "none", "none")
     # ... or by its organizational domain, and it can tighten as well as loosen.
     v = await evaluate_dmarc(lookup, "news.reject.test", None, [], overrides={"reject.test": "reject"}, rand=never)
