@@ -7,6 +7,7 @@ through a DNSLookup (backend/dns/lookup.py) built on the resolver ``resolver_for
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import dns.resolver
 
 from backend.config import BackendConfig
 from backend.dkim.keys import DKIMKeyError, load_private_key, public_key_bytes
-from backend.dns.lookup import DNSLookup, DNSTempError
+from backend.dns.lookup import AsyncOverBlocking, DNSLookup, DNSTempError
 from backend.dns.parse import ParseError, parse_dkim_txt, parse_dmarc, parse_tags
 from backend.dns.records import fqdn, mta_sts_id, tlsrpt_rua
 from backend.dns.resolver import make_blocking_resolver
@@ -122,8 +123,11 @@ def check_spf(config: BackendConfig, lookup: DNSLookup, domain: str) -> list[tup
     addresses = (*config.gateway.public_ipv4, *config.gateway.public_ipv6)
     if not addresses:
         return [(f"SPF {domain}", False, "no gateway public address configured ([gateway] public_ipv4/public_ipv6)")]
+    # The same engine as the inbound check (async); here nothing else runs, so its blocking lookups
+    # may block the loop. HELO: the name our deliveries greet with, for %{h}.
+    helo = fqdn(config.server.hostname).rstrip(".")
     for ip in addresses:
-        r = check_host(lookup, ip, domain)
+        r = asyncio.run(check_host(AsyncOverBlocking(lookup), ip, domain, helo=helo))
         label = f"SPF {domain} {ip}" if len(addresses) > 1 else f"SPF {domain}"
         if r.result == "pass":
             out.append((label, True, f"pass for {ip}: {r.reason} ({r.lookups} lookups)"))

@@ -6,9 +6,12 @@ import base64
 
 import pytest
 
-from backend.dns.lookup import DNSTempError
+from backend.dns.lookup import AsyncOverBlocking, DNSTempError
 from backend.dns.parse import ParseError, parse_dkim_txt, parse_dmarc, parse_spf
-from backend.dns.spf import check_host, expand_macros
+from backend.dns.spf import check_host, client_address, expand_macros, macro_values
+
+
+IP = "203.0.113.5"
 
 
 class TableLookup:
@@ -44,7 +47,9 @@ class TableLookup:
         return self._get(address, "PTR")
 
 
-IP = "203.0.113.5"
+async def spf(table, ip=IP, domain="d.test", sender=None, helo=None):
+    """check_host over a table of records (the engine is async; the table answers at once)."""
+    return await check_host(AsyncOverBlocking(TableLookup(table)), ip, domain, sender, helo)
 
 
 @pytest.mark.parametrize(
@@ -73,26 +78,35 @@ IP = "203.0.113.5"
         ({("d.test", "TXT"): ["v=spf1 -all redirect=o.test"], ("o.test", "TXT"): [f"v=spf1 ip4:{IP} -all"]}, "fail"),
         ({("d.test", "TXT"): ["v=spf1 exists:%{ir}.bl.test -all"], ("5.113.0.203.bl.test", "A"): ["127.0.0.2"]}, "pass"),
         ({("d.test", "TXT"): ["v=spf1 ip6:2001:db8::/32 -all"]}, "fail"),  # wrong family never matches
+        # A syntax error anywhere is a permerror, even after a match (RFC 7208 4.6); the engine
+        # used to raise AttributeError on a bare ip4 (and crash `dns check` with it).
+        ({("d.test", "TXT"): ["v=spf1 ip4 -all"]}, "permerror"),
+        ({("d.test", "TXT"): [f"v=spf1 ip4:{IP} a:%{{z}}.d.test"]}, "permerror"),
+        # ":" and "/" may appear inside a domain-spec (RFC 7208 7.1).
+        ({("d.test", "TXT"): ["v=spf1 a:x:y/z.d.test/24 -all"], ("x:y/z.d.test", "A"): ["203.0.113.1"]}, "pass"),
     ],
 )
-def test_check_host_results(records, result):
-    r = check_host(TableLookup(records), IP, "d.test")
+@pytest.mark.asyncio
+async def test_check_host_results(records, result):
+    r = await spf(records)
     assert r.result == result, r.reason
 
 
-def test_ten_lookups_pass_eleven_are_a_permerror():
+@pytest.mark.asyncio
+async def test_ten_lookups_pass_eleven_are_a_permerror():
     def table(n):
         t = {(f"i{i}.test", "TXT"): ["v=spf1 -all"] for i in range(n)}
         t[("d.test", "TXT")] = ["v=spf1 " + " ".join(f"include:i{i}.test" for i in range(n)) + f" ip4:{IP} -all"]
         return t
 
-    ok = check_host(TableLookup(table(10)), IP, "d.test")
+    ok = await spf(table(10))
     assert ok.result == "pass" and ok.lookups == 10
-    bad = check_host(TableLookup(table(11)), IP, "d.test")
+    bad = await spf(table(11))
     assert bad.result == "permerror" and "more than 10 DNS lookups" in bad.reason
 
 
-def test_nested_lookups_count_towards_the_limit():
+@pytest.mark.asyncio
+async def test_nested_lookups_count_towards_the_limit():
     t = {("d.test", "TXT"): ["v=spf1 include:a.test include:b.test -all"]}
     t[("a.test", "TXT")] = ["v=spf1 " + " ".join(f"a:x{i}.test" for i in range(5)) + " -all"]
     t[("b.test", "TXT")] = ["v=spf1 " + " ".join(f"mx:y{i}.test" for i in range(4)) + f" ip4:{IP}"]
@@ -101,21 +115,23 @@ def test_nested_lookups_count_towards_the_limit():
     for i in range(4):
         t[(f"y{i}.test", "MX")] = [(10, f"m{i}.test.")]
         t[(f"m{i}.test", "A")] = ["192.0.2.1"]
-    r = check_host(TableLookup(t), IP, "d.test")
+    r = await spf(t)
     assert r.result == "permerror"  # 2 includes + 5 a + 4 mx = 11
 
 
-def test_more_than_two_void_lookups_are_a_permerror():
+@pytest.mark.asyncio
+async def test_more_than_two_void_lookups_are_a_permerror():
     t = {("d.test", "TXT"): ["v=spf1 a:v1.test a:v2.test a:v3.test ip4:" + IP + " -all"]}
-    r = check_host(TableLookup(t), IP, "d.test")
+    r = await spf(t)
     assert r.result == "permerror" and "void" in r.reason
     t = {("d.test", "TXT"): ["v=spf1 a:v1.test a:v2.test ip4:" + IP + " -all"]}
-    assert check_host(TableLookup(t), IP, "d.test").result == "pass"
+    assert (await spf(t)).result == "pass"
 
 
-def test_include_loop_is_a_permerror():
+@pytest.mark.asyncio
+async def test_include_loop_is_a_permerror():
     t = {("d.test", "TXT"): ["v=spf1 include:d.test -all"]}
-    assert check_host(TableLookup(t), IP, "d.test").result == "permerror"
+    assert (await spf(t)).result == "permerror"
 
 
 def test_parse_spf_terms_and_modifiers():
@@ -129,9 +145,36 @@ def test_parse_spf_terms_and_modifiers():
 
 
 def test_macro_expansion():
-    assert expand_macros("%{ir}.%{v}._spf.%{d}", ip="192.0.2.3", domain="d.test", sender="u@s.test") == "3.2.0.192.in-addr._spf.d.test"
-    assert expand_macros("%{d2}", ip="192.0.2.3", domain="a.b.d.test", sender="u@s.test") == "d.test"
-    assert expand_macros("%{l}.%{o}", ip="192.0.2.3", domain="d.test", sender="u@s.test") == "u.s.test"
+    def values(domain="d.test", ip="192.0.2.3"):
+        return macro_values(client_address(ip), "u-v@s.test", domain, "helo.test")
+
+    assert expand_macros("%{ir}.%{v}._spf.%{d}", values()) == "3.2.0.192.in-addr._spf.d.test"
+    assert expand_macros("%{d2}", values("a.b.d.test")) == "d.test"
+    assert expand_macros("%{l}.%{o}.%{h}", values()) == "u-v.s.test.helo.test"
+    assert expand_macros("%{lr-}.%{L}%%%_%-", values()) == "v.u.u-v% %20"
+    assert expand_macros("%{S}", values()) == "u-v%40s.test"  # upper case: URL-escaped (RFC 7208 7.3)
+    # An IPv4-mapped client is its IPv4 address (RFC 7208 5); IPv6 gives nibbles and "ip6".
+    assert expand_macros("%{i}.%{v}", values(ip="::ffff:192.0.2.3")) == "192.0.2.3.in-addr"
+    assert expand_macros("%{ir}.%{v}", values(ip="2001:db8::1")).endswith(".8.B.D.0.1.0.0.2.ip6")
+    for bad in ("%{c}", "%{z}", "%{d0}", "%x", "50%"):  # c only in exp text; unknown letter; 0 digits
+        with pytest.raises(ParseError):
+            expand_macros(bad, values())
+    assert expand_macros("%{c} from %{r}", values(), explanation=True) == "192.0.2.3 from unknown"
+
+
+@pytest.mark.asyncio
+async def test_explanation_on_fail_and_helo_macro():
+    t = {
+        ("d.test", "TXT"): ["v=spf1 a:%{h} -all exp=why.%{d}"],
+        ("helo.test", "A"): ["192.0.2.9"],
+        ("why.d.test", "TXT"): ["%{i} is not %{h}, ask %{l}@%{o}"],
+    }
+    r = await spf(t, sender="bob@d.test", helo="helo.test")
+    assert (r.result, r.explanation) == ("fail", f"{IP} is not helo.test, ask bob@d.test")
+    assert (await spf(t, ip="192.0.2.9", helo="helo.test")).result == "pass"
+    # A result other than fail has no explanation (RFC 7208 6.2).
+    t[("d.test", "TXT")] = ["v=spf1 ~all exp=why.%{d}"]
+    assert (await spf(t)).explanation is None
 
 
 def test_parse_dmarc():
