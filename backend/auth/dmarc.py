@@ -5,7 +5,7 @@ applies (p/sp, pct, local per-domain overrides, own-domain protection).
 ``org_domain`` and ``aligned`` are plain functions (``dns check`` calls them outside any loop);
 ``evaluate_dmarc`` asks DNS through the async lookup interface (backend/dns/lookup.py).
 
-Domains are compared in one form: lower case, no trailing dot, A-labels (an U-label From domain of
+Domains are compared in one form: lower case, no trailing dot, A-labels (a U-label From domain of
 an SMTPUTF8 message aligns with the xn-- d= of its signature).
 """
 
