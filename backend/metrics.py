@@ -81,6 +81,19 @@ class BackendMetrics:
         self.queue_runner_failures = Counter(
             "homemx_backend_queue_runner_failures", "Queue runs that failed", registry=r
         )
+        # The spam filter (backend/auth/rspamd.py).
+        self.rspamd_available = Gauge(
+            "homemx_backend_rspamd_available", "1 while rspamd answers checks, 0 after a check it did not answer",
+            registry=r,
+        )
+        self.rspamd_seconds = Histogram(
+            "homemx_backend_rspamd_check_seconds", "Time for one rspamd check, answered or not", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.spam_actions = Counter(
+            "homemx_backend_spam_actions", "Scanned messages by rspamd action (unavailable: rspamd did not answer)",
+            ["action"], registry=r,
+        )
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))

@@ -74,8 +74,194 @@ def rspamd_local_config(*, nameservers: Sequence[str] = (), offline: bool = Fals
         'backend = "sqlite3";\n'
         'statfile { symbol = "BAYES_HAM"; spam = false; path = "${DBDIR}/bayes.ham.sqlite"; }\n'
         'statfile { symbol = "BAYES_SPAM"; spam = true; path = "${DBDIR}/bayes.spam.sqlite"; }\n'
+        # Which messages were learned already (learning one twice is refused). rspamd's built-in
+        # default is /var/lib/rspamd/learn_cache.sqlite whatever DBDIR is.
+        'cache { type = "sqlite3"; path = "${DBDIR}/learn_cache.sqlite"; }\n'
     )
     if nameservers:
         names = ", ".join(json.dumps(n) for n in nameservers)
         files["local.d/options.inc"] = f"dns {{ nameserver = [{names}]; }}\n"
     return files
+
+
+class RspamdUnavailable(Exception):
+    """rspamd gave no usable answer: unreachable, too slow, an HTTP error, or a reply we cannot read."""
+
+
+# RFC 5322 2.2: a field name is printable ASCII without ":"; a value may be folded (CRLF + WSP) but
+# carries no other line break, so a header rspamd asks for cannot add fields of its own.
+_FIELD_NAME_RE = re.compile(r"^[!-9;-~]+$")
+_FOLD_RE = re.compile(r"\r\n(?=[ \t])")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_reply(body: bytes) -> SpamVerdict:
+    """The verdict in rspamd's /checkv2 JSON reply; RspamdUnavailable when it is not one."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise RspamdUnavailable("reply is not JSON") from None
+    if not isinstance(doc, dict):
+        raise RspamdUnavailable("reply is not a JSON object")
+    action = doc.get("action")
+    if action not in ACTIONS:
+        raise RspamdUnavailable(f"reply has no known action ({str(action)[:40]!r})")
+    try:
+        score = float(doc.get("score", 0.0))
+        required = float(doc.get("required_score", 0.0))
+    except (TypeError, ValueError):
+        raise RspamdUnavailable("reply has a score that is not a number") from None
+    symbols = doc.get("symbols") or {}
+    if not isinstance(symbols, dict):
+        raise RspamdUnavailable("reply has symbols that are not an object")
+    return SpamVerdict(
+        action=action, score=score, required_score=required,
+        symbols=tuple(sorted(str(s) for s in symbols)), headers=_added_headers(doc.get("milter")),
+    )
+
+
+def _added_headers(milter: Any) -> tuple[tuple[str, str], ...]:
+    """The fields of the reply's ``milter.add_headers`` ({name: value}, {name: {"value", "order"}} or a
+    list of those per name), in rspamd's order; a field that is not a well-formed header is left out."""
+    if not isinstance(milter, dict) or not isinstance(milter.get("add_headers"), dict):
+        return ()
+    fields = []
+    for name, spec in milter["add_headers"].items():
+        for item in spec if isinstance(spec, list) else [spec]:
+            value, order = (item.get("value"), item.get("order", 0)) if isinstance(item, dict) else (item, 0)
+            if not isinstance(value, str) or not _FIELD_NAME_RE.match(str(name)) or not _folded_ok(value):
+                continue
+            fields.append((order if isinstance(order, int) else 0, len(fields), str(name), value))
+    return tuple((name, value) for _, _, name, value in sorted(fields))
+
+
+def _folded_ok(value: str) -> bool:
+    """Whether ``value`` has no line break but folding (CRLF followed by a space or tab) and no NUL."""
+    return not any(c in _FOLD_RE.sub("", value) for c in "\r\n\x00")
+
+
+def _header_value(text: str) -> str:
+    """A request header value: SMTP gave us no line breaks, but a HELO is the client's own words."""
+    return _CONTROL_RE.sub("?", text)
+
+
+def smtp_reply_for(verdict: SpamVerdict) -> str | None:
+    """The SMTP refusal for a verdict, or None when the message is taken (Inbox or Junk)."""
+    if verdict.action == "reject":
+        return R.R550_SPAM
+    if verdict.action in ("soft reject", "greylist"):
+        return R.R451_SPAM_TEMP
+    return None
+
+
+def is_junk(verdict: SpamVerdict) -> bool:
+    """Whether the message is taken but filed as spam (the recipient's Junk folder)."""
+    return verdict.action in ("add header", "rewrite subject")
+
+
+class RspamdClient:
+    """One rspamd normal worker (``url``: its base URL, e.g. http://127.0.0.1:11333), asked once per
+    message with a bound of ``timeout`` seconds for the whole exchange.
+
+    Availability is a state: the first check rspamd does not answer logs one line (and sets the
+    gauge to 0), the first answer after that logs one line (and sets it back to 1); nothing is
+    logged per message."""
+
+    def __init__(self, url: str, timeout: float, fail_closed: bool = False, metrics=None):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.fail_closed = fail_closed
+        self.metrics = metrics  # backend.metrics.BackendMetrics or None
+        self.available = True  # assumed until a check says otherwise
+        self._http: aiohttp.ClientSession | None = None
+        if metrics is not None:
+            metrics.rspamd_available.set(1)
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The one HTTP client of this RspamdClient (created on first use, inside the running loop)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                # rspamd answers with Connection: close; never offer it a pooled connection it has shut.
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": "homemx"},
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def check(
+        self,
+        message: bytes,
+        *,
+        ip: str,
+        helo: str,
+        sender: str,
+        recipients: Sequence[str],
+        user: str | None,
+        queue_id: str,
+        hostname: str | None,
+    ) -> SpamVerdict:
+        """rspamd's verdict on ``message`` (as it will be stored: CRLF, our own fields prepended).
+
+        ``ip`` the real client address, ``helo`` its EHLO/HELO name, ``sender`` the MAIL FROM
+        address ("" for the null sender), ``recipients`` the RCPT TO addresses, ``user`` the
+        authenticated user (None: none), ``queue_id`` for rspamd's log, ``hostname`` the client's
+        host name from a verified reverse lookup (rspamd's Hostname; None: rspamd looks it up
+        itself). When rspamd gives no answer: "no action" (fail-open) or "soft reject"
+        (fail-closed), with ``available`` False and the reason."""
+        headers: list[tuple[str, str]] = [("IP", ip), ("Helo", _header_value(helo)), ("From", sender or "<>")]
+        headers += [("Rcpt", r) for r in recipients]
+        if user:
+            headers.append(("User", user))
+        if queue_id:
+            headers.append(("Queue-Id", queue_id))
+        if hostname:
+            headers.append(("Hostname", _header_value(hostname)))
+        started = time.monotonic()
+        try:
+            verdict = parse_reply(await self._post(message, headers))
+        except RspamdUnavailable as e:
+            verdict = self._unavailable(str(e))
+        else:
+            self._set_available(True, "")
+        if self.metrics is not None:
+            self.metrics.rspamd_seconds.observe(time.monotonic() - started)
+            self.metrics.spam_actions.labels(verdict.action if verdict.available else "unavailable").inc()
+        return verdict
+
+    async def _post(self, message: bytes, headers: list[tuple[str, str]]) -> bytes:
+        try:
+            async with self._client().post(f"{self.url}/checkv2", data=message, headers=headers) as resp:
+                if resp.status != 200:
+                    raise RspamdUnavailable(f"HTTP {resp.status}")
+                body = b""
+                while chunk := await resp.content.read(65536):
+                    body += chunk
+                    if len(body) > MAX_REPLY:
+                        raise RspamdUnavailable("reply too large")
+                return body
+        except asyncio.TimeoutError:
+            raise RspamdUnavailable(f"no answer within {self.timeout:g} s") from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise RspamdUnavailable(f"{type(e).__name__}: {e}") from None
+
+    def _unavailable(self, reason: str) -> SpamVerdict:
+        self._set_available(False, reason)
+        return SpamVerdict(action="soft reject" if self.fail_closed else "no action", available=False, reason=reason)
+
+    def _set_available(self, available: bool, reason: str) -> None:
+        if available == self.available:
+            return
+        self.available = available
+        if self.metrics is not None:
+            self.metrics.rspamd_available.set(1 if available else 0)
+        if available:
+            log.info("rspamd %s answers again", self.url)
+        else:
+            then = "refused with 451 4.7.1" if self.fail_closed else "accepted unscanned"
+            log.warning("rspamd %s unavailable (%s): messages are %s until it answers", self.url, reason, then)

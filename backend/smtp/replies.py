@@ -44,6 +44,10 @@ R550_NO_FROM = "550 5.6.0 Message has no From header"
 R550_DMARC_REJECT = "550 5.7.1 Rejected by the DMARC policy of the From domain"
 R550_DMARC_OWN_DOMAIN = "550 5.7.1 From is a domain of this server, and the message is not authenticated as its mail"
 R550_DMARC_MULTIPLE_FROM = "550 5.7.1 From names more than one domain: DMARC cannot be evaluated"
+# The spam filter (backend/auth/rspamd.py): its reject, and its soft reject/greylist or no verdict
+# at all when configured fail-closed (RFC 3463 4.7.1/5.7.1: delivery not authorized, message refused).
+R550_SPAM = "550 5.7.1 Message refused as spam"
+R451_SPAM_TEMP = "451 4.7.1 Message deferred by the spam filter, try again later"
 
 # AUTH (RFC 4954)
 R235_AUTH_OK = "235 2.7.0 Authentication successful"
