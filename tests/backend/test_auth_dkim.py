@@ -9,9 +9,11 @@ import dataclasses
 import re
 from types import SimpleNamespace
 
+import dkim as dkimpy
 import pytest
+from dkim.canonicalization import Relaxed, Simple
 
-from backend.auth.dkim import MAX_SIGNATURES, verify_dkim
+from backend.auth.dkim import MAX_SIGNATURES, canonical_body, verify_dkim
 from backend.dkim import keys as our_keys
 from backend.dkim import sign as our_signer
 from tests.conftest import require_tool
@@ -231,3 +233,20 @@ async def test_the_crypto_runs_in_run_blocking_after_every_key_is_fetched(sender
     verdicts = await verify_dkim(signed, lookup, run_blocking)
     assert [v.result for v in verdicts] == ["pass", "pass"]
     assert seen == [["ed1._domainkey.example.org.", "rsa1._domainkey.example.org."]]
+
+
+BODIES = [
+    b"", b"\r\n", b"\r\n\r\n", b"x", b"x\r\n", b"x\r\n\r\n\r\n", b" \t \r\n", b"a \t b  \r\n\tc\r\n \r\n",
+    b"line  \r\nnext\t\r\n\r\nend   ", b"bare\nlf  \n\n", b"mixed\r\nends\n \n\r\n", b"lone\rcr \r\n",
+    b"".join(b"%d  spaced\t line %s\r\n" % (i, b" " * (i % 4)) for i in range(200)) + b"\r\n\r\n",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("slice_size", [1, 3, 7, 64, 256 * 1024])
+def test_canonical_body_is_dkimpys_in_any_slices(slice_size):
+    # The sliced canonicalisation must give the bytes dkimpy would hash (its parse, then Simple or
+    # Relaxed), wherever the slices are cut: else every large message would fail on bh=.
+    for body in BODIES:
+        _, dkimpy_body = dkimpy.rfc822_parse(b"A: b\r\n\r\n" + body)
+        assert canonical_body(body, relaxed=False, slice_size=slice_size) == Simple.canonicalize_body(dkimpy_body), body
+        assert canonical_body(body, relaxed=True, slice_size=slice_size) == Relaxed.canonicalize_body(dkimpy_body), body
