@@ -1,7 +1,8 @@
 """Live DNS check of a homemx installation: MX, A/AAAA, PTR, SPF, DKIM, DMARC, MTA-STS and TLS-RPT,
 each a pass or a failure that says what to fix, gathered in a report (table or JSON).
 
-Records are parsed by backend/dns/parse.py, SPF evaluated by backend/dns/spf.py; every lookup goes
+Records are parsed by backend/dns/parse.py, SPF evaluated by backend/dns/spf.py and DMARC by
+backend/auth/dmarc.py (the engines inbound mail is checked with); every lookup goes
 through a DNSLookup (backend/dns/lookup.py) built on the resolver ``resolver_for`` gives.
 """
 
@@ -18,7 +19,7 @@ import dns.resolver
 from backend.config import BackendConfig
 from backend.dkim.keys import DKIMKeyError, load_private_key, public_key_bytes
 from backend.dns.lookup import AsyncOverBlocking, DNSLookup, DNSTempError
-from backend.dns.parse import ParseError, parse_dkim_txt, parse_dmarc, parse_tags
+from backend.dns.parse import ParseError, is_dmarc_record, parse_dkim_txt, parse_dmarc, parse_tags
 from backend.dns.records import fqdn, mta_sts_id, tlsrpt_rua
 from backend.dns.resolver import make_blocking_resolver
 from backend.dns.spf import check_host
@@ -174,17 +175,16 @@ def _same_public_key(algorithm: str, published: bytes, want: bytes) -> bool:
     return getattr(a, "public_numbers", lambda: None)() == b.public_numbers()
 
 
-def _aligned(signing_domain: str, from_domain: str, mode: str) -> bool:
-    # RFC 7489 3.1.1. Relaxed: same organizational domain. Without the Public Suffix List we accept
-    # parent/child relations, which is what a homemx installation produces.
-    if mode == "s":
-        return signing_domain == from_domain
-    return signing_domain == from_domain or from_domain.endswith("." + signing_domain) or signing_domain.endswith("." + from_domain)
-
-
 def check_dmarc(config: BackendConfig, lookup: DNSLookup, domain: str) -> tuple[bool, str]:
+    """Our published DMARC record, judged by the same evaluation inbound mail gets
+    (backend/auth/dmarc.py: discovery with the organizational-domain fallback, the Public Suffix
+    List for relaxed alignment): would a message of ours that carries only our DKIM signature pass?
+    The record itself is parsed strictly (a sender's mistake a receiver forgives is still reported)."""
+    from backend.auth.dmarc import aligned, evaluate_dmarc
+    from backend.auth.results import DKIMVerdict
+
     name = f"_dmarc.{domain}"
-    recs = [t for t in lookup.txt(name) if t.lstrip().lower().startswith("v=dmarc1")]
+    recs = [t for t in lookup.txt(name) if is_dmarc_record(t)]
     if not recs:
         return False, f"no DMARC record at {name}"
     if len(recs) > 1:
@@ -193,10 +193,13 @@ def check_dmarc(config: BackendConfig, lookup: DNSLookup, domain: str) -> tuple[
         rec = parse_dmarc(recs[0])
     except ParseError as e:
         return False, f"record does not parse: {e}"
-    signing = [k.domain for k in config.dkim]
-    if not any(_aligned(d, domain, rec.adkim) for d in signing):
-        return False, f"no configured DKIM key aligns with {domain} (adkim={rec.adkim})"
-    # SPF alignment: our envelope senders are addresses of our own domains.
+    # Our signatures as a receiver would find them (every configured key verifying), no SPF.
+    signatures = [DKIMVerdict(k.domain, k.selector, "pass") for k in config.dkim]
+    verdict = asyncio.run(evaluate_dmarc(AsyncOverBlocking(lookup), domain, None, signatures))
+    if verdict.result != "pass":
+        if not any(aligned(d.domain, domain, rec.adkim) for d in signatures):
+            return False, f"no configured DKIM key aligns with {domain} (adkim={rec.adkim})"
+        return False, f"a message signed by our keys would get dmarc={verdict.result}: {verdict.reason}"
     notes = [f"p={rec.policy}", f"adkim={rec.adkim}"]
     if not rec.rua:
         notes.append("no rua (no aggregate reports)")

@@ -257,3 +257,30 @@ def test_nsd_fixture_leaves_nothing_behind():
     # Nothing answers on that address and port any more.
     r = subprocess.run(["dig", "+time=1", "+tries=1", "-p", str(port), "@127.0.0.77", "example.org", "SOA"], capture_output=True)
     assert r.returncode != 0
+
+
+class _TXTTable:
+    """A blocking lookup answering TXT from a dict (check_dmarc asks nothing else)."""
+
+    def __init__(self, table: dict[str, list[str]]):
+        self.table = table
+
+    def txt(self, name: str) -> list[str]:
+        return self.table.get(name.rstrip("."), [])
+
+
+@pytest.mark.parametrize("key_domain, from_domain, ok", [
+    ("news.example.org", "shop.example.org", True),  # siblings: one organizational domain (PSL)
+    ("co.uk", "example.co.uk", False),  # a public suffix is no parent: never aligned
+    ("example.co.uk", "example.co.uk", True),
+    ("other.example", "example.org", False),
+])
+def test_dns_check_dmarc_alignment_uses_the_public_suffix_list(key_domain, from_domain, ok):
+    from types import SimpleNamespace
+
+    from backend.dns.check import check_dmarc
+
+    config = SimpleNamespace(dkim=[SimpleNamespace(domain=key_domain, selector="s1")])
+    lookup = _TXTTable({f"_dmarc.{from_domain}": ["v=DMARC1; p=reject; rua=mailto:d@" + from_domain]})
+    passed, detail = check_dmarc(config, lookup, from_domain)
+    assert passed is ok, detail
