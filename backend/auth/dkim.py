@@ -236,7 +236,7 @@ def _key_problem(tags: dict[bytes, bytes], record: str) -> tuple[str, str, int |
     return "", "", bits
 
 
-def _split_message(message: bytes) -> tuple[bytes, bytes]:
+def split_message(message: bytes) -> tuple[bytes, bytes]:
     """(the header block with a blank line, for dkimpy; the body as received: after the first
     empty line, line ends as they are)."""
     m = _HEADER_END_RE.search(message)
@@ -270,6 +270,20 @@ def canonical_body(body: bytes, relaxed: bool, slice_size: int = BODY_SLICE) -> 
     return b"" if relaxed and out == b"\r\n" else out  # RFC 6376 3.4.4: an empty body stays empty
 
 
+def body_hash_matches(sig: dict[bytes, bytes], body: bytes, canonical: dict[bool, bytes]) -> tuple[bool, int]:
+    """Whether a signature's bh= is the hash of ``body`` canonicalised per its c= (and cut at l=),
+    and how many canonical body bytes l= leaves unsigned. ``canonical`` caches the canonical
+    bodies of one message (key: relaxed?). Raises binascii.Error when bh= is no base64."""
+    relaxed = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple")).body_algorithm is Relaxed
+    if relaxed not in canonical:
+        canonical[relaxed] = canonical_body(body, relaxed)
+    signed = canonical[relaxed]
+    if b"l" in sig:
+        signed = signed[: int(sig[b"l"])]
+    expected = base64.b64decode(_WSP_RE.sub(b"", sig[b"bh"]), validate=True)
+    return HASH_ALGORITHMS[sig[b"a"]](signed).digest() == expected, len(canonical[relaxed]) - len(signed)
+
+
 def _check_signatures(message: bytes, work: list[int], table) -> dict[int, tuple[str, str, int | None, str]]:
     """The CPU part (runs in a worker thread): {index: (result, reason, key bits, coverage note)}.
 
@@ -280,7 +294,7 @@ def _check_signatures(message: bytes, work: list[int], table) -> dict[int, tuple
     once per algorithm (simple, relaxed) and message, in slices (``canonical_body``), and dkimpy
     gets only the header block, to check b= over the headers (bh= included).
     """
-    head, body = _split_message(message)
+    head, body = split_message(message)
     try:
         parsed = dkimpy.DKIM(head, logger=DKIMPY_LOG, minkey=MIN_RSA_BITS)
     except (dkimpy.MessageFormatError, IndexError) as e:
@@ -300,22 +314,17 @@ def _check_signatures(message: bytes, work: list[int], table) -> dict[int, tuple
         if result:
             out[idx] = (result, reason, bits, "")
             continue
-        relaxed = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple")).body_algorithm is Relaxed
-        if relaxed not in canonical:
-            canonical[relaxed] = canonical_body(body, relaxed)
-        signed = canonical[relaxed]
-        if b"l" in sig:
-            signed = signed[: int(sig[b"l"])]
         try:
-            expected = base64.b64decode(_WSP_RE.sub(b"", sig.pop(b"bh")), validate=True)
+            matches, unsigned = body_hash_matches(sig, body, canonical)
         except binascii.Error:
             out[idx] = ("neutral", "signature syntax: bh= is not base64", bits, "")
             continue
-        if HASH_ALGORITHMS[sig[b"a"]](signed).digest() != expected:
+        if not matches:
             out[idx] = ("fail", "body hash mismatch", bits, "")
             continue
         try:
             # sig without bh=: dkimpy skips its own body check; b= still covers the bh= text.
+            del sig[b"bh"]
             ok = parsed.verify_sig(sig, include_headers, sigheaders[idx], dnsfunc)
         except dkimpy.KeyFormatError as e:
             out[idx] = ("permerror", f"key unusable: {e}", bits, "")
@@ -326,7 +335,6 @@ def _check_signatures(message: bytes, work: list[int], table) -> dict[int, tuple
         if not ok:
             out[idx] = ("fail", "signature (b=) mismatch", bits, "")
             continue
-        unsigned = len(canonical[relaxed]) - len(signed)
         # RFC 6376 8.2: with l= the rest of the body is not signed; say how much that is.
         out[idx] = ("pass", "", bits, f"l={int(sig[b'l'])}, {unsigned} body bytes unsigned" if unsigned > 0 else "")
     return out

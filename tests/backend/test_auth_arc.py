@@ -8,9 +8,11 @@ import asyncio
 import re
 from types import SimpleNamespace
 
+import dkim as dkimpy
 import pytest
 
 from backend.auth.arc import MAX_INSTANCES, verify_arc
+from backend.dns.lookup import DNSLookup
 from tests.conftest import require_tool
 from tests.lab.dkim_inbound import MESSAGE, CountingLookup, nsd_lookup, rsa_key
 from tests.lab.nsd import NSD, zone_text
@@ -74,6 +76,23 @@ async def test_a_body_changed_after_the_last_seal_fails(forwarders):
 
 
 @pytest.mark.asyncio
+async def test_a_header_changed_after_the_last_seal_fails(forwarders):
+    tampered = two_hops(forwarders).replace(b"Subject: inbound verification", b"Subject: urgent wire transfer")
+    v = await verify_arc(tampered, nsd_lookup(forwarders.ns))
+    assert (v.result, v.reason) == ("fail", "Most recent ARC-Message-Signature did not validate")
+
+
+@pytest.mark.asyncio
+async def test_a_forwarder_that_changed_the_body_before_sealing_still_passes(forwarders):
+    # What ARC is for: a mailing list adds a footer (breaking the first set's AMS and the DKIM
+    # signature), then seals. Only the newest AMS must validate (RFC 8617 5.2); the seals chain.
+    footed = one_hop(forwarders) + b"-- \r\nlist footer: unsubscribe at https://list.test/\r\n"
+    sealed = _hop(footed, forwarders.hop2, "mx.relay.test", "arc=pass; dkim=fail header.d=example.org")
+    v = await verify_arc(sealed, nsd_lookup(forwarders.ns))
+    assert (v.result, v.instances) == ("pass", 2)
+
+
+@pytest.mark.asyncio
 async def test_a_forged_earlier_set_fails_the_seal(forwarders):
     # The first forwarder's Authentication-Results rewritten after sealing: the newest AMS still
     # verifies, but ARC-Seal 2 covers set 1 (RFC 8617 5.1.1): the chain fails.
@@ -82,6 +101,15 @@ async def test_a_forged_earlier_set_fails_the_seal(forwarders):
     assert forged != sealed
     v = await verify_arc(forged, nsd_lookup(forwarders.ns))
     assert v.result == "fail" and "ARC-Seal" in v.reason
+
+
+@pytest.mark.asyncio
+async def test_a_chain_a_forwarder_sealed_as_failed_fails(forwarders):
+    # The second forwarder found the chain broken and sealed cv=fail (RFC 8617 5.1.2): it ends there.
+    sealed = _hop(one_hop(forwarders), forwarders.hop2, "mx.relay.test", "arc=fail")
+    assert b"cv=fail" in sealed
+    v = await verify_arc(sealed, nsd_lookup(forwarders.ns))
+    assert (v.result, v.instances, v.reason) == ("fail", 2, "ARC-Seal[2] reported failure, the chain is terminated")
 
 
 @pytest.mark.asyncio
@@ -128,3 +156,35 @@ async def test_an_instance_over_50_fails_without_a_lookup(forwarders):
     v = await verify_arc(forged, lookup)
     assert (v.result, v.instances) == ("fail", n)
     assert lookup.asked == []
+
+
+CHAINS = {
+    "one hop": lambda fw: one_hop(fw),
+    "two hops": lambda fw: two_hops(fw),
+    "footer added before the second seal": lambda fw: _hop(one_hop(fw) + b"footer\r\n", fw.hop2, "mx.relay.test", "arc=pass"),
+    "body changed": lambda fw: two_hops(fw).replace(b"quarterly numbers", b"new bank details"),
+    "earlier AAR forged": lambda fw: two_hops(fw).replace(b"i=1; mx.list.test;", b"i=1; mx.list.test; arc=pass;"),
+    "bare LF line ends": lambda fw: two_hops(fw).replace(b"\r\n", b"\n"),
+    "trailing whitespace and empty lines added": lambda fw: two_hops(fw).replace(b"attached.\r\n", b"attached.  \t\r\n\r\n\r\n"),
+    "sealed as failed": lambda fw: _hop(one_hop(fw), fw.hop2, "mx.relay.test", "arc=fail"),
+    "not sealed": lambda fw: fw.sender.sign(MESSAGE),
+}
+
+
+@pytest.mark.parametrize("case", CHAINS)
+@pytest.mark.asyncio
+async def test_the_verdict_is_dkimpys_arc_verify(forwarders, case):
+    # We run dkimpy's ARC checks on the header block and check the newest AMS body ourselves
+    # (backend/auth/arc.py says why): the verdict must still be the one dkimpy's own arc_verify
+    # gives, which here resolves the same nsd with a blocking resolver.
+    message = CHAINS[case](forwarders)
+    blocking = DNSLookup(forwarders.ns.resolver())
+
+    def dnsfunc(name, timeout=5):
+        records = blocking.txt(name.decode())
+        return records[0].encode() if records else None
+
+    cv, _, reason = dkimpy.arc_verify(message, dnsfunc=dnsfunc)
+    expected = {dkimpy.CV_Pass: "pass", dkimpy.CV_None: "none"}.get(cv, "fail")
+    v = await verify_arc(message, nsd_lookup(forwarders.ns))
+    assert (v.result, v.reason) == (expected, "" if expected != "fail" else reason)
