@@ -3,11 +3,12 @@ carries, for Authentication-Results (``arc=``) and for a DMARC override on forwa
 
 Same two steps as backend/auth/dkim.py (see its theory of operation): every key record the chain
 names (the s=/d= of each ARC-Seal and ARC-Message-Signature) is fetched on the event loop at
-once, then dkimpy's ``ARC.verify`` runs in ``run_blocking`` with a ``dnsfunc`` answering from
-those records. Sealing is not done here.
+once, then dkimpy's ARC checks run in ``run_blocking`` with a ``dnsfunc`` answering from those
+records (``_check_chain`` says which parts, and why the body hash is ours). Sealing is not done
+here.
 
-Results (RFC 8617 4.4, RFC 8601 2.7.8): none (no ARC sets), pass, fail. RFC 8617 has no
-temperror: a chain that fails while one of its keys could not be looked up is a fail whose
+Results: none (no ARC header field), pass, fail. The arc= method of Authentication-Results has
+no temperror: a chain that fails while one of its keys could not be looked up is a fail whose
 reason says so.
 """
 
@@ -20,8 +21,8 @@ import dkim as dkimpy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from backend.auth.dkim import (
-    DKIMPY_LOG, MIN_RSA_BITS, RunBlocking, split_message, body_hash_matches, dnsfunc_from, header_fields, key_name,
-    prefetch_txt, run_inline,
+    DKIMPY_LOG, MIN_RSA_BITS, RunBlocking, body_hash_matches, dnsfunc_from, header_fields, key_name, prefetch_txt,
+    run_inline, split_message,
 )  # fmt: skip
 from backend.auth.results import ARCVerdict
 from backend.dns.lookup import DNSTempError
@@ -37,7 +38,7 @@ def _check_chain(message: bytes, table) -> tuple[str, int, str]:
 
     dkimpy's ``ARC.verify`` checks the ARC-Message-Signature of every instance, each with its own
     pass of body canonicalisation over the whole body (holding the GIL, as backend/auth/dkim.py
-    explains), though only the newest AMS decides (RFC 8617 5.2 step 4): fifty sets on a large
+    explains), though only the newest AMS decides (RFC 8617 5.2): fifty sets on a large
     message would stall the backend for a minute. So dkimpy's ``verify_instance`` runs on the
     header block alone (every ARC-Seal checked in full; the AMS body checks fail on the empty body
     and are ignored), the newest AMS is checked here with the body canonicalised once, in slices,
@@ -59,7 +60,7 @@ def _check_chain(message: bytes, table) -> tuple[str, int, str]:
         # dkimpy finds the AMS of an instance by the text " i=N;" and indexes the match: an
         # ARC-Message-Signature written "i=N;" right after the colon (no space) is not found.
         return "fail", instances, "ARC-Message-Signature not found for its instance"
-    # dkimpy's ARC.verify from here on, newest set first (RFC 8617 5.2 steps 2 to 6).
+    # dkimpy's ARC.verify from here on (RFC 8617 5.2), newest set first; same reasons.
     if not newest_ams_valid:
         return "fail", instances, "Most recent ARC-Message-Signature did not validate"
     for seal in seals:
@@ -81,9 +82,9 @@ def _newest_ams_valid(arc: dkimpy.ARC, sets, instance: int, body: bytes, dnsfunc
     dkimpy.validate_signature_fields(sig, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"], True)
     include_headers = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
     if b"arc-seal" in include_headers:
-        return False  # RFC 8617 4.1.2: the AMS must not sign ARC-Seal
+        return False  # as dkimpy: an AMS must not sign ARC-Seal (RFC 8617 4.1.2)
     raw = [(x, y) for x, y in arc.headers if x.lower() == b"arc-message-signature" and b" i=" + sig[b"i"] + b";" in y.lower()][0]
-    sig.setdefault(b"c", b"relaxed/relaxed")  # RFC 8617 4.1.2: ARC uses relaxed unless c= says otherwise
+    sig.setdefault(b"c", b"relaxed/relaxed")  # as dkimpy's verify_instance, when c= is absent
     try:
         matches, _ = body_hash_matches(sig, body, {})
     except binascii.Error:

@@ -1,9 +1,10 @@
 """Inbound DKIM verification (RFC 6376, RFC 8301, RFC 8463): a verdict for each DKIM-Signature of a
 received message, for Authentication-Results (RFC 8601 2.7.1) and DMARC.
 
-Theory of operation. dkimpy does the canonicalisation and the signature checks, but its
-``DKIM.verify`` looks the key up itself through a blocking ``dnsfunc`` and checks one signature
-per call. So verification runs in two steps:
+Theory of operation. dkimpy parses the signatures and keys and checks b= over the canonical
+header, but its ``DKIM.verify`` looks the key up itself through a blocking ``dnsfunc``, checks
+one signature per call, and hashes the whole body again for each. So verification runs in two
+steps:
   1. on the event loop: parse the DKIM-Signature fields (cheap), and fetch every key record
      ``s._domainkey.d`` through the async lookup, all at once (``asyncio.gather``);
   2. in ``run_blocking`` (the backend's worker threads; CPU work: body canonicalisation, RSA and
@@ -18,9 +19,10 @@ apart here first, because RFC 8601 gives each its own result.
 Results (RFC 8601 2.7.1):
   pass       the signature verified
   fail       it did not: the body hash (bh=) or the header signature (b=) mismatched; reason says which
-  neutral    the signature field has a syntax error or lacks a required tag. RFC 8601 2.7.1 names
-             exactly this case ("the signature or signatures contained syntax errors") under
-             neutral; permerror is kept for a signature we could parse but whose key is unusable.
+  neutral    the signature field has a syntax error, lacks a required tag or has expired (x=),
+             or the message header cannot be parsed at all. RFC 8601 2.7.1 names syntax errors
+             ("the signature or signatures contained syntax errors") under neutral, and other
+             failures not listed; permerror is kept for a parsed signature whose key is unusable.
   policy     verifiable, but not acceptable to us: rsa-sha1 (RFC 8301 3.1: verifiers MUST NOT
              consider it valid) and RSA keys under 1024 bits (RFC 8301 3.2). RFC 8601 2.7.1
              "policy": the signature was fine as far as DKIM goes, "some aspect of [it] was not
@@ -193,7 +195,8 @@ def _read_signature(value: bytes) -> _Signature:
         if b"l" in tags and not tags[b"l"].isdigit():
             raise dkimpy.ValidationError("l= is empty")  # dkimpy's check lets "l=" through
     except (dkimpy.ValidationError, InvalidCanonicalizationPolicyError) as e:
-        sig.result, sig.reason = "neutral", f"signature syntax: {e}"
+        # dkimpy's messages name tags as bytes ("missing b'bh'="): say "missing bh=".
+        sig.result, sig.reason = "neutral", "signature syntax: " + re.sub(r"\bb'([^']*)'", r"\1", str(e))
         return sig
     except IndexError:
         # dkimpy's i= check indexes before the d= suffix: i=example.org with d=example.org.
