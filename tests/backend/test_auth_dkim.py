@@ -17,6 +17,7 @@ from backend.auth.dkim import MAX_SIGNATURES, canonical_body, verify_dkim
 from backend.dkim import keys as our_keys
 from backend.dns.lookup import DNSLookup
 from backend.dkim import sign as our_signer
+from backend.dkim.keys import zone_txt_rdata
 from tests.conftest import require_tool
 from tests.lab.dkim_inbound import MESSAGE, CountingLookup, ed25519_key, nsd_lookup, rsa_key
 from tests.lab.nsd import NSD, zone_text
@@ -24,7 +25,8 @@ from tests.lab.nsd import NSD, zone_text
 
 @pytest.fixture(scope="module")
 def sender(tmp_path_factory):
-    """example.org's keys, published by nsd: rsa1 (2048), ed1, small (512 bits), revoked (p=)."""
+    """example.org's keys, published by nsd: rsa1 (2048), ed1, small (512 bits), revoked (p=), and
+    rsa1's public key again under sha1only (h=sha1) and strict (t=s)."""
     require_tool("/usr/sbin/nsd", "dig", "openssl")
     keys = SimpleNamespace(
         rsa=rsa_key("example.org", "rsa1"),
@@ -36,7 +38,9 @@ def sender(tmp_path_factory):
     keys.ours = SimpleNamespace(domain="example.org", selector="ours", algorithm="rsa", private_key=ours.path)
     records = "\n".join(
         [keys.rsa.zone_line(), keys.ed.zone_line(), keys.small.zone_line(), ours.zone_line(),
-         f'{keys.revoked.record_name}\tIN\tTXT\t"v=DKIM1; k=rsa; p="']
+         f'{keys.revoked.record_name}\tIN\tTXT\t"v=DKIM1; k=rsa; p="',
+         f'sha1only._domainkey.example.org.\tIN\tTXT\t{zone_txt_rdata(keys.rsa.txt.replace("k=rsa;", "h=sha1; k=rsa;"))}',
+         f'strict._domainkey.example.org.\tIN\tTXT\t{zone_txt_rdata(keys.rsa.txt.replace("k=rsa;", "t=s; k=rsa;"))}']
     )  # fmt: skip
     with NSD({"example.org": zone_text("example.org", records)}) as ns:
         keys.ns = ns
@@ -150,6 +154,18 @@ async def test_a_revoked_key_is_a_permerror(sender):
     # RFC 6376 3.6.1: an empty p= means the key was revoked.
     v = _only(await verify_dkim(sender.revoked.sign(MESSAGE), nsd_lookup(sender.ns)))
     assert (v.result, v.reason) == ("permerror", "key revoked (empty p=)")
+
+
+@pytest.mark.asyncio
+async def test_key_record_flags_are_obeyed(sender):
+    # RFC 6376 3.6.1: h= lists the hashes the key may sign with; t=s forbids i= in a subdomain of d=.
+    sha1only = dataclasses.replace(sender.rsa, selector="sha1only")
+    v = _only(await verify_dkim(sha1only.sign(MESSAGE), nsd_lookup(sender.ns)))
+    assert (v.result, v.reason) == ("permerror", "key record h= excludes sha256")
+    strict = dataclasses.replace(sender.rsa, selector="strict")
+    assert _only(await verify_dkim(strict.sign(MESSAGE), nsd_lookup(sender.ns))).result == "pass"
+    v = _only(await verify_dkim(strict.sign(MESSAGE, identity=b"alice@mail.example.org"), nsd_lookup(sender.ns)))
+    assert (v.result, v.reason) == ("permerror", "key t=s forbids an i= subdomain")
 
 
 @pytest.mark.asyncio
