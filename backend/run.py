@@ -10,6 +10,7 @@ import logging
 import signal
 import ssl
 
+from backend.auth import inbound
 from backend.deliver import outbound
 from backend.accept import Acceptor
 from backend.config import BackendConfig
@@ -51,6 +52,7 @@ class Backend:
         self.signer = None
         self.remote = None
         self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
+        self.checks: inbound.InboundChecks | None = None  # SPF/DKIM/DMARC/ARC and rspamd on mx (auth/)
 
     async def run_blocking(self, fn, *args):
         loop = asyncio.get_running_loop()
@@ -77,7 +79,9 @@ class Backend:
             # An unusable certificate or DKIM key stops the start (cmd_run prints one line).
             tls = make_tls_context(cfg)
             self._outbound()
-            self.acceptor = Acceptor(cfg, self.queue, directory, self.metrics, self.run_blocking, self.signer)
+            self.checks = inbound.build(cfg, self.metrics, self.run_blocking)
+            self.acceptor = Acceptor(cfg, self.queue, directory, self.metrics, self.run_blocking, self.signer,
+                                     self.checks)
             for lc in cfg.listeners:
                 ctx = ListenerContext(
                     config=cfg,
@@ -151,6 +155,8 @@ class Backend:
         )
         if self.remote is not None and hasattr(self.remote, "close"):
             await self.remote.close()  # QUIT idle outbound sessions
+        if self.checks is not None:
+            await self.checks.close()  # rspamd's HTTP session
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
         if self.queue is not None:

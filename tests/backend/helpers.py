@@ -114,6 +114,10 @@ passwd_file = "{tmp}/passwd"
         # Keep every DNS lookup of a test on loopback: a closed port answers "refused" at once,
         # so remote recipients are deferred instead of querying the machine's resolver.
         text += '\n[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
+    if "[auth]" not in extra:
+        # With no DNS to ask, every inbound check would wait for its timeout: tests of other things
+        # run without them; tests of the checks (test_inbound_*.py) configure [auth] and a real nsd.
+        text += "\n[auth]\nenabled = false\n"
     path = tmp / "backend.toml"
     path.write_text(text)
     return path
