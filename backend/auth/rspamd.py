@@ -40,26 +40,31 @@ MAX_REPLY = 1 << 20
 OWN_CHECKS = ("spf", "dkim", "dmarc", "arc", "dkim_signing")
 # Modules that ask hosts on the internet about every message: DNS block lists (rbl also runs the
 # surbl and email lists since rspamd 2.x), rspamd.com's fuzzy hash servers, the ASN lookups, the
-# URL redirector, and rspamd_update's rule downloads. Off where mail must not leave the machine
-# (the lab and tests: ``offline``); a real home keeps them, they are much of rspamd's value.
-NETWORK_MODULES = ("rbl", "fuzzy_check", "asn", "url_redirector", "rspamd_update", "neural")
+# URL redirector (it follows the links in a message), and rspamd_update's rule downloads. Off where
+# mail must not leave the machine (the lab and tests: ``offline``); a real home keeps them, they
+# are much of rspamd's value.
+NETWORK_MODULES = ("rbl", "fuzzy_check", "asn", "url_redirector", "rspamd_update")
 # The verdict fields rspamd's milter_headers module writes into the reply (we add them to the
 # message). X-Spam: Yes is written by homemx itself for Junk (backend/auth/inbound.py).
 HEADER_ROUTINES = ("x-spamd-result", "x-spam-status", "x-spam-level")
 
 
-def rspamd_local_config(*, nameservers: Sequence[str] = (), offline: bool = False) -> dict[str, str]:
+def rspamd_local_config(*, redis: str | None = None, nameservers: Sequence[str] = (), offline: bool = False) -> dict[str, str]:
     """rspamd's ``local.d`` files for homemx, as {path relative to LOCAL_CONFDIR: text}.
 
-    ``nameservers`` ("host:port") replaces the system resolver for rspamd's own lookups;
-    ``offline`` also turns off every module that asks the internet (NETWORK_MODULES). Provisioning
-    writes these files under /etc/rspamd; tests/lab/rspamd.py writes them for its own instance."""
+    ``redis`` ("host:port") is where rspamd keeps its Bayes statistics (learned from the user's
+    moves to and out of Junk: Dovecot IMAPSieve → rspamc learn_spam/learn_ham); without it rspamd
+    does not learn. ``nameservers`` ("host:port") replaces the system resolver for rspamd's own
+    lookups; ``offline`` also turns off every module that asks the internet (NETWORK_MODULES).
+    Provisioning writes these files under /etc/rspamd; tests/lab/rspamd.py writes them for its own
+    instance."""
     files: dict[str, str] = {}
     for module in OWN_CHECKS + (NETWORK_MODULES if offline else ()):
         files[f"local.d/{module}.conf"] = "enabled = false;\n"
-    # Greylisting needs the greylist module, which needs Redis; without it rspamd still answers
-    # "greylist" for a score in [4, 6), and a 451 for that would refuse the same message on every
-    # retry, forever. No Redis here, so no greylist action: such a score is "no action".
+    # No greylisting: rspamd's stock config answers "greylist" for a score in [4, 6), which homemx
+    # turns into 451; only the greylist module (Redis) remembers that the sender retried, and
+    # without it every retry of the message would be refused again. The gateway's greet wait
+    # already stops the senders greylisting is for.
     files["local.d/actions.conf"] = "greylist = null;\n"
     files["local.d/milter_headers.conf"] = (
         f"use = [{', '.join(json.dumps(r) for r in HEADER_ROUTINES)}];\n"
@@ -67,17 +72,13 @@ def rspamd_local_config(*, nameservers: Sequence[str] = (), offline: bool = Fals
         "skip_local = false;\n"
         "skip_authenticated = false;\n"
     )
-    # Bayes learns from the user's moves to and out of Junk (Dovecot IMAPSieve → rspamc
-    # learn_spam/learn_ham). SQLite keeps the statistics in rspamd's own directory, so a home needs
-    # no Redis for it (rspamd 3.4's default backend is Redis).
-    files["local.d/classifier-bayes.conf"] = (
-        'backend = "sqlite3";\n'
-        'statfile { symbol = "BAYES_HAM"; spam = false; path = "${DBDIR}/bayes.ham.sqlite"; }\n'
-        'statfile { symbol = "BAYES_SPAM"; spam = true; path = "${DBDIR}/bayes.spam.sqlite"; }\n'
-        # Which messages were learned already (learning one twice is refused). rspamd's built-in
-        # default is /var/lib/rspamd/learn_cache.sqlite whatever DBDIR is.
-        'cache { type = "sqlite3"; path = "${DBDIR}/learn_cache.sqlite"; }\n'
-    )
+    if redis:
+        # rspamd 3.4's Bayes backend is Redis (stock statistic.conf), and so is its cache of
+        # learned messages. Its SQLite backend is no alternative: the controller and the normal
+        # worker both create the databases at start and the loser's statfile stays broken
+        # ("cannot find statfile backend to learn"), and a learn concurrent with a scan fails
+        # with "database is locked" (both seen with 3.4 in our lab).
+        files["local.d/redis.conf"] = f"servers = {json.dumps(redis)};\n"
     if nameservers:
         names = ", ".join(json.dumps(n) for n in nameservers)
         files["local.d/options.inc"] = f"dns {{ nameserver = [{names}]; }}\n"

@@ -152,14 +152,19 @@ async def test_rspamd_does_not_run_its_own_spf_dkim_dmarc_arc(rspamd):
 
 def test_learning_through_the_controller(rspamd):
     before = rspamd.stat()["learned"]
+    assert rspamd.redis.keys("BAYES_*") == []
     spam = message(b"cheap pills online pharmacy discount offer limited time click here now " * 4, "offer")
     ham = message(b"the minutes of yesterday's meeting are attached, please review them before friday " * 4)
     for command, text in (("learn_spam", spam), ("learn_ham", ham)):
         r = rspamd.rspamc(command, text)
         assert r.returncode == 0 and b"success = true;" in r.stdout, (r.stdout, r.stderr)
     assert rspamd.stat()["learned"] == before + 2
-    # The statistics and the cache of learned messages are this instance's, not /var/lib/rspamd's.
-    assert {"bayes.spam.sqlite", "bayes.ham.sqlite", "learn_cache.sqlite"} <= {p.name for p in (rspamd.workdir / "db").iterdir()}
+    # Learning the same message again is refused: rspamd remembers what it learned.
+    again = rspamd.rspamc("learn_spam", spam)
+    assert b"already learned" in again.stdout and b"success = true;" not in again.stdout, again.stdout
+    # The statistics are in our own Redis.
+    assert {f["type"] for f in rspamd.stat()["statfiles"]} == {"redis"}
+    assert sorted(rspamd.redis.keys("BAYES_*")) == ["BAYES_HAM_keys", "BAYES_SPAM_keys"]
 
 
 # ------------------------------------------------------------------ faults

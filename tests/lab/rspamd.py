@@ -13,10 +13,15 @@ has its own LOCAL_CONFDIR, DBDIR, RUNDIR and LOGDIR (``--var``), its own ports (
 binds 11332-11334 on localhost; our local.d replaces the binds and turns the milter proxy off),
 runs in the foreground (``-f``) in its own session, and ``stop()`` signals only that session.
 
-No lookup leaves the machine: rspamd's resolver is our own nsd, which serves one placeholder zone
-and answers REFUSED to everything else at once (a dead port would make each lookup wait for its
-timeout, and a check of a plain message take rspamd's 8 s task timeout); the modules that ask the
-internet are off. Pass ``nameserver`` ("host:port", e.g. the lab's nsd) to give rspamd real zones.
+No lookup leaves the machine: rspamd's resolver is RefusingDNS, a loopback DNS server of ours that
+answers every query REFUSED at once (a dead port would make each lookup wait for its timeout, and
+a check of a plain message take rspamd's 8 s task timeout; nsd would do, but its response rate
+limiting drops answers at rspamd's ~6 lookups per message and a check then waits 2 s); the modules
+that ask the internet are off. Pass ``nameserver`` ("host:port", e.g. the lab's nsd) to give rspamd
+real zones.
+
+rspamd's Bayes statistics live in a redis-server of our own (RedisServer: a loopback port, a
+directory of its own, nothing saved to disk), never the system's.
 
 Start-up: rspamd compiles its URL suffix list and regular expressions with Hyperscan (about 12 s
 on the lab machine); the compiled databases are kept in HS_CACHE (shared by every instance, keyed
@@ -29,33 +34,134 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Mapping
 
+import dns.exception
+import dns.message
+import dns.rcode
+
 from backend.auth.rspamd import rspamd_local_config
-from tests.lab.nsd import NSD, zone_text
 from tests.lab.ports import free_port
 
 RSPAMD_BIN = "/usr/bin/rspamd"
 RSPAMC_BIN = "/usr/bin/rspamc"
+REDIS_BIN = "/usr/bin/redis-server"
+REDIS_CLI_BIN = "/usr/bin/redis-cli"
 STOCK_CONF = "/etc/rspamd/rspamd.conf"
 USER = GROUP = "_rspamd"  # Debian's rspamd user; rspamd refuses to run its workers as root
 HS_CACHE = Path(tempfile.gettempdir()) / "homemx-rspamd-hs-cache"
 READY_TIMEOUT = 90.0  # a cold Hyperscan cache; a warm start takes under a second
-PLACEHOLDER_ZONE = "rspamd-lab.invalid"
 
 
 class RspamdError(Exception):
     """rspamd did not start; the message carries the end of its own log."""
 
 
+class RefusingDNS:
+    """A DNS server on a loopback UDP port that answers every query REFUSED (RFC 1035 4.1.1 RCODE 5)
+    at once, from a thread of the test process; ``close()`` stops it."""
+
+    def __init__(self, address: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.sock.settimeout(0.2)  # how long close() may wait for the thread
+        self.address, self.port = address, self.sock.getsockname()[1]
+        self.queries = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="refusing-dns", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                reply = dns.message.make_response(dns.message.from_wire(data))
+            except dns.exception.DNSException:
+                continue  # not a query: no answer, as a real server would drop it
+            reply.set_rcode(dns.rcode.REFUSED)
+            self.queries += 1
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+class RedisServer:
+    """Our own redis-server on a loopback port, in the foreground in its own session, nothing
+    persisted (``--save ""``); ``close()`` stops it."""
+
+    def __init__(self, workdir: Path, address: str = "127.0.0.1"):
+        self.address, self.port = address, free_port(address)
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            REDIS_BIN, "--bind", address, "--port", str(self.port), "--dir", str(workdir),
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--unixsocket", "",
+            "--logfile", str(workdir / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not self._pong():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RspamdError(f"redis-server did not start on {self}: {self.log()[-2000:]}")
+            time.sleep(0.02)
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def _pong(self) -> bool:
+        try:
+            with socket.create_connection((self.address, self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        """The keys this Redis holds that match ``pattern`` (rspamd's Bayes: BAYES_SPAM_keys, learned_ids, RS_*)."""
+        r = subprocess.run([REDIS_CLI_BIN, "-h", self.address, "-p", str(self.port), "--raw", "KEYS", pattern],
+                           capture_output=True, text=True, timeout=10, check=True)
+        return r.stdout.split()
+
+    def log(self) -> str:
+        try:
+            return (self.workdir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
 class Rspamd:
     """One rspamd instance with its own directories and ports; a context manager that always stops it
-    (and its own nsd)."""
+    (and its own RefusingDNS and RedisServer)."""
 
     def __init__(
         self,
@@ -73,7 +179,8 @@ class Rspamd:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="homemx-rspamd-"))
         self.proc: subprocess.Popen | None = None
-        self._nsd: NSD | None = None
+        self._dns: RefusingDNS | None = None
+        self.redis: RedisServer | None = None
         self.startup_seconds: float | None = None  # of the last start()
 
     @property
@@ -92,7 +199,7 @@ class Rspamd:
         for sub in ("etc", "db", "run", "log"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         HS_CACHE.mkdir(exist_ok=True)
-        files = rspamd_local_config(nameservers=[self.nameserver], offline=True)
+        files = rspamd_local_config(redis=str(self.redis), nameservers=[self.nameserver], offline=True)
         lab = {
             "local.d/worker-normal.inc": f'bind_socket = "{self.address}:{self.port}";\ncount = 1;\n',
             "local.d/worker-controller.inc": f'bind_socket = "{self.address}:{self.controller_port}";\ncount = 1;\n',
@@ -136,8 +243,10 @@ class Rspamd:
         if self.proc is not None:
             raise RspamdError("already started")
         if self.nameserver is None:
-            self._nsd = NSD({PLACEHOLDER_ZONE: zone_text(PLACEHOLDER_ZONE, "")}, address=self.address).start()
-            self.nameserver = f"{self._nsd.address}:{self._nsd.port}"
+            self._dns = RefusingDNS(self.address)
+            self.nameserver = f"{self._dns.address}:{self._dns.port}"
+        if self.redis is None:
+            self.redis = RedisServer(self.workdir / "redis", self.address)
         self._write()
         d = self.workdir
         cmd = [
@@ -179,7 +288,8 @@ class Rspamd:
 
     def stop(self) -> None:
         """Stop rspamd and every process of its session (its workers). Safe to call twice; keeps the
-        directories, ports and nsd, so ``start()`` brings the same instance back."""
+        directories, ports, resolver and Redis (what it learned), so ``start()`` brings the same
+        instance back."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -197,10 +307,13 @@ class Rspamd:
 
     def close(self) -> None:
         self.stop()
-        if self._nsd is not None:
-            self._nsd.close()
-            self._nsd = None
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
             self.nameserver = None
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
