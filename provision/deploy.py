@@ -22,6 +22,7 @@ from . import render
 from .site import HostLayout, Site
 
 PACKAGES = ("wireguard-tools", "nftables", "python3-venv")
+SPAM_FILTER_PACKAGES = ("rspamd",)  # home host only, unless the site turns rspamd off
 USERSPACE_WG_PACKAGE = "wireguard-go"  # where the kernel has no WireGuard module
 
 
@@ -155,6 +156,11 @@ def ensure_packages(r: Remote) -> None:
     # no kernel module (containers, some VPSes, this lab): the userspace implementation
     if not r.ok("modinfo wireguard >/dev/null 2>&1 || test -d /sys/module/wireguard"):
         pkgs.append(USERSPACE_WG_PACKAGE)
+    install_missing(r, pkgs)
+
+
+def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> None:
+    """Install whichever of ``pkgs`` dpkg does not list as installed; one report item either way."""
     probe = "; ".join(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed' || echo {p}"
                       for p in pkgs)
     missing = r.run(probe, check=False).split()
@@ -311,12 +317,60 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     if conf_status == "changed":
         # validated on the host, against the files it names, before anything restarts
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
+    rspamd_inputs = spam_filter(r) if site.rspamd else ()
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
                "homemx-backend.service": render.backend_unit(site, lay)})
-    _restart(r, {"homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
+    _restart(r, {"rspamd.service": (*rspamd_inputs, "packages rspamd"),
+                 "homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
                                             "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
     return res.get("records", [])
+
+
+def spam_filter(r: Remote) -> tuple[str, ...]:
+    """rspamd (Debian's package) with homemx's local.d settings, both workers on loopback only; and the
+    Dovecot files for the Junk folder and learning from moves (docs/inbound-trust.md).
+
+    The rspamd files go to the package's own local.d (under the layout's root); the settings are
+    checked on the host with ``rspamadm configtest`` before rspamd restarts. Dovecot is not
+    provisioned: its files are written to <etc>/dovecot for the user's Dovecot to ``!include``.
+    Returns the report items rspamd reads (a change restarts it)."""
+    lay = r.layout
+    install_missing(r, SPAM_FILTER_PACKAGES)
+    confdir = lay.path(render.RSPAMD_CONFDIR)
+    files = render.rspamd_local_files()
+    for d in sorted({str(Path(rel).parent) for rel in files}):
+        r.ensure_dir(f"{confdir}/{d}", 0o755, "root", "root")
+    statuses = [r.ensure_file(f"{confdir}/{rel}", text.encode(), 0o644, "root", "root", item=f"rspamd {rel}")
+                for rel, text in files.items()]
+    if "changed" in statuses:
+        # the package's rspamd.conf reads local.d under LOCAL_CONFDIR: check it with what was written
+        r.run(f"rspamadm --var=LOCAL_CONFDIR={shlex.quote(confdir)} configtest -c {render.RSPAMD_CONF}")
+    dovecot_junk(r)
+    return tuple(f"rspamd {rel}" for rel in files)
+
+
+def dovecot_junk(r: Remote) -> None:
+    """The Junk folder and learning files for the user's Dovecot in <etc>/dovecot, and their Sieve
+    scripts compiled where Pigeonhole's sievec is installed (dovecot-sieve; else a note says so)."""
+    junk = f"{r.layout.etc}/dovecot"
+    r.ensure_dir(junk, 0o755, "root", "root")
+    statuses = [r.ensure_file(f"{junk}/{name}", text.encode(), mode, "root", "root", item=f"dovecot {name}")
+                for name, (text, mode) in render.dovecot_junk_files().items()]
+    statuses.append(r.ensure_file(f"{junk}/{render.DOVECOT_JUNK_CONF}", render.dovecot_junk_conf(junk).encode(),
+                                  0o644, "root", "root", item=f"dovecot {render.DOVECOT_JUNK_CONF}"))
+    commands = render.dovecot_sievec(junk)
+    binaries = [shlex.quote(argv[-1].removesuffix(".sieve") + ".svbin") for argv in commands]
+    if set(statuses) == {"unchanged"} and r.ok("test -f " + " -a -f ".join(binaries)):
+        r.mark("dovecot sieve binaries", "unchanged")
+        return
+    if not r.ok("command -v sievec >/dev/null"):
+        r.report.notes.append("backend: sievec not found (install dovecot-sieve): Junk learning scripts not compiled")
+        return
+    if not r.dry_run:
+        for argv in commands:
+            r.run(shlex.join(argv))
+    r.mark("dovecot sieve binaries", "would change" if r.dry_run else "changed")
 
 
 def _restart(r: Remote, deps: dict[str, tuple[str, ...]]) -> None:

@@ -94,6 +94,8 @@ def backend_toml(site: Site, layout: HostLayout) -> str:
               "[gateway]", f"public_ipv4 = [{_q(site.gateway_public_addr)}]", ""]
     if site.dmarc_rua:
         lines += ["[dns]", f"dmarc_rua = {_q(site.dmarc_rua)}", ""]
+    if site.rspamd:
+        lines += backend_rspamd_table()
     return "\n".join(lines)
 
 
@@ -176,3 +178,123 @@ ReadWritePaths={layout.data}
 [Install]
 WantedBy=multi-user.target
 """
+
+
+# ---------------------------------------------------------------- spam filtering (docs/inbound-trust.md)
+# rspamd runs on the home host, bound to loopback only: the backend scans each mx message through
+# the normal worker (/checkv2), and Dovecot's learning scripts train it through the controller.
+
+RSPAMD_WORKER = "127.0.0.1:11333"      # rspamd's normal worker: the backend's scanner
+RSPAMD_CONTROLLER = "127.0.0.1:11334"  # rspamd's controller: learn_spam/learn_ham, stat
+RSPAMC = "/usr/bin/rspamc"             # Debian's rspamd package
+RSPAMD_CONF = "/etc/rspamd/rspamd.conf"  # the package's own (never written; it includes local.d)
+RSPAMD_CONFDIR = "/etc/rspamd"         # the package's LOCAL_CONFDIR: a site's changes go to its local.d
+
+
+def rspamd_local_files() -> dict[str, str]:
+    """rspamd's files by path relative to RSPAMD_CONFDIR: homemx's settings
+    (backend.auth.rspamd.rspamd_local_config, as on a real home: the system resolver, network
+    modules on) and the workers on loopback only (the package binds "localhost", which is also ::1)."""
+    from backend.auth.rspamd import rspamd_local_config
+
+    files = dict(rspamd_local_config())
+    files.update({
+        "local.d/worker-normal.inc": f'# homemx: written by provisioning\nbind_socket = "{RSPAMD_WORKER}";\n',
+        # Learning needs no password: the controller answers write commands from secure_ip without
+        # one, and it listens on loopback only, so every client it can have is on this host.
+        "local.d/worker-controller.inc": (f'# homemx: written by provisioning\nbind_socket = "{RSPAMD_CONTROLLER}";\n'
+                                          'secure_ip = "127.0.0.1";\n'),
+        # The milter proxy is for MTAs that speak milter; the backend asks the normal worker itself.
+        "local.d/worker-proxy.inc": "# homemx: written by provisioning\nenabled = false;\n",
+    })
+    return dict(sorted(files.items()))
+
+
+def backend_rspamd_table() -> list[str]:
+    """The backend's ``[rspamd]`` table (keys as in backend/config: the one place provisioning names them)."""
+    return ["[rspamd]", f"url = {_q('http://' + RSPAMD_WORKER)}", 'timeout = "5s"', "fail_closed = false", ""]
+
+
+# Dovecot presents the backend's Maildir++ folder ".Junk" as the special-use Junk mailbox (RFC 6154),
+# and IMAPSieve (RFC 6785, Pigeonhole's imap_sieve plugin; Debian package dovecot-sieve) runs a
+# script when a user moves a message into Junk (learn spam) or out of it (learn ham). The recipe is
+# Dovecot's own ("Antispam with IMAPSieve"); MOVE is a COPY cause to IMAPSieve. A message deleted
+# from Junk (moved to Trash) teaches nothing.
+DOVECOT_JUNK_CONF = "homemx-junk.conf"
+DOVECOT_LEARN_SPAM = "learn-spam.sieve"
+DOVECOT_LEARN_HAM = "learn-ham.sieve"
+
+_SIEVE_SPAM = """# homemx: a message the user moved into Junk teaches rspamd spam (docs/inbound-trust.md)
+require ["vnd.dovecot.pipe", "copy", "imapsieve"];
+pipe :copy "rspamd-learn-spam";
+"""
+
+_SIEVE_HAM = """# homemx: a message the user moved out of Junk teaches rspamd ham, unless it went to the Trash
+require ["vnd.dovecot.pipe", "copy", "imapsieve", "environment", "variables"];
+if environment :matches "imap.mailbox" "*" {
+  set "mailbox" "${1}";
+}
+if string "${mailbox}" "Trash" {
+  stop;
+}
+pipe :copy "rspamd-learn-ham";
+"""
+
+
+def _learn_program(command: str, controller: str) -> str:
+    # Pigeonhole pipes the message on stdin; rspamc reads it from there and asks the controller.
+    return (f"#!/bin/sh\n# homemx: called by Dovecot IMAPSieve (docs/inbound-trust.md)\n"
+            f"exec {RSPAMC} --connect {controller} {command}\n")
+
+
+def dovecot_junk_conf(script_dir: str) -> str:
+    """Dovecot config (``!include`` it, or drop it in conf.d): the Junk mailbox and learning from moves.
+
+    ``script_dir`` holds the files of ``dovecot_junk_files`` (the Sieve scripts and the programs
+    they pipe to)."""
+    return f"""# homemx: written by provisioning (provision/render.py); see docs/inbound-trust.md
+# The backend files spam into the Maildir++ folder .Junk; Dovecot shows it as the \\Junk mailbox.
+namespace inbox {{
+  inbox = yes
+  mailbox Junk {{
+    special_use = \\Junk
+    auto = subscribe
+  }}
+}}
+
+protocol imap {{
+  mail_plugins = $mail_plugins imap_sieve
+}}
+
+plugin {{
+  sieve_plugins = sieve_imapsieve sieve_extprograms
+  sieve_global_extensions = +vnd.dovecot.pipe +vnd.dovecot.environment
+  sieve_pipe_bin_dir = {script_dir}
+
+  # into Junk (from anywhere): spam
+  imapsieve_mailbox1_name = Junk
+  imapsieve_mailbox1_causes = COPY
+  imapsieve_mailbox1_before = file:{script_dir}/{DOVECOT_LEARN_SPAM}
+
+  # out of Junk (to anywhere but the Trash): ham
+  imapsieve_mailbox2_name = *
+  imapsieve_mailbox2_from = Junk
+  imapsieve_mailbox2_causes = COPY
+  imapsieve_mailbox2_before = file:{script_dir}/{DOVECOT_LEARN_HAM}
+}}
+"""
+
+
+def dovecot_sievec(script_dir: str) -> list[list[str]]:
+    """The commands that compile the Sieve scripts ahead (argv lists). Dovecot compiles a script it
+    finds uncompiled on every run, and logs an error each time it cannot save the result (the mail
+    user may not write in ``script_dir``). The Junk config alone is a config sievec can load."""
+    conf = f"{script_dir}/{DOVECOT_JUNK_CONF}"
+    return [["sievec", "-c", conf, f"{script_dir}/{name}"] for name in (DOVECOT_LEARN_SPAM, DOVECOT_LEARN_HAM)]
+
+
+def dovecot_junk_files(controller: str = RSPAMD_CONTROLLER) -> dict[str, tuple[str, int]]:
+    """The files ``dovecot_junk_conf`` names, by file name: (text, mode)."""
+    return {DOVECOT_LEARN_SPAM: (_SIEVE_SPAM, 0o644), DOVECOT_LEARN_HAM: (_SIEVE_HAM, 0o644),
+            "rspamd-learn-spam": (_learn_program("learn_spam", controller), 0o755),
+            "rspamd-learn-ham": (_learn_program("learn_ham", controller), 0o755)}

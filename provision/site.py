@@ -158,6 +158,7 @@ class Site:
     tls_cert: StrictStr = ""                 # the user's certificate/key on the operator's machine; empty: self-signed
     tls_key: StrictStr = ""
     dmarc_rua: StrictStr = ""
+    rspamd: StrictBool = True                # the spam filter on the home host (docs/inbound-trust.md)
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 

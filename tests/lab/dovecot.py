@@ -1,9 +1,11 @@
 """Dovecot for the lab's home: IMAPS over the backend's Maildirs and passwd-file, accepting PROXY v2 from the gateway.
 
-Started in the foreground (``dovecot -F``) inside a namespace with a config file like a user's:
-the same passwd-file as the backend (``{BLF-CRYPT}`` hashes), ``mail_location`` pointing at the
-backend's ``<maildir_root>/<domain>/<user>/Maildir`` and an ``imaps`` listener with ``haproxy = yes``
-that trusts only the gateway's tunnel address.
+Started in the foreground (``dovecot -F``) inside a namespace (or on this host's loopback when
+``ns`` is None) with a config file like a user's: the same passwd-file as the backend
+(``{BLF-CRYPT}`` hashes), ``mail_location`` pointing at the backend's
+``<maildir_root>/<domain>/<user>/Maildir``, an ``imaps`` listener with ``haproxy = yes`` that
+trusts only the gateway's tunnel address, and the Junk folder with rspamd learning from moves,
+included from the very files provisioning gives a user (provision.render.dovecot_junk_conf).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from provision import render
 from tests.lab.netns import Namespace
 
 CONF = """
@@ -32,6 +35,7 @@ haproxy_trusted_networks = {trusted}
 default_internal_user = dovecot
 default_login_user = dovenull
 mail_location = maildir:{maildir_root}/%d/%n/Maildir
+!include {junk_conf}
 passdb {{
   driver = passwd-file
   args = username_format=%u {passwd}
@@ -49,7 +53,7 @@ service imap-login {{
     address = {address}
     port = {port}
     ssl = yes
-    haproxy = yes
+    haproxy = {haproxy}
   }}
 }}
 service anvil {{
@@ -59,13 +63,38 @@ service anvil {{
 
 
 class Dovecot:
-    def __init__(self, ns: Namespace, workdir: Path, *, address: str, port: int, cert: Path, key: Path,
+    """``haproxy``: the imaps listener requires a PROXY v2 header (as behind the gateway); False for
+    clients that connect directly. ``rspamd_controller``: where the learning programs send moves."""
+
+    def __init__(self, ns: Namespace | None, workdir: Path, *, address: str, port: int, cert: Path, key: Path,
                  passwd: Path, maildir_root: Path, trusted: str,
-                 mail_uid: int):
+                 mail_uid: int, haproxy: bool = True, rspamd_controller: str = render.RSPAMD_CONTROLLER):
         self.ns, self.dir, self.address, self.port = ns, workdir, address, port
+        self.rspamd_controller = rspamd_controller
         self.conf_text = dict(address=address, port=port, cert=cert, key=key, passwd=passwd,
-                              maildir_root=maildir_root, trusted=trusted, mail_uid=mail_uid)
+                              maildir_root=maildir_root, trusted=trusted, mail_uid=mail_uid,
+                              haproxy="yes" if haproxy else "no")
         self.proc: subprocess.Popen | None = None
+
+    def _popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(argv, **kw) if self.ns is None else self.ns.popen(argv, **kw)
+
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        if self.ns is None:
+            return subprocess.run(argv, capture_output=True)
+        return self.ns.run(argv, check=False)
+
+    def _write_junk_files(self) -> Path:
+        """The user's Junk/learning files, as provisioning renders them."""
+        sieve = self.dir / "sieve"
+        sieve.mkdir(parents=True, exist_ok=True)
+        sieve.chmod(0o755)
+        for name, (text, mode) in render.dovecot_junk_files(self.rspamd_controller).items():
+            (sieve / name).write_text(text)
+            (sieve / name).chmod(mode)
+        conf = sieve / render.DOVECOT_JUNK_CONF
+        conf.write_text(render.dovecot_junk_conf(str(sieve)))
+        return conf
 
     def start(self) -> "Dovecot":
         d = self.dir
@@ -73,12 +102,16 @@ class Dovecot:
             (d / sub).mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
         conf = d / "dovecot.conf"
-        conf.write_text(CONF.format(d=d, **self.conf_text))
-        self.proc = self.ns.popen(["dovecot", "-F", "-c", str(conf)], stdout=open(d / "stdout.log", "ab"),
-                                  stderr=subprocess.STDOUT)
+        conf.write_text(CONF.format(d=d, junk_conf=self._write_junk_files(), **self.conf_text))
+        for argv in render.dovecot_sievec(str(d / "sieve")):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}")
+        self.proc = self._popen(["dovecot", "-F", "-c", str(conf)], stdout=open(d / "stdout.log", "ab"),
+                                stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         probe = "import socket,sys\ntry: socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1).close()\nexcept OSError: sys.exit(1)"
-        while self.ns.run([sys.executable, "-c", probe, self.address, str(self.port)], check=False).returncode:
+        while self._run([sys.executable, "-c", probe, self.address, str(self.port)]).returncode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dovecot did not start:\n{self.log()}")
             time.sleep(0.05)

@@ -74,7 +74,8 @@ def _wait_ssh(conn, deadline=15.0) -> None:
 @pytest.fixture(scope="module")
 def hosts(wheels):
     require_root()
-    require_tool("/usr/sbin/sshd", "ssh-keygen", "wireguard-go", "wg", "nft", "systemd-analyze", "swaks")
+    require_tool("/usr/sbin/sshd", "ssh-keygen", "wireguard-go", "wg", "nft", "systemd-analyze", "swaks", "rspamadm",
+                 "sievec")
     from provision import deploy
     from provision.site import HostLayout, Site
 
@@ -134,7 +135,8 @@ def test_dry_run_on_fresh_hosts_writes_nothing(hosts):
     assert "changed" not in statuses and "would change" in statuses
     for item in ("venv", "wireguard key", "wireguard conf", "gateway.toml", "unit homemx-gateway.service"):
         assert ("gateway", item, "would change") in report.items, item
-    for item in ("dkim keys", "tls certificate", "backend.toml", "first user alice@example.org"):
+    for item in ("dkim keys", "tls certificate", "backend.toml", "first user alice@example.org",
+                 "rspamd local.d/worker-normal.inc", "dovecot homemx-junk.conf", "dovecot sieve binaries"):
         assert ("backend", item, "would change") in report.items, item
     assert not Path(site.gateway.root).exists() and not Path(site.backend.root).exists()
     assert g.uploads == [] and b.uploads == []
@@ -165,6 +167,18 @@ def test_first_run_files_keys_and_permissions(hosts):
     for p in dkim_files + [tls_key, f"{bl.etc}/first-user.password"]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
     assert _mode(dkim_files[0])[1] == user  # the daemon (not root) must read its signing key
+
+    # the spam filter: rspamd's local.d (root 0644, the package's user only reads it), restarted; the
+    # Dovecot Junk/learning files with their Sieve scripts compiled (the learning programs executable)
+    for rel in render.rspamd_local_files():
+        assert _mode(f"{bl.root}/etc/rspamd/{rel}") == ("0o644", "root", "root"), rel
+    assert ("backend", "rspamd.service") in report.restarts
+    junk = Path(bl.etc) / "dovecot"
+    assert _mode(str(junk / render.DOVECOT_JUNK_CONF)) == ("0o644", "root", "root")
+    for name, (text, mode) in render.dovecot_junk_files().items():
+        assert (junk / name).read_text() == text and _mode(str(junk / name))[0] == oct(mode), name
+    assert (junk / "learn-spam.svbin").exists() and (junk / "learn-ham.svbin").exists()
+    assert f"sieve_pipe_bin_dir = {junk}\n" in (junk / render.DOVECOT_JUNK_CONF).read_text()
 
     # each end's private key differs; each end's peer is the other's public key
     gpriv, bpriv = Path(gkey).read_text().strip(), Path(bkey).read_text().strip()

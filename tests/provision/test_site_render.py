@@ -81,6 +81,8 @@ files = {
     "gateway.service": render.gateway_unit(site, lay),
     "backend.service": render.backend_unit(site, lay),
     "dkim": json.dumps(render.dkim_entries(site, lay)),
+    "rspamd": json.dumps(render.rspamd_local_files()),
+    "dovecot": json.dumps([render.dovecot_junk_conf(lay.etc + "/dovecot"), render.dovecot_junk_files()]),
 }
 print(json.dumps({k: hashlib.sha256(v.encode()).hexdigest() for k, v in files.items()}, sort_keys=True))
 """
@@ -98,5 +100,49 @@ def test_rendered_files_are_identical_across_processes(tmp_path):
                            capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
         digests.append(json.loads(r.stdout))
-    assert len(digests[0]) == 7
+    assert len(digests[0]) == 9
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_rendered_backend_config_names_the_provisioned_rspamd(tmp_path):
+    """The backend asks the rspamd provisioning configures (its normal worker on loopback), fail-open;
+    a site without rspamd gets a backend without spam filtering."""
+    from backend.config import load_config as load_backend
+    from provision import hostside
+
+    lay = HostLayout(root=str(tmp_path))
+    cert, key = render.tls_paths(lay)
+    hostside.tls_selfsigned({"cert": cert, "key": key, "hostname": "mail.example.org"})
+    site = site_from_dict(BASE)
+    hostside.dkim_keys({"domain": site.domain, "keys": render.dkim_entries(site, lay)})
+    (tmp_path / "backend.toml").write_text(render.backend_toml(site, lay))
+    cfg = load_backend(tmp_path / "backend.toml")
+    assert cfg.rspamd is not None and cfg.rspamd.url == f"http://{render.RSPAMD_WORKER}"
+    assert cfg.rspamd.fail_closed is False and cfg.rspamd.timeout == 5.0
+    off = site_from_dict({**BASE, "site": {**BASE["site"], "rspamd": False}})
+    (tmp_path / "backend.toml").write_text(render.backend_toml(off, lay))
+    assert load_backend(tmp_path / "backend.toml").rspamd is None
+
+
+def test_rendered_rspamd_files_load_in_rspamd_with_workers_on_loopback_only(tmp_path):
+    """What provisioning writes to /etc/rspamd/local.d passes Debian's rspamd's own config test, and
+    the merged config binds the scanner and the controller to 127.0.0.1 only, with no milter proxy."""
+    from tests.conftest import require_tool
+
+    require_tool("rspamadm")
+    for rel, text in render.rspamd_local_files().items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    base = ["rspamadm", f"--var=LOCAL_CONFDIR={tmp_path}"]
+    r = subprocess.run([*base, "configtest", "-c", render.RSPAMD_CONF], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "syntax OK" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*base, "configdump", "-j", "-c", render.RSPAMD_CONF, "worker"], capture_output=True, text=True,
+                       timeout=60)
+    workers, text, decoder = {}, r.stdout.strip(), json.JSONDecoder()
+    while text:  # one JSON object per worker, one after the other
+        obj, end = decoder.raw_decode(text)
+        workers.update(obj)
+        text = text[end:].strip()
+    assert workers["normal"]["bind_socket"] == render.RSPAMD_WORKER
+    assert workers["controller"]["bind_socket"] == render.RSPAMD_CONTROLLER
+    assert workers["rspamd_proxy"]["enabled"] is False
