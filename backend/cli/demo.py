@@ -7,6 +7,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from backend.cli.demodns import DemoDNS, DemoZones, demo_zones
 from backend.cli.run import load_or_exit, run_daemon
 from backend.dkim.keys import generate_key
 from backend.durable import write_secret
@@ -16,8 +17,9 @@ from backend.tls.selfsigned import write_self_signed
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a local stack on loopback with a generated default config")
     p.add_argument("--dir", default="demo", help="data directory for the demo (default ./demo)")
-    p.add_argument("--port-base", type=int, default=2500,  # ports BASE+25 … BASE+192
-                   help="gateway on BASE+25/+65/+87, backend on BASE+125/+126/+165/+187, metrics BASE+91/+92")
+    p.add_argument("--port-base", type=int, default=2500,  # ports BASE+25 … BASE+187
+                   help="gateway on BASE+25/+65/+87, backend on BASE+125/+126/+165/+187, metrics BASE+91/+92, "
+                        "the demo's DNS on BASE+53 (UDP and TCP)")
     p.add_argument("--prepare", action="store_true",
                    help="only write the demo configs (backend.toml, gateway.toml), certificate and user, then exit")
     p.set_defaults(func=cmd_demo)
@@ -70,10 +72,17 @@ kind = "lan"
 listen = "127.0.0.1:{base + 126}"
 trusted_networks = ["127.0.0.0/8"]
 
+# What `dns records` prints for this config: the A record and SPF list this (documentation,
+# RFC 5737) address, so mail claiming example.test from anywhere else fails SPF.
+[gateway]
+public_ipv4 = ["192.0.2.25"]
+
 [delivery]
-# The demo has no internet: remote recipients stay queued (see `queue list`) instead of being looked up.
+# The demo's own DNS (backend/cli/demodns.py) serves example.test from these records, so the inbound
+# SPF, DKIM and DMARC checks see real ones; it refuses every other name at once. The demo has no
+# internet: remote recipients stay queued (see `queue list`), their MX lookups refused.
 nameservers = ["127.0.0.1"]
-dns_port = 9
+dns_port = {base + 53}
 """
 
 
@@ -134,15 +143,35 @@ def cmd_demo(args) -> int:
     if args.prepare:
         return 0
     b = args.port_base
+    if (cfg.delivery.nameservers, cfg.delivery.dns_port) != (("127.0.0.1",), b + 53):
+        # A config written by an older demo (or for another port base) asks elsewhere: every inbound
+        # check would wait for a DNS timeout.
+        print(f"homemx-backend: {cfg_path} does not resolve through the demo's DNS (127.0.0.1:{b + 53}); "
+              f"remove it to have it written afresh", file=sys.stderr)
+    dns_server = DemoDNS(DemoZones(demo_zones(cfg)), "127.0.0.1", b + 53)
+    try:
+        dns_server.start()
+    except OSError as e:
+        print(f"homemx-backend: cannot start: the demo's DNS on 127.0.0.1:{b + 53}: {e}", file=sys.stderr)
+        return 1
     print(f"homemx demo: config {cfg_path} (gateway: {d}/gateway.toml), data in {d}/data")
     print(f"  send a test message:  swaks --server 127.0.0.1:{b + 25} --to demo@example.test --from you@example.net")
     print(f"                        (through the gateway on {b + 25}; it waits 1 s before the banner, like an MX edge)")
     print(f"  then read it:         ls {cfg.maildir_for('demo@example.test')}/new/")
+    print(f"  a forged From:        swaks --server 127.0.0.1:{b + 25} --from demo@example.test "
+          f"--h-From 'Boss <demo@example.test>' --h-Subject 'urgent wire transfer' --to demo@example.test")
+    print("                        (refused with 550 5.7.1: example.test's SPF lists only 192.0.2.25, and "
+          "mail on mx claiming our own domain must pass DMARC)")
     print(f"  submission (AUTH):    swaks --server 127.0.0.1:{b + 87} --tls --auth-user demo@example.test "
           f"--auth-password \"$(cat {pw_file})\" --from demo@example.test --to demo@example.test")
     print(f"  a homelab app:        swaks --server 127.0.0.1:{b + 126} --from nas@example.test --to demo@example.test")
     print(f"  queue:                .venv/bin/homemx-backend queue list -c {cfg_path}")
     print(f"  metrics:              curl -s 127.0.0.1:{b + 91}/metrics (backend), 127.0.0.1:{b + 92}/metrics (gateway)")
+    print(f"  its DNS records:      .venv/bin/homemx-backend dns check -c {cfg_path}")
+    print(f"                        (served by the demo's DNS on 127.0.0.1:{b + 53}, as `dns records` prints them)")
     print("  stop with Ctrl-C")
     sys.stdout.flush()
-    return run_daemon(cfg)
+    try:
+        return run_daemon(cfg)
+    finally:
+        dns_server.close()
