@@ -61,10 +61,13 @@ def rspamd_local_config(*, redis: str | None = None, nameservers: Sequence[str] 
     files: dict[str, str] = {}
     for module in OWN_CHECKS + (NETWORK_MODULES if offline else ()):
         files[f"local.d/{module}.conf"] = "enabled = false;\n"
-    # No greylisting: rspamd's stock config answers "greylist" for a score in [4, 6), which homemx
-    # turns into 451; only the greylist module (Redis) remembers that the sender retried, and
-    # without it every retry of the message would be refused again. The gateway's greet wait
-    # already stops the senders greylisting is for.
+    # No greylisting. With Redis, rspamd's greylist module answers "soft reject" the first time it
+    # sees any message it would not pass untouched, "add header" included: mail for Junk would be
+    # delayed by minutes, and the mapping (add header → Junk, now) would not hold. Without
+    # it, the stock "greylist" action (a score in [4, 6)) would be a 451 on every retry, forever,
+    # since nothing remembers the retry. The gateway's greet wait already stops the senders
+    # greylisting is for.
+    files["local.d/greylist.conf"] = "enabled = false;\n"
     files["local.d/actions.conf"] = "greylist = null;\n"
     files["local.d/milter_headers.conf"] = (
         f"use = [{', '.join(json.dumps(r) for r in HEADER_ROUTINES)}];\n"

@@ -17,9 +17,8 @@ from backend.auth.rspamd import RspamdClient, is_junk, parse_reply, RspamdUnavai
 from backend.metrics import BackendMetrics
 from backend.smtp import replies as R
 from tests.lab.ports import free_port
-from tests.lab.rspamd import Rspamd
+from tests.lab.rspamd import GTUBE_ADD_HEADER, GTUBE_REJECT as GTUBE, GTUBE_REWRITE_SUBJECT, Rspamd
 
-GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 CLIENT_IP = "192.0.2.10"  # TEST-NET-1: not in rspamd's local_addrs, so it is scanned as an outsider's
 HELO = "mail.sender.example"
 
@@ -95,6 +94,34 @@ async def test_clean_message_is_no_action_with_the_x_spam_fields(rspamd):
     assert sample(metrics, "homemx_backend_spam_actions_total", action="no action") == 1
     assert sample(metrics, "homemx_backend_rspamd_check_seconds_count") == 1
     assert sample(metrics, "homemx_backend_rspamd_available") == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pattern, action", [(GTUBE_ADD_HEADER, "add header"), (GTUBE_REWRITE_SUBJECT, "rewrite subject")])
+async def test_junk_actions_are_taken_into_junk(rspamd, pattern, action):
+    client = RspamdClient(rspamd.url, timeout=10)
+    try:
+        verdict = await client.check(message(pattern, "test"), **envelope())
+    finally:
+        await client.close()
+    assert verdict.available and verdict.action == action
+    assert is_junk(verdict) and smtp_reply_for(verdict) is None
+
+
+@pytest.mark.asyncio
+async def test_a_spammy_score_goes_to_junk_at_once_not_greylisted(rspamd):
+    # No Hostname: rspamd looks the client's PTR up itself, the lab resolver refuses, and the
+    # message scores 6.3 (RDNS_NONE, HFILTER_HOSTNAME_UNKNOWN, ...): add header. rspamd's greylist
+    # module (active with Redis) would answer soft reject to such a message the first time.
+    client = RspamdClient(rspamd.url, timeout=10)
+    try:
+        verdicts = [await client.check(message(), **envelope(hostname=None)) for _ in range(2)]
+    finally:
+        await client.close()
+    assert [v.action for v in verdicts] == ["add header", "add header"], verdicts
+    assert "RDNS_NONE" in verdicts[0].symbols and is_junk(verdicts[0])
+    fields = dict(verdicts[0].headers)
+    assert fields["X-Spam-Status"].startswith("Yes, score=") and fields["X-Spam-Level"].startswith("******")
 
 
 @pytest.mark.asyncio

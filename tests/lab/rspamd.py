@@ -60,6 +60,13 @@ HS_CACHE = Path(tempfile.gettempdir()) / "homemx-rspamd-hs-cache"
 READY_TIMEOUT = 90.0  # a cold Hyperscan cache; a warm start takes under a second
 
 
+# rspamd's GTUBE patterns (with enable_test_patterns): the message body gets the action named.
+GTUBE_REJECT = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+GTUBE_ADD_HEADER = b"YJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+GTUBE_REWRITE_SUBJECT = b"ZJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+GTUBE_NO_ACTION = b"AJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
 class RspamdError(Exception):
     """rspamd did not start; the message carries the end of its own log."""
 
@@ -208,7 +215,13 @@ class Rspamd:
             "local.d/logging.inc": 'type = "file";\nfilename = "$LOGDIR/rspamd.log";\nlevel = "info";\n',
         }
         files.update(lab)
-        files["local.d/options.inc"] = files.get("local.d/options.inc", "") + f'hs_cache_dir = "{HS_CACHE}";\n'
+        files["local.d/options.inc"] = files.get("local.d/options.inc", "") + (
+            f'hs_cache_dir = "{HS_CACHE}";\n'
+            # GTUBE variants with other actions than reject (YJS...: add header, ZJS...: rewrite
+            # subject, AJS...: no action; GTUBE_ADD_HEADER etc. below), so tests can ask for each.
+            # Never on a real home: anyone could send them.
+            "enable_test_patterns = true;\n"
+        )
         files.update(self.extra_config)
         for rel, text in files.items():
             path = self.workdir / "etc" / rel
