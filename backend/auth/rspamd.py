@@ -145,7 +145,8 @@ def _folded_ok(value: str) -> bool:
 
 
 def _header_value(text: str) -> str:
-    """A request header value: SMTP gave us no line breaks, but a HELO is the client's own words."""
+    """A request header value without control characters: the HELO name is the client's own words,
+    and a line break in a value is a ValueError in aiohttp (not a fault of rspamd's)."""
     return _CONTROL_RE.sub("?", text)
 
 
@@ -218,14 +219,15 @@ class RspamdClient:
         host name from a verified reverse lookup (rspamd's Hostname; None: rspamd looks it up
         itself). When rspamd gives no answer: "no action" (fail-open) or "soft reject"
         (fail-closed), with ``available`` False and the reason."""
-        headers: list[tuple[str, str]] = [("IP", ip), ("Helo", _header_value(helo)), ("From", sender or "<>")]
+        headers: list[tuple[str, str]] = [("IP", ip), ("Helo", helo), ("From", sender or "<>")]
         headers += [("Rcpt", r) for r in recipients]
         if user:
             headers.append(("User", user))
         if queue_id:
             headers.append(("Queue-Id", queue_id))
         if hostname:
-            headers.append(("Hostname", _header_value(hostname)))
+            headers.append(("Hostname", hostname))
+        headers = [(name, _header_value(value)) for name, value in headers]
         started = time.monotonic()
         try:
             verdict = parse_reply(await self._post(message, headers))

@@ -147,6 +147,20 @@ async def test_client_address_helo_envelope_and_user_reach_rspamd(rspamd):
 
 
 @pytest.mark.asyncio
+async def test_a_helo_with_a_control_character_is_still_scanned(rspamd):
+    # aiosmtpd hands over what the client wrote up to the line end; a CR inside would end our
+    # request header early (aiohttp refuses it with ValueError).
+    env = envelope(helo="mail\rsender.example", user="bob@home.example")
+    client = RspamdClient(rspamd.url, timeout=10)
+    try:
+        verdict = await client.check(message(), **env)
+    finally:
+        await client.close()
+    assert verdict.available and verdict.action == "no action"
+    assert "user: bob@home.example," in rspamd.task_log(env["queue_id"])
+
+
+@pytest.mark.asyncio
 async def test_null_sender_is_sent_as_empty_reverse_path(rspamd):
     env = envelope(sender="")
     client = RspamdClient(rspamd.url, timeout=10)
