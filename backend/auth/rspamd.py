@@ -47,14 +47,18 @@ NETWORK_MODULES = ("rbl", "fuzzy_check", "asn", "url_redirector", "rspamd_update
 # The verdict fields rspamd's milter_headers module writes into the reply (we add them to the
 # message). X-Spam: Yes is written by homemx itself for Junk (backend/auth/inbound.py).
 HEADER_ROUTINES = ("x-spamd-result", "x-spam-status", "x-spam-level")
+# Debian's redis-server package: loopback, the standard port.
+DEBIAN_REDIS = "127.0.0.1:6379"
 
 
-def rspamd_local_config(*, redis: str | None = None, nameservers: Sequence[str] = (), offline: bool = False) -> dict[str, str]:
+def rspamd_local_config(
+    *, redis: str | None = DEBIAN_REDIS, nameservers: Sequence[str] = (), offline: bool = False
+) -> dict[str, str]:
     """rspamd's ``local.d`` files for homemx, as {path relative to LOCAL_CONFDIR: text}.
 
-    ``redis`` ("host:port") is where rspamd keeps its Bayes statistics (learned from the user's
-    moves to and out of Junk: Dovecot IMAPSieve → rspamc learn_spam/learn_ham); without it rspamd
-    does not learn. ``nameservers`` ("host:port") replaces the system resolver for rspamd's own
+    ``redis`` ("host:port"; default: where Debian's redis-server package listens) is where rspamd
+    keeps its Bayes statistics, learned from the user's moves to and out of Junk (Dovecot
+    IMAPSieve → rspamc learn_spam/learn_ham); None: no Redis, and rspamd does not learn. ``nameservers`` ("host:port") replaces the system resolver for rspamd's own
     lookups; ``offline`` also turns off every module that asks the internet (NETWORK_MODULES).
     Provisioning writes these files under /etc/rspamd; tests/lab/rspamd.py writes them for its own
     instance."""
