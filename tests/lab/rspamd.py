@@ -6,7 +6,11 @@
         rs.controller                # "127.0.0.1:<port>": the controller, for rspamc -h (learning)
         rs.rspamc("learn_spam", msg) # rspamc against our controller
         rs.task_log("Q123")          # rspamd's log line for the message with that Queue-Id
+        rs.redis.keys("BAYES_*")     # what it learned, in its own Redis
         rs.stop(); rs.start()        # down and back up on the same ports
+
+    message bodies with GTUBE_REJECT / GTUBE_ADD_HEADER / GTUBE_REWRITE_SUBJECT / GTUBE_NO_ACTION
+    get that action (rspamd's test patterns, enabled here only).
 
 It never touches the system's rspamd service (Debian's package may have one enabled): our instance
 has its own LOCAL_CONFDIR, DBDIR, RUNDIR and LOGDIR (``--var``), its own ports (the stock config
@@ -18,7 +22,7 @@ answers every query REFUSED at once (a dead port would make each lookup wait for
 a check of a plain message take rspamd's 8 s task timeout; nsd would do, but its response rate
 limiting drops answers at rspamd's ~6 lookups per message and a check then waits 2 s); the modules
 that ask the internet are off. Pass ``nameserver`` ("host:port", e.g. the lab's nsd) to give rspamd
-real zones.
+real zones (nsd's rate limiting then applies: fine for a few messages, not for a benchmark).
 
 rspamd's Bayes statistics live in a redis-server of our own (RedisServer: a loopback port, a
 directory of its own, nothing saved to disk), never the system's.
