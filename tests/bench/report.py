@@ -1,4 +1,4 @@
-"""Benchmark report: runs B1–B6 in one go and prints one table of homemx's figures beside the peer's (HAProxy, Postfix, OpenSSL), their ratio and the issue's target, also written as JSON.
+"""Benchmark report: runs B1–B7 in one go and prints one table of homemx's figures beside the peer's (HAProxy, Postfix, OpenSSL), their ratio and the issue's target, also written as JSON.
 
     python -m tests.bench report [--quick] [--only B3,B6] [--out DIR]     (./dev bench runs this)
 
@@ -136,7 +136,26 @@ def run_fairness(quick: bool, out: Path) -> list[dict]:
     ]
 
 
-RUNNERS = {"B1": run_gateway, "B4": run_dkim, "B3": run_accept, "B5": run_e2e, "B6": run_fairness}
+def run_inbound(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import inbound_bench
+
+    path = out / "inbound.json"
+    inbound_bench.main((["--messages", "60"] if quick else []) + ["--json", str(path)])
+    r = json.loads(path.read_text())
+    rows = []
+    checks = {"auth": "SPF+DKIM+ARC+DMARC", "rspamd": "checks + rspamd"}
+    for s in (1, 10):
+        for config, name in checks.items():
+            c = r[config][f"s{s}"]
+            rows += [_row("B7", f"added p50 @{s}, {name}", c["added_p50_ms"], None, "-", "-", None, "ms"),
+                     _row("B7", f"added p99 @{s}, {name}", c["added_p99_ms"], None, "-", "-", None, "ms")]
+        for config, name in checks.items():
+            rows.append(_row("B7", f"mx msgs/s @{s}, {name}", r[config][f"s{s}"]["msgs_per_s"],
+                             r["none"][f"s{s}"]["msgs_per_s"], "no checks", "-", None, "msg/s"))
+    return rows
+
+
+RUNNERS = {"B1": run_gateway, "B4": run_dkim, "B3": run_accept, "B5": run_e2e, "B6": run_fairness, "B7": run_inbound}
 
 
 def fmt(v) -> str:
