@@ -93,6 +93,9 @@ def write_config(
         dom += f"aliases = {toml_value(aliases)}\n"
     if catch_all:
         dom += f"catch_all = {toml_value(catch_all)}\n"
+    # With no DNS to ask, every inbound check would wait for its timeout: tests of other things run
+    # without them; tests of the checks (test_inbound_checks.py) configure [auth] and a real nsd.
+    auth = "" if "[auth]" in extra else "[auth]\nenabled = false\n"
     text = f"""[server]
 hostname = "{HOSTNAME}"
 data_dir = "{tmp}/data"
@@ -108,16 +111,13 @@ passwd_file = "{tmp}/passwd"
 
 {dom}
 {listeners}
+{auth}
 {extra}
 """
     if "[delivery]" not in extra:
         # Keep every DNS lookup of a test on loopback: a closed port answers "refused" at once,
         # so remote recipients are deferred instead of querying the machine's resolver.
         text += '\n[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
-    if "[auth]" not in extra:
-        # With no DNS to ask, every inbound check would wait for its timeout: tests of other things
-        # run without them; tests of the checks (test_inbound_*.py) configure [auth] and a real nsd.
-        text += "\n[auth]\nenabled = false\n"
     path = tmp / "backend.toml"
     path.write_text(text)
     return path

@@ -10,7 +10,7 @@ from tests.conftest import require_root, require_tool
 @pytest.fixture(scope="session")
 def mail_lab():
     require_root()
-    require_tool("ip", "nft", "wireguard-go", "wg", "/usr/sbin/nsd", "dig", "postfix", "dovecot", "swaks",
+    require_tool("ip", "nft", "wireguard-go", "wg", "/usr/sbin/nsd", "dig", "postfix", "dovecot", "swaks", "rspamd", "redis-server",
                  "opendkim-testmsg")
     from tests.lab.topology import MailLab
 

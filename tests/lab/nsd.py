@@ -132,6 +132,10 @@ class NSD:
             f'  logfile: "{w}/nsd.log"',
             "  server-count: 1",
             "  verbosity: 1",
+            # Response rate limiting off (nsd.conf(5)): every test client is one address, and the
+            # inbound checks alone ask ~6 names per message; nsd's 200 qps default dropped answers
+            # (a 2 s wait for the retry) where a real deployment's caching resolver never would.
+            "  rrl-ratelimit: 0",
             "remote-control:",
             "  control-enable: no",
         ]

@@ -45,7 +45,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import dns.exception
 import dns.message
@@ -69,6 +69,27 @@ GTUBE_REJECT = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*
 GTUBE_ADD_HEADER = b"YJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 GTUBE_REWRITE_SUBJECT = b"ZJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 GTUBE_NO_ACTION = b"AJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+# Readiness probes run inside the namespace when rspamd does (``netns_exec``): exit status 0 = ready.
+_HTTP_PING = """
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1] + "/ping", timeout=1) as r:
+    sys.exit(0 if r.status == 200 and r.read().strip() == b"pong" else 1)
+"""
+_REDIS_PING = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1) as s:
+    s.sendall(b"PING\\r\\n")
+    sys.exit(0 if s.recv(64).startswith(b"+PONG") else 1)
+"""
+
+
+def _in_netns(netns_exec: list[str], code: str, *args: str) -> bool:
+    import sys
+
+    r = subprocess.run(netns_exec + [sys.executable, "-c", code, *args], capture_output=True, timeout=10)
+    return r.returncode == 0
 
 
 class RspamdError(Exception):
@@ -115,8 +136,10 @@ class RedisServer:
     """Our own redis-server on a loopback port, in the foreground in its own session, nothing
     persisted (``--save ""``); ``close()`` stops it."""
 
-    def __init__(self, workdir: Path, address: str = "127.0.0.1"):
-        self.address, self.port = address, free_port(address)
+    def __init__(self, workdir: Path, address: str = "127.0.0.1", netns_exec: Sequence[str] = (), port: int | None = None):
+        self.netns_exec = list(netns_exec)
+        self.address = address
+        self.port = port or (6379 if self.netns_exec else free_port(address))
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -124,7 +147,7 @@ class RedisServer:
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--unixsocket", "",
             "--logfile", str(workdir / "redis.log"),
         ]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.netns_exec + cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 15
         while not self._pong():
@@ -137,6 +160,8 @@ class RedisServer:
         return f"{self.address}:{self.port}"
 
     def _pong(self) -> bool:
+        if self.netns_exec:
+            return _in_netns(self.netns_exec, _REDIS_PING, self.address, str(self.port))
         try:
             with socket.create_connection((self.address, self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
@@ -146,7 +171,7 @@ class RedisServer:
 
     def keys(self, pattern: str = "*") -> list[str]:
         """The keys this Redis holds that match ``pattern`` (rspamd's Bayes: BAYES_SPAM_keys, learned_ids, RS_*)."""
-        r = subprocess.run([REDIS_CLI_BIN, "-h", self.address, "-p", str(self.port), "--raw", "KEYS", pattern],
+        r = subprocess.run(self.netns_exec + [REDIS_CLI_BIN, "-h", self.address, "-p", str(self.port), "--raw", "KEYS", pattern],
                            capture_output=True, text=True, timeout=10, check=True)
         return r.stdout.split()
 
@@ -181,10 +206,15 @@ class Rspamd:
         nameserver: str | None = None,
         workdir: str | os.PathLike[str] | None = None,
         extra_config: Mapping[str, str] | None = None,
+        netns_exec: Sequence[str] = (),
     ):
         self.address = address
-        self.port = free_port(address)
-        self.controller_port = free_port(address)
+        # In a namespace of the test's own, the whole port space is ours: rspamd's usual ports.
+        self.netns_exec = list(netns_exec)
+        if self.netns_exec and nameserver is None:
+            raise ValueError("in a network namespace rspamd needs a nameserver there (e.g. the lab's nsd)")
+        self.port = 11333 if self.netns_exec else free_port(address)
+        self.controller_port = 11334 if self.netns_exec else free_port(address)
         self.nameserver = nameserver
         self.extra_config = dict(extra_config or {})
         self._own_workdir = workdir is None
@@ -263,7 +293,7 @@ class Rspamd:
             self._dns = RefusingDNS(self.address)
             self.nameserver = f"{self._dns.address}:{self._dns.port}"
         if self.redis is None:
-            self.redis = RedisServer(self.workdir / "redis", self.address)
+            self.redis = RedisServer(self.workdir / "redis", self.address, self.netns_exec)
         self._write()
         d = self.workdir
         cmd = [
@@ -274,7 +304,7 @@ class Rspamd:
         started = time.monotonic()
         with open(d / "stdout.log", "ab") as out:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=d, start_new_session=True
+                self.netns_exec + cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=d, start_new_session=True
             )
         try:
             self._wait_ready()
@@ -295,8 +325,9 @@ class Rspamd:
             time.sleep(0.05)
         raise RspamdError("no answer to /ping within the timeout")
 
-    @staticmethod
-    def _pong(base: str) -> bool:
+    def _pong(self, base: str) -> bool:
+        if self.netns_exec:
+            return _in_netns(self.netns_exec, _HTTP_PING, base)
         try:
             with urllib.request.urlopen(f"{base}/ping", timeout=1) as r:
                 return r.status == 200 and r.read().strip() == b"pong"
@@ -351,7 +382,7 @@ class Rspamd:
     def rspamc(self, command: str, message: bytes, *, timeout: float = 30.0) -> subprocess.CompletedProcess:
         """``rspamc -h <controller> <command>`` with ``message`` on stdin (learn_spam, learn_ham, ...)."""
         return subprocess.run(
-            [RSPAMC_BIN, "-h", self.controller, command], input=message, capture_output=True, timeout=timeout
+            self.netns_exec + [RSPAMC_BIN, "-h", self.controller, command], input=message, capture_output=True, timeout=timeout
         )
 
     def stat(self) -> dict:

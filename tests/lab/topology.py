@@ -45,6 +45,7 @@ from tests.lab.dovecot import Dovecot
 from tests.lab.netns import Lab, Namespace
 from tests.lab.nsd import NSD, reverse_zone_name, zone_text
 from tests.lab.postfix import Postfix
+from tests.lab.rspamd import Rspamd
 from tests.wireguard.tunnel_lab import GW_TUN, HOME_TUN, TunnelLab, make_tunnel_lab
 
 VENV_BIN = Path(sys.executable).parent
@@ -58,6 +59,12 @@ REMOTE_MAILBOXES = ["bob", "phone", "crash", "later", "relaytest"]
 USERS = {"alice@example.org": "alice-lab-pw", "carol@example.org": "carol-lab-pw"}
 
 SENDER_ADDR = "198.51.100.50"  # the "sender / phone" host on the internet segment
+SENDER_HELO = "sender.remote.test"  # its name (A and PTR in the lab's DNS), which swaks greets with
+# Sending domains of the "internet" for the inbound checks (issue 13): each lets only the internet's
+# Postfix (198.51.100.1) send (SPF -all) and publishes the DMARC policy its name says; signed.test
+# also publishes the DKIM key the lab signs its mail with (MailLab.dkim_sign).
+SENDER_DOMAINS = {"quarantine.test": "quarantine", "reject.test": "reject", "signed.test": "reject"}
+SIGNED_DOMAIN, SIGNED_SELECTOR = "signed.test", "lab2026"
 # Backend ports on the tunnel address (what the gateway dials) and on the LAN.
 BACKEND_PORTS = {"mx": 2525, "submission": 2587, "submissions": 2465}
 LAN_PORT = 587
@@ -92,17 +99,6 @@ def wait_until(pred, timeout: float, what: str, step: float = 0.05):
         time.sleep(step)
 
 
-class _NSDWithoutRateLimit(NSD):
-    """nsd with response rate limiting off (``rrl-ratelimit: 0``, nsd.conf(5)): a Postfix relaying hundreds
-    of messages/s looks up the MX per delivery without a cache and would hit the 200 qps default, which the
-    recursive resolver of a real deployment never passes on."""
-
-    def _write(self) -> None:
-        super()._write()
-        conf = self.workdir / "nsd.conf"
-        conf.write_text(conf.read_text().replace("server:\n", "server:\n  rrl-ratelimit: 0\n", 1))
-
-
 class MailLab:
     """Builds the topology on ``start()`` (or ``with``) and removes it on ``close()``."""
 
@@ -118,6 +114,7 @@ class MailLab:
         self.nsd: NSD | None = None
         self.postfix: Postfix | None = None
         self.dovecot: Dovecot | None = None
+        self.rspamd: Rspamd | None = None
         self.backend_proc: subprocess.Popen | None = None
         self.gateway_proc: subprocess.Popen | None = None
 
@@ -165,6 +162,8 @@ class MailLab:
         return self
 
     def close(self) -> None:
+        if self.rspamd is not None:
+            self.rspamd.close()
         if self.nsd is not None:
             self.nsd.close()
         if self.lab is not None:
@@ -186,6 +185,11 @@ class MailLab:
         self.tunnel.wait_handshake()
         self._write_backend_config()
         self._start_dns()
+        # The home's spam filter, as provisioning sets it up: rspamd (and its Redis) on the home's
+        # loopback, resolving through the lab's nsd.
+        self.rspamd = Rspamd(netns_exec=self.home.cmd([]), nameserver=f"{self.internet_addr}:53",
+                             workdir=self.work / "rspamd")
+        self.start_rspamd()
         self.postfix = Postfix(self.internet, self.work / "postfix", address=self.internet_addr,
                                domain=REMOTE_DOMAIN, mailboxes=REMOTE_MAILBOXES,
                                mynetworks=("127.0.0.0/8", f"{SENDER_ADDR}/32")).start()
@@ -258,6 +262,10 @@ command_timeout = "30s"
 [gateway]
 public_ipv4 = ["{self.gateway_addr}"]
 
+[rspamd]
+url = "http://127.0.0.1:11333"
+timeout = "10s"
+
 [dns]
 dmarc_policy = "quarantine"
 dmarc_rua = "postmaster@{HOME_DOMAIN}"
@@ -274,6 +282,13 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
         self._wait_port(self.home, HOME_TUN, BACKEND_PORTS["mx"], self.backend_proc, "backend mx listener")
         if self.relay_listener:
             self._wait_port(self.home, HOME_TUN, RELAY_PORT, self.backend_proc, "backend relay listener")
+
+    def start_rspamd(self) -> None:
+        self.rspamd.start()
+
+    def stop_rspamd(self) -> None:
+        """Stop rspamd (its Redis stays), as an outage would; ``start_rspamd`` brings it back."""
+        self.rspamd.stop()
 
     def kill_backend(self) -> None:
         """SIGKILL, as a crash would: no drain, no cleanup."""
@@ -292,21 +307,55 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
                              capture_output=True, text=True, check=True).stdout
         self.dns_records = records
         ns = self.internet_addr
-        remote = (f"@\tIN\tMX\t10 mx.{REMOTE_DOMAIN}.\nmx\tIN\tA\t{ns}\n"
+        remote = (f"@\tIN\tMX\t10 mx.{REMOTE_DOMAIN}.\nmx\tIN\tA\t{ns}\nsender\tIN\tA\t{SENDER_ADDR}\n"
                   f'@\tIN\tTXT\t"v=spf1 ip4:{ns} -all"\n')
         zones = {
             HOME_DOMAIN: zone_text(HOME_DOMAIN, records, ns_address=ns),
             REMOTE_DOMAIN: zone_text(REMOTE_DOMAIN, remote, ns_address=ns),
-            reverse_zone_name(self.gateway_addr): zone_text(reverse_zone_name(self.gateway_addr), ptr),
+            # The internet's hosts have forward-confirmed reverse names too (as real senders do; rspamd
+            # scores a client without one as spam-like: RDNS_NONE, HFILTER_HOSTNAME_UNKNOWN).
+            reverse_zone_name(self.gateway_addr): zone_text(reverse_zone_name(self.gateway_addr), ptr.rstrip("\n") + "\n" + (
+                f"{ns.split('.')[-1]}\tIN\tPTR\tmx.{REMOTE_DOMAIN}.\n"
+                f"{SENDER_ADDR.split('.')[-1]}\tIN\tPTR\t{SENDER_HELO}.\n")),
         }
+        for domain, policy in SENDER_DOMAINS.items():
+            recs = (f'@\tIN\tTXT\t"v=spf1 ip4:{ns} -all"\n'
+                    f'_dmarc\tIN\tTXT\t"v=DMARC1; p={policy}"\n')
+            if domain == SIGNED_DOMAIN:
+                recs += f"{SIGNED_SELECTOR}._domainkey\tIN\tTXT\t{self._signing_key_txt()}\n"
+            zones[domain] = zone_text(domain, recs, ns_address=ns)
         if self.relay_listener:
             zones[SINK_DOMAIN] = zone_text(SINK_DOMAIN, f"@\tIN\tMX\t10 mx.{SINK_DOMAIN}.\nmx\tIN\tA\t{SINK_ADDR}\n",
                                            ns_address=ns)
-        nsd_class = _NSDWithoutRateLimit if self.relay_listener else NSD
-        self.nsd = nsd_class(zones, address=ns, port=53, netns_exec=self.internet.cmd([]), workdir=self.work / "nsd")
+        self.nsd = NSD(zones, address=ns, port=53, netns_exec=self.internet.cmd([]), workdir=self.work / "nsd")
         self.nsd.start()
         for n in (self.internet, self.gateway, self.router, self.home):
             n.etc_file("resolv.conf", f"nameserver {ns}\n")
+
+    def _signing_key_txt(self) -> str:
+        """A fresh RSA-2048 key for signed.test (the private half kept in memory only, never
+        committed); returns its DKIM TXT record as zone-file strings."""
+        import base64
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.signing_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                             serialization.NoEncryption())
+        pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.DER,
+                                                              serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+        txt = f"v=DKIM1; k=rsa; p={pub}"
+        return " ".join(f'"{txt[i:i + 200]}"' for i in range(0, len(txt), 200))
+
+    def dkim_sign(self, message: bytes) -> bytes:
+        """``message`` (CRLF) with a DKIM-Signature of signed.test (the fixture signer of the
+        sending side: what OpenDKIM in front of the internet's Postfix would add)."""
+        import dkim as dkimpy
+
+        sig = dkimpy.sign(message, SIGNED_SELECTOR.encode(), SIGNED_DOMAIN.encode(), self.signing_key,
+                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+        return sig + message
 
     # ------------------------------------------------------------ gateway
 
@@ -390,6 +439,8 @@ shutdown_grace = "2s"
         if ns is None:
             ns = self.internet
             argv += ["--local-interface", SENDER_ADDR]
+            if "--helo" not in args and "--ehlo" not in args:
+                argv += ["--helo", SENDER_HELO]
         return ns.run(argv, check=False, timeout=timeout)
 
     def python(self, ns: Namespace, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -413,6 +464,8 @@ shutdown_grace = "2s"
             parts.append(f"===== postfix queue =====\n{self.postfix.queue()}")
         if self.dovecot is not None:
             parts.append(f"===== dovecot log =====\n{self.dovecot.log()[-10000:]}")
+        if self.rspamd is not None:
+            parts.append(f"===== rspamd log =====\n{self.rspamd.log()[-10000:]}")
         if self.nsd is not None:
             parts.append(f"===== nsd log =====\n{self.nsd.log()[-5000:]}")
         return "\n".join(parts)
