@@ -22,7 +22,9 @@ from . import render
 from .site import HostLayout, Site
 
 PACKAGES = ("wireguard-tools", "nftables", "python3-venv")
-SPAM_FILTER_PACKAGES = ("rspamd",)  # home host only, unless the site turns rspamd off
+# Home host only, unless the site turns rspamd off. rspamd keeps its Bayes statistics (what it
+# learns from moves to and out of Junk) in Redis: Debian's redis-server listens on loopback only.
+SPAM_FILTER_PACKAGES = ("rspamd", "redis-server")
 USERSPACE_WG_PACKAGE = "wireguard-go"  # where the kernel has no WireGuard module
 
 
@@ -159,18 +161,20 @@ def ensure_packages(r: Remote) -> None:
     install_missing(r, pkgs)
 
 
-def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> None:
-    """Install whichever of ``pkgs`` dpkg does not list as installed; one report item either way."""
+def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> str:
+    """Install whichever of ``pkgs`` dpkg does not list as installed; one report item either way
+    (its name is returned)."""
     probe = "; ".join(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed' || echo {p}"
                       for p in pkgs)
     missing = r.run(probe, check=False).split()
     if not missing:
         r.mark("packages " + " ".join(pkgs), "unchanged")
-        return
+        return "packages " + " ".join(pkgs)
     if r.layout.install_packages and not r.dry_run:
         r.run("DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
               "apt-get install -y -qq --no-install-recommends " + " ".join(missing))
     r.mark("packages " + " ".join(missing), "would change" if r.dry_run or not r.layout.install_packages else "changed")
+    return "packages " + " ".join(missing)
 
 
 def ensure_user(r: Remote) -> None:
@@ -320,7 +324,7 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
                "homemx-backend.service": render.backend_unit(site, lay)})
-    _restart(r, {"rspamd.service": (*rspamd_inputs, "packages rspamd"),
+    _restart(r, {"rspamd.service": rspamd_inputs,
                  "homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
                                             "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
@@ -336,7 +340,16 @@ def spam_filter(r: Remote) -> tuple[str, ...]:
     provisioned: its files are written to <etc>/dovecot for the user's Dovecot to ``!include``.
     Returns the report items rspamd reads (a change restarts it)."""
     lay = r.layout
-    install_missing(r, SPAM_FILTER_PACKAGES)
+    packages = install_missing(r, SPAM_FILTER_PACKAGES)
+    if lay.systemctl:
+        # homemx writes nothing Redis reads: it only has to run (the package enables it, unless
+        # installed with service starts forbidden, or disabled since)
+        if r.ok("systemctl is-enabled -q redis-server && systemctl is-active -q redis-server"):
+            r.mark("redis-server running", "unchanged")
+        else:
+            if not r.dry_run:
+                r.run("systemctl enable -q --now redis-server")
+            r.mark("redis-server running", "would change" if r.dry_run else "changed")
     confdir = lay.path(render.RSPAMD_CONFDIR)
     files = render.rspamd_local_files()
     for d in sorted({str(Path(rel).parent) for rel in files}):
@@ -347,7 +360,7 @@ def spam_filter(r: Remote) -> tuple[str, ...]:
         # the package's rspamd.conf reads local.d under LOCAL_CONFDIR: check it with what was written
         r.run(f"rspamadm --var=LOCAL_CONFDIR={shlex.quote(confdir)} configtest -c {render.RSPAMD_CONF}")
     dovecot_junk(r)
-    return tuple(f"rspamd {rel}" for rel in files)
+    return (packages, *(f"rspamd {rel}" for rel in files))
 
 
 def dovecot_junk(r: Remote) -> None:

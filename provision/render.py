@@ -193,8 +193,9 @@ RSPAMD_CONFDIR = "/etc/rspamd"         # the package's LOCAL_CONFDIR: a site's c
 
 def rspamd_local_files() -> dict[str, str]:
     """rspamd's files by path relative to RSPAMD_CONFDIR: homemx's settings
-    (backend.auth.rspamd.rspamd_local_config, as on a real home: the system resolver, network
-    modules on) and the workers on loopback only (the package binds "localhost", which is also ::1)."""
+    (backend.auth.rspamd.rspamd_local_config, as on a real home: the system resolver, the network
+    modules on, Bayes in Debian's redis-server) and the workers on loopback only (the package binds
+    "localhost", which is also ::1)."""
     from backend.auth.rspamd import rspamd_local_config
 
     files = dict(rspamd_local_config())

@@ -286,6 +286,54 @@ def test_units_pass_systemd_analyze_verify(hosts):
             assert f"\n{line}\n" in unit
 
 
+def test_provisioned_spam_filter_learns_through_the_provisioned_dovecot_program(hosts):
+    """rspamd started from the provisioned local.d (Debian's stock rspamd.conf, as its unit does)
+    in the home namespace listens on 127.0.0.1 only (the scanner and the controller, no milter
+    proxy), and the learning program provisioning gave Dovecot makes it learn a message as spam
+    into Redis (Debian's redis-server port, in the namespace)."""
+    import shutil as sh
+
+    from provision import render
+    from tests.lab.rspamd import RedisServer
+
+    site, topo, lab = hosts["site"], hosts["topo"], hosts["lab"]
+    home = topo.home
+    run = lab.workdir / "rspamd-home"
+    for sub in ("db", "run", "log"):
+        (run / sub).mkdir(parents=True)
+        sh.chown(run / sub, "_rspamd", "_rspamd")
+    for d in (lab.workdir, run):  # rspamd's workers (user _rspamd) reach their directories
+        d.chmod(0o711)
+    redis = RedisServer(run / "redis", "127.0.0.1", home.cmd([]))
+    rspamd = home.popen(["rspamd", "-f", "-u", "_rspamd", "-g", "_rspamd", "-c", render.RSPAMD_CONF,
+                         f"--var=LOCAL_CONFDIR={site.backend.root}{render.RSPAMD_CONFDIR}",
+                         f"--var=DBDIR={run / 'db'}", f"--var=RUNDIR={run / 'run'}", f"--var=LOGDIR={run / 'log'}"],
+                        stdout=open(run / "stdout.log", "w"), stderr=subprocess.STDOUT)
+    log = run / "log" / "rspamd.log"
+    try:
+        probe = ("import sys, urllib.request\n"
+                 "for p in sys.argv[1:]: urllib.request.urlopen(f'http://{p}/ping', timeout=1).read()")
+        end = time.monotonic() + 120  # a first start compiles rspamd's Hyperscan databases
+        while home.run([sys.executable, "-c", probe, render.RSPAMD_WORKER, render.RSPAMD_CONTROLLER],
+                       check=False).returncode:
+            assert rspamd.poll() is None and time.monotonic() < end, (run / "stdout.log").read_text()[-3000:]
+            time.sleep(0.2)
+        listening = {line.split()[3] for line in home.run(["ss", "-ltnpH"]).stdout.splitlines() if '"rspamd"' in line}
+        assert listening == {render.RSPAMD_WORKER, render.RSPAMD_CONTROLLER}
+
+        program = f"{site.backend.etc}/dovecot/rspamd-learn-spam"
+        message = ("From: someone@remote.example\nSubject: cheap watches\nMessage-ID: <provisioned-1@remote.example>\n\n"
+                   + " ".join(f"offer{i} watches{i} cheap{i}" for i in range(20)) + "\n")
+        r = home.run([program], input=message, check=False, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "learned message as spam: provisioned-1@remote.example" in log.read_text()
+        assert "BAYES_SPAM_keys" in redis.keys("BAYES_*")
+    finally:
+        rspamd.terminate()
+        rspamd.wait(30)
+        redis.close()
+
+
 def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
     from provision import deploy, render
 
