@@ -302,6 +302,44 @@ def _http_url(v: Any) -> str:
     return text.rstrip("/")
 
 
+class ACMEConfig(_Table):
+    """``[acme]``: certificates from an ACME CA (RFC 8555) for the mail host name and the names the
+    home serves over HTTPS (backend/tls/acme.py, docs/certificates.md). The account key, the
+    certificate key and the certificate live in data_dir/acme/ (0600); [tls] cert/key, when set,
+    are ignored while ACME is on."""
+
+    enabled: StrictBool = False
+    directory: Annotated[str, PlainValidator(lambda v: _http_url(v))] = "https://acme-v02.api.letsencrypt.org/directory"
+    contact: Address | None = None  # the account's mailto: contact (expiry warnings from the CA)
+    # http-01 (RFC 8555 8.3) through the gateway's port 80; tls-alpn-01 (RFC 8737) through 443;
+    # dns-01 (8.4) by RFC 2136 update (dns01_server) or a hook command, for homes without 80/443.
+    challenge: Literal["http-01", "tls-alpn-01", "dns-01"] = "http-01"
+    # Extra names; the host name, and mta-sts.D and autoconfig.D for every local domain D when the
+    # HTTPS face is on, are always included.
+    names: Annotated[tuple[str, ...], PlainValidator(_list_of(parse_domain))] = ()
+    ca_bundle: FilePath | None = None  # trust this CA file for the ACME server's own HTTPS (a lab's Pebble)
+    key_type: Literal["ecdsa-p256", "rsa-2048"] = "ecdsa-p256"
+    dns01_server: HostPort | None = None  # RFC 2136 primary to send UPDATEs to
+    dns01_tsig_key_file: FilePath | None = None  # "name algorithm secret" (BIND's tsig-keygen format)
+    dns01_hook: Str | None = None  # command run as: HOOK add|remove NAME VALUE (instead of RFC 2136)
+    # Dovecot (or anything else using the same files) is told after a renewal: e.g. "systemctl reload dovecot".
+    reload_hook: Str | None = None
+
+
+class HTTPConfig(_Table):
+    """``[http]``: the home's web face (backend/http/): MTA-STS policies, mail-client autoconfig
+    and autodiscover, ACME http-01 tokens; plain HTTP redirects to HTTPS. Behind the gateway's
+    80/443 passthrough with PROXY v2."""
+
+    enabled: StrictBool = False
+    listen_http: HostPort | None = None  # the gateway's :80 arrives here
+    listen_https: HostPort | None = None  # the gateway's :443 arrives here
+    proxy_protocol: StrictBool = False
+    trusted_proxies: Networks = ()
+    max_request_size: Annotated[int, PlainValidator(parse_size)] = 64 * 1024
+    timeout: Duration = 30.0  # for a whole request, headers and body
+
+
 class _UsersTable(_Table):
     passwd_file: FilePath
     maildir_root: FilePath | None = None  # default: data_dir/mail
@@ -334,6 +372,8 @@ class _BackendFile(_Table):
     dns: DNSConfig = DNSConfig()
     auth: AuthConfig = AuthConfig()
     rspamd: RspamdConfig | None = None
+    acme: ACMEConfig = ACMEConfig()
+    http: HTTPConfig = HTTPConfig()
 
     @field_validator("listener", mode="wrap")
     @classmethod
@@ -386,6 +426,12 @@ class BackendConfig:
     dns: DNSConfig
     auth: AuthConfig = AuthConfig()
     rspamd: RspamdConfig | None = None
+    acme: ACMEConfig = ACMEConfig()
+    http: HTTPConfig = HTTPConfig()
+
+    @property
+    def acme_dir(self) -> Path:
+        return self.server.data_dir / "acme"
 
     @property
     def authserv_id(self) -> str:
@@ -438,4 +484,6 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
         dns=doc.dns,
         auth=doc.auth,
         rspamd=doc.rspamd,
+        acme=doc.acme,
+        http=doc.http,
     )
