@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.backend.helpers import ALICE, DOMAIN, HOSTNAME, listener_block, wait_for_sync  # noqa: E402
+from tests.backend.helpers import ALICE, DOMAIN, HOSTNAME, RawSMTP, listener_block, wait_for_sync  # noqa: E402
 from tests.lab.ports import free_port  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench-results" / "inbound.json"
@@ -66,8 +66,6 @@ CONFIGS = ("none", "auth", "rspamd")
 
 async def _one_message(port: int, message: bytes) -> tuple[str, float]:
     """One SMTP session with one message; (the reply to the final ".", seconds from "." to that reply)."""
-    from tests.backend.helpers import RawSMTP
-
     c = await RawSMTP.connect(port)
     try:
         for expect, line in (("220", None), ("250", f"EHLO {HELO}"), ("250", f"MAIL FROM:<{SENDER}> SIZE={len(message)}"),
@@ -118,6 +116,7 @@ def client_main(argv: list[str]) -> int:
 
 
 def send(port: int, sessions: int, count: int, message_file: Path) -> dict:
+    """The client's figures for ``count`` messages over ``sessions``; raises unless every one got a 250."""
     r = subprocess.run([sys.executable, "-m", "tests.bench.inbound_bench", "client", str(port), str(sessions),
                         str(count), str(message_file)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
