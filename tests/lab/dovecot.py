@@ -10,7 +10,6 @@ included from the very files provisioning gives a user (provision.render.dovecot
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time

@@ -291,8 +291,6 @@ def test_provisioned_spam_filter_learns_through_the_provisioned_dovecot_program(
     in the home namespace listens on 127.0.0.1 only (the scanner and the controller, no milter
     proxy), and the learning program provisioning gave Dovecot makes it learn a message as spam
     into Redis (Debian's redis-server port, in the namespace)."""
-    import shutil as sh
-
     from provision import render
     from tests.lab.rspamd import RedisServer
 
@@ -301,7 +299,7 @@ def test_provisioned_spam_filter_learns_through_the_provisioned_dovecot_program(
     run = lab.workdir / "rspamd-home"
     for sub in ("db", "run", "log"):
         (run / sub).mkdir(parents=True)
-        sh.chown(run / sub, "_rspamd", "_rspamd")
+        shutil.chown(run / sub, "_rspamd", "_rspamd")
     for d in (lab.workdir, run):  # rspamd's workers (user _rspamd) reach their directories
         d.chmod(0o711)
     redis = RedisServer(run / "redis", "127.0.0.1", home.cmd([]))
