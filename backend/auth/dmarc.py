@@ -140,10 +140,11 @@ async def evaluate_dmarc(
       ``local_domains`` and the message has no aligned pass (DMARC pass when our record was found;
       a relaxed-aligned SPF or DKIM pass when it was not), the disposition is "reject" whatever is
       published and whatever the overrides say, with a reason starting "own domain";
-    - temperror gives "none": the caller decides. RFC 7489 names no reply for it; we recommend a
-      temporary refusal, ``451 4.7.1`` (RFC 3463 3.8, the security/policy status as a transient
-      failure; RFC 7372 registers 4.7.24 for an SPF temperror and nothing for DMARC; 4.7.5 is
-      "cryptographic failure", not a DNS one): the sender retries and usually gets an answer then.
+    - temperror gives "none": the caller decides. RFC 7489 names no reply for it; a caller that
+      defers would use ``451 4.7.1`` (RFC 3463 3.8; RFC 7372 registers 4.7.24 for an SPF temperror
+      and nothing for DMARC). homemx's inbound checks accept and record it (auth/inbound.py,
+      docs/inbound-trust.md: a forger cannot make another domain's DNS fail, and a DNS outage at
+      home must not hold all inbound mail).
       Own-domain protection still rejects a temperror without even a relaxed-aligned pass (no record
       could make such a message pass).
     """
