@@ -10,9 +10,18 @@ import dns.exception
 import dns.resolver
 import dns.reversename
 
+from backend.dns.resolver import ASYNCIO
+
 
 class DNSTempError(Exception):
     """SERVFAIL, timeout or similar: the answer is unknown (SPF temperror)."""
+
+
+def _temp_error(rdtype: str, name: str, e: Exception) -> DNSTempError:
+    """Any answer other than NXDOMAIN/NODATA leaves the records unknown: SERVFAIL, a timeout, no
+    server reachable (named by class: their messages list every server tried) or a bad reply."""
+    quiet = (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout)
+    return DNSTempError(f"{rdtype} {name}: {e.__class__.__name__ if isinstance(e, quiet) else e}")
 
 
 class DNSLookup:
@@ -26,10 +35,8 @@ class DNSLookup:
             return list(self.resolver.resolve(name, rdtype, search=False))
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout) as e:
-            raise DNSTempError(f"{rdtype} {name}: {e.__class__.__name__}") from None
         except dns.exception.DNSException as e:
-            raise DNSTempError(f"{rdtype} {name}: {e}") from None
+            raise _temp_error(rdtype, name, e) from None
 
     def txt(self, name: str) -> list[str]:
         # RFC 7208 3.3 / RFC 6376 3.6.2.2: the strings of one TXT record are concatenated.
@@ -60,16 +67,12 @@ class AsyncDNSLookup:
         self.resolver = resolver
 
     async def _query(self, name: str, rdtype: str):
-        from backend.dns.resolver import ASYNCIO
-
         try:
             return list(await self.resolver.resolve(name, rdtype, search=False, backend=ASYNCIO))
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.LifetimeTimeout) as e:
-            raise DNSTempError(f"{rdtype} {name}: {e.__class__.__name__}") from None
         except dns.exception.DNSException as e:
-            raise DNSTempError(f"{rdtype} {name}: {e}") from None
+            raise _temp_error(rdtype, name, e) from None
 
     async def txt(self, name: str) -> list[str]:
         return [b"".join(r.strings).decode("utf-8", "replace") for r in await self._query(name, "TXT")]
