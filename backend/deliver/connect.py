@@ -12,7 +12,7 @@ import aiosmtplib
 
 from backend.config import BackendConfig
 from backend.deliver.pool import Session
-from backend.deliver.tlspolicy import REQUIRED, TLS_NONE, TLS_UNVERIFIED, TLS_VERIFIED, Target, tls_context
+from backend.deliver.tlspolicy import REQUIRED, TLS_NONE, TLS_UNVERIFIED, TLS_VERIFIED, ClientTLS, Target
 from backend.deliver.transaction import (
     AUTH,
     CONNECT,
@@ -35,7 +35,7 @@ class Connector:
     def __init__(self, config: BackendConfig, ca_file: str | None = None):
         self.d = config.delivery
         self.local_hostname = config.server.hostname
-        self.ca_file = ca_file  # None: the system trust store (tests point it at their CA)
+        self.tls = ClientTLS(ca_file)  # ca_file None: the system trust store (tests point it at their CA)
 
     async def open(self, target: Target) -> Session:
         """A ready session (TLS as required, EHLO done, logged in). Raises HostFailure."""
@@ -78,7 +78,7 @@ class Connector:
                 timeout=d.command_timeout,
                 use_tls=True,
                 start_tls=False,
-                tls_context=tls_context(True, self.ca_file),
+                tls_context=self.tls.verified,
             )
         return aiosmtplib.SMTP(
             hostname=target.address,
@@ -100,7 +100,7 @@ class Connector:
         try:
             resp = await client.starttls(
                 server_hostname=target.host_name,
-                tls_context=tls_context(verify, self.ca_file),
+                tls_context=self.tls.context(verify),
                 timeout=self.d.command_timeout,
             )
         except Exception as e:  # noqa: BLE001 - looked up in FAILURES; no row: the session's rows

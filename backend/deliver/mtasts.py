@@ -18,7 +18,6 @@ import logging
 import re
 import sqlite3
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from backend.dns.resolver import ASYNCIO
+from backend.tls.context import client_context
 
 log = logging.getLogger("homemx.mtasts")
 
@@ -296,8 +296,7 @@ class MTASTS:
     def _client(self) -> aiohttp.ClientSession:
         """The one HTTP client of this MTASTS (created on first use, inside the running loop)."""
         if self._http is None:
-            ctx = ssl.create_default_context(cafile=self.ca_file)  # verified: RFC 8461 3.3
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx = client_context(True, self.ca_file)  # verified, TLS 1.2+: RFC 8461 3.3
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     ssl=ctx, resolver=_PolicyHostResolver(self.resolver, self.https_port), use_dns_cache=False
