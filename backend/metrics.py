@@ -94,6 +94,14 @@ class BackendMetrics:
             "homemx_backend_spam_actions", "Scanned messages by rspamd action (unavailable: rspamd did not answer)",
             ["action"], registry=r,
         )
+        # The home's web face (backend/http/).
+        self.http_requests = Counter(
+            "homemx_backend_http_requests", "HTTP face requests by route and status", ["route", "status"], registry=r
+        )
+        self.http_connections = Counter(
+            "homemx_backend_http_connections", "HTTP face connections by listener (http, https) and outcome",
+            ["listener", "outcome"], registry=r,
+        )
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))

@@ -12,6 +12,7 @@ import ssl
 
 from backend.auth import inbound
 from backend.deliver import outbound
+from backend.http.server import HTTPFace
 from backend.accept import Acceptor
 from backend.config import BackendConfig
 from backend.receive.directory import Directory
@@ -53,6 +54,7 @@ class Backend:
         self.remote = None
         self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
         self.checks: inbound.InboundChecks | None = None  # SPF/DKIM/DMARC/ARC and rspamd on mx (auth/)
+        self.http_face: HTTPFace | None = None  # the web face (backend/http/), when [http] enabled
 
     async def run_blocking(self, fn, *args):
         loop = asyncio.get_running_loop()
@@ -105,6 +107,10 @@ class Backend:
                 self.servers.append(server)
                 bound = server.sockets[0].getsockname()
                 log.info("listener %s (%s) on %s port %d", lc.name, lc.kind, bound[0], bound[1])
+            if cfg.http.enabled:
+                self.http_face = HTTPFace(cfg, tls_context=tls, challenges=getattr(self, "challenges", None),
+                                          metrics=self.metrics, proxy_timeout=self.proxy_timeout)
+                await self.http_face.start()
         except Exception:
             await self.stop()
             raise
@@ -152,6 +158,7 @@ class Backend:
         await asyncio.gather(
             self.sessions.drain(grace),
             self.runner.drain(grace) if self.runner is not None else asyncio.sleep(0),
+            self.http_face.close(grace) if self.http_face is not None else asyncio.sleep(0),
         )
         if self.remote is not None and hasattr(self.remote, "close"):
             await self.remote.close()  # QUIT idle outbound sessions

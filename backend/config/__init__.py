@@ -338,6 +338,14 @@ class HTTPConfig(_Table):
     trusted_proxies: Networks = ()
     max_request_size: Annotated[int, PlainValidator(parse_size)] = 64 * 1024
     timeout: Duration = 30.0  # for a whole request, headers and body
+    # Open connections per real client (an IPv4 address or an IPv6 /64); browsers open about 6.
+    max_connections_per_client: PositiveInt = 16
+
+    @model_validator(mode="after")
+    def _proxies(self) -> HTTPConfig:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise fail([(("trusted_proxies",), "proxy_protocol = true needs at least one trusted proxy address")])
+        return self
 
 
 class _UsersTable(_Table):

@@ -1,4 +1,5 @@
-"""PROXY protocol v2 header checks the backend adds to aiosmtpd's parser (the CRC32C TLV)."""
+"""PROXY protocol v2 header checks the backend adds to aiosmtpd's parser: which headers are accepted
+(``proxy_refusal``, for every listener behind the gateway: SMTP and the HTTP face) and the CRC32C TLV."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ log = logging.getLogger("homemx.smtp")
 
 
 PP2_TYPE_CRC32C = 0x03  # PROXY protocol spec 2.2.5
+
+
+def proxy_refusal(proxy_data) -> str | None:
+    """Why a parsed PROXY header (aiosmtpd's ``ProxyData``) is refused, as a metrics reason
+    (``bad_proxy_header``, ``bad_proxy_checksum``), or None when it is accepted. HAProxy spec 2.2:
+    only v2, only the PROXY command (not LOCAL), only TCP over IPv4/IPv6; then the CRC32C TLV,
+    when present, must match (``proxy_checksum_ok``)."""
+    ok = (
+        proxy_data.version == 2
+        and proxy_data.command == 1
+        and proxy_data.family in (1, 2)
+        and proxy_data.protocol == 1
+        and proxy_data.src_addr is not None
+    )
+    if not ok:
+        return "bad_proxy_header"
+    if not proxy_checksum_ok(proxy_data):
+        return "bad_proxy_checksum"
+    return None
 
 
 def proxy_checksum_ok(proxy_data) -> bool:
