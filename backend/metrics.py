@@ -102,6 +102,26 @@ class BackendMetrics:
             "homemx_backend_http_connections", "HTTP face connections by listener (http, https) and outcome",
             ["listener", "outcome"], registry=r,
         )
+        # Certificates from ACME (backend/tls/renew.py).
+        self.cert_expiry = Gauge(
+            "homemx_backend_cert_expiry_timestamp_seconds", "Not-after of the live server certificate (Unix time)",
+            registry=r,
+        )
+        self.cert_next_renewal = Gauge(
+            "homemx_backend_cert_next_renewal_timestamp_seconds", "When the next ACME issuance attempt is due", registry=r
+        )
+        self.cert_renewals = Counter(
+            "homemx_backend_cert_renewal_attempts", "ACME issuance attempts by result (success, failure)", ["result"],
+            registry=r,
+        )
+        self.cert_renewal_failures = Gauge(
+            "homemx_backend_cert_renewal_failures", "Consecutive failed ACME issuance attempts (0 after a success)",
+            registry=r,
+        )
+        self.cert_renewal_last_success = Gauge(
+            "homemx_backend_cert_renewal_last_success_timestamp_seconds", "When the last certificate was issued",
+            registry=r,
+        )
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))
