@@ -16,6 +16,7 @@ import hashlib
 import logging
 import ssl
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -23,10 +24,15 @@ import pytest_asyncio
 from backend.config import ConfigError, load_config
 from backend.deliver.mtasts import parse_policy, parse_txt
 from backend.dns.records import build_records, mta_sts_id
+from backend.queue.model import DEFERRED, DELIVERED
 from backend.run import Backend
 from backend.tls.challenges import Challenges
 from gateway.proxyv2 import encode_proxy_v2
-from tests.backend.helpers import DOMAIN, HOSTNAME, client_tls, listener_block, write_config
+from tests.backend.helpers import DOMAIN, HOSTNAME, client_tls, listener_block, write_config, write_users
+from tests.conftest import require_tool
+from tests.lab.delivery import Harness, LabCA, backend_config
+from tests.lab.nsd import NSD, zone_text
+from tests.lab.ports import free_port
 
 REAL_CLIENT = ("203.0.113.7", 40123)
 OTHER_CLIENT = ("198.51.100.44", 50000)
@@ -490,3 +496,108 @@ def test_proxy_protocol_needs_trusted_proxies(tmp_path):
     cfg = write_config(tmp_path, SUBMISSION_LISTENERS, extra=http_table(trusted_proxies="[]"))
     with pytest.raises(ConfigError, match="trusted_proxies"):
         load_config(cfg)
+
+
+# ---------------------------------------------------------------- acceptance: another home fetches and enforces
+
+HOME_A = "home-a.test"
+SPOOFED = "spoofed-a.test"  # another domain of the same home, whose MX an attacker replaced in DNS
+A_ADDR = "127.0.0.31"
+
+
+def home_a_config(tmp: Path, ca: LabCA, mx_port: int) -> Path:
+    """Home A: a real backend receiving mail on mx (STARTTLS with a certificate of the test CA)
+    and serving its MTA-STS policies on its HTTPS face, enforce mode."""
+    tmp.mkdir()
+    hostname = f"mail.{HOME_A}"
+    cert, key = ca.issue(hostname, *(f"mta-sts.{d}" for d in (HOME_A, SPOOFED)))
+    write_users(tmp / "passwd", {f"bob@{HOME_A}": "bob-secret-pw", f"carol@{SPOOFED}": "carol-secret-pw"})
+    path = tmp / "backend.toml"
+    path.write_text(f"""[server]
+hostname = "{hostname}"
+data_dir = "{tmp}/data"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[users]
+passwd_file = "{tmp}/passwd"
+
+[domain."{HOME_A}"]
+[domain."{SPOOFED}"]
+
+{listener_block("mx", "mx", f"{A_ADDR}:{mx_port}")}
+[auth]
+enabled = false
+
+[gateway]
+public_ipv4 = ["{A_ADDR}"]
+
+[dns]
+mta_sts_mode = "enforce"
+
+[http]
+enabled = true
+listen_https = "{A_ADDR}:0"
+
+[delivery]
+nameservers = ["127.0.0.1"]
+dns_port = 9
+""")
+    return path
+
+
+def published_zone(config) -> str:
+    """What home A's operator published, as `dns records` prints it (MX, the host's A record, the
+    _mta-sts TXT with its id), the policy hosts' addresses, and one forgery: the MX of SPOOFED
+    points at an attacker's host that the policy does not name."""
+    host = f"mail.{HOME_A}."
+    lines = []
+    for r in build_records(config):
+        if r.rtype == "MX" and r.name == f"{SPOOFED}.":
+            lines.append(f"{r.name} IN MX 10 mx.attacker.test.")
+        elif r.rtype == "MX" or (r.rtype == "A" and r.name == host) or r.name.startswith("_mta-sts."):
+            lines.append(f"{r.name} IN {r.rtype} {r.rdata}")
+    lines += [f"mta-sts.{d}. IN A {A_ADDR}" for d in (HOME_A, SPOOFED)]
+    lines.append("mx.attacker.test. IN A 127.0.0.32")
+    return zone_text("test", "\n".join(lines))
+
+
+@pytest.mark.asyncio
+async def test_another_homes_delivery_fetches_this_policy_over_https_and_enforces_it(tmp_path):
+    """Issue 14 acceptance: homemx's own delivery side (home B) fetches another lab domain's
+    MTA-STS policy from a homemx HTTPS face (home A) and enforces it: the MX the policy names gets
+    the message over verified TLS, a forged MX gets nothing."""
+    require_tool("/usr/sbin/nsd", "dig")
+    (tmp_path / "ca").mkdir()
+    ca = LabCA(tmp_path / "ca")
+    mx_port = free_port(A_ADDR)
+    home_a = Backend(load_config(home_a_config(tmp_path / "a", ca, mx_port)))
+    await home_a.start()
+    try:
+        with NSD({"test": published_zone(home_a.config)}) as ns:
+            b_dir = tmp_path / "b"
+            b_dir.mkdir()
+            delivery = {"nameservers": [ns.address], "dns_port": ns.port, "remote_port": mx_port, "mta_sts": True,
+                        "connect_timeout": "5s", "command_timeout": "10s", "retry_schedule": ["5m"]}
+            home_b = Harness(b_dir, backend_config(b_dir, delivery=delivery), ca_file=ca.ca_file,
+                             mtasts_port=home_a.http_face.bound_port("https"))
+            try:
+                good = home_b.submit("alice@example.org", [f"bob@{HOME_A}"])
+                forged = home_b.submit("alice@example.org", [f"carol@{SPOOFED}"])
+                await home_b.round()
+                assert home_b.states(good)[f"bob@{HOME_A}"][0] == DELIVERED
+                state, reply = home_b.states(forged)[f"carol@{SPOOFED}"]
+                assert state == DEFERRED and reply.startswith("451 4.7.5"), reply  # RFC 8461 4.1: no such MX
+                assert home_b.metric("homemx_backend_delivery_attempts_total", {"result": "delivered", "tls": "verified"}) == 1
+                policies = home_b.deliverer.mtasts
+                assert (await policies.policy(HOME_A)).mx == (f"mail.{HOME_A}",)
+            finally:
+                await home_b.close()
+        # Both policies came from home A's face, and bob's message is in home A's Maildir.
+        assert Face(home_a).requests("mta-sts", 200) == 2
+        inbox = home_a.config.maildir_for(f"bob@{HOME_A}") / "new"
+        await asyncio.wait_for(_until(lambda: inbox.exists() and len(list(inbox.iterdir())) == 1), 10)
+    finally:
+        await home_a.stop(grace=0.5)
