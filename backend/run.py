@@ -23,7 +23,7 @@ from backend.receive.authlimit import AuthLimiter
 from backend.receive.context import PROXY_TIMEOUT, ListenerContext
 from backend.receive.sessions import SessionRegistry
 from backend.receive.smtpd import protocol_factory
-from backend.tls.context import make_tls_context
+from backend.tls.context import ServerTLS
 from backend.receive.users import UserDB
 
 log = logging.getLogger("homemx.backend")
@@ -55,6 +55,8 @@ class Backend:
         self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
         self.checks: inbound.InboundChecks | None = None  # SPF/DKIM/DMARC/ARC and rspamd on mx (auth/)
         self.http_face: HTTPFace | None = None  # the web face (backend/http/), when [http] enabled
+        self.server_tls: ServerTLS | None = None  # the certificate every TLS listener serves; reload() swaps it
+        self.users: UserDB | None = None
 
     async def run_blocking(self, fn, *args):
         loop = asyncio.get_running_loop()
@@ -63,6 +65,23 @@ class Backend:
     def _outbound(self) -> None:
         """DKIM signing and outbound delivery (backend/deliver/outbound.py); a broken key stops the start."""
         self.signer, self.remote = outbound.build(self)
+
+    def reload(self) -> bool:
+        """Re-read what changes without a restart (SIGHUP, and after an ACME renewal): the
+        certificate and key (new handshakes get them, sessions open keep theirs), the passwd file,
+        and the [[dkim]] tables with their keys. A part that cannot be read keeps what is in
+        service. One log line says what changed or why not; returns whether every part loaded.
+        Runs on the event loop thread: a few small files, read in milliseconds."""
+        outcomes = []
+        if self.server_tls is not None:
+            outcomes.append(self.server_tls.reload(quiet=True))
+        if self.users is not None:
+            outcomes.append(self.users.reload())
+        outcomes.append(outbound.reload_keys(self))
+        ok = all(loaded for loaded, _ in outcomes)
+        log.log(logging.INFO if ok else logging.WARNING, "reload%s: %s",
+                "" if ok else " (some parts kept)", "; ".join(text for _, text in outcomes))
+        return ok
 
     async def start(self) -> None:
         cfg = self.config
@@ -73,13 +92,15 @@ class Backend:
         orphans = await self.run_blocking(self.queue.remove_orphans)
         if orphans:
             log.info("removed %d spooled bodies without a queue record (interrupted before their 250)", orphans)
-        users = UserDB(cfg.passwd_file)
+        users = self.users = UserDB(cfg.passwd_file)
         directory = Directory(cfg, users)
         self.metrics.watch_queue(self.queue.stats)
         loop = asyncio.get_running_loop()
         try:
             # An unusable certificate or DKIM key stops the start (cmd_run prints one line).
-            tls = make_tls_context(cfg)
+            self.server_tls = ServerTLS.from_config(cfg, getattr(self, "challenges", None))
+            # Bound once: each handshake gets the holder's current certificate (SIGHUP, renewals).
+            tls = self.server_tls.front_context() if self.server_tls is not None else None
             self._outbound()
             self.checks = inbound.build(cfg, self.metrics, self.run_blocking)
             self.acceptor = Acceptor(cfg, self.queue, directory, self.metrics, self.run_blocking, self.signer,
@@ -108,7 +129,9 @@ class Backend:
                 bound = server.sockets[0].getsockname()
                 log.info("listener %s (%s) on %s port %d", lc.name, lc.kind, bound[0], bound[1])
             if cfg.http.enabled:
-                self.http_face = HTTPFace(cfg, tls_context=tls, challenges=getattr(self, "challenges", None),
+                # 443 answers TLS-ALPN-01 too (acme=True): a CA validating a name connects there.
+                https_tls = self.server_tls.front_context(acme=True) if self.server_tls is not None else None
+                self.http_face = HTTPFace(cfg, tls_context=https_tls, challenges=getattr(self, "challenges", None),
                                           metrics=self.metrics, proxy_timeout=self.proxy_timeout)
                 await self.http_face.start()
         except Exception:
@@ -182,9 +205,10 @@ async def watchdog(backend: Backend, interval: float) -> str:
 
 
 async def serve(config: BackendConfig, ready=None) -> int:
-    """Run until SIGTERM/SIGINT or until a vital worker dies. Returns the exit status: 1 when a
-    vital worker died, whichever came first (systemd's Restart=on-failure then starts a fresh
-    process), else 0. Sessions in progress get SHUTDOWN_GRACE seconds."""
+    """Run until SIGTERM/SIGINT or until a vital worker dies; SIGHUP reloads (``Backend.reload``).
+    Returns the exit status: 1 when a vital worker died, whichever came first (systemd's
+    Restart=on-failure then starts a fresh process), else 0. Sessions in progress get
+    SHUTDOWN_GRACE seconds."""
     backend = Backend(config)
     await backend.start()
     if ready is not None:
@@ -193,6 +217,7 @@ async def serve(config: BackendConfig, ready=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, backend.reload)  # SIGHUP's default would end the daemon
     dog = asyncio.create_task(watchdog(backend, WATCHDOG_INTERVAL), name="watchdog")
     stopping = asyncio.ensure_future(stop.wait())
     log.info("homemx-backend %s ready", config.server.hostname)

@@ -461,15 +461,37 @@ class BackendConfig:
 def load_config(path: str | os.PathLike[str]) -> BackendConfig:
     """Load and validate a backend TOML file. Raises ConfigError listing every problem."""
     path = Path(path)
+    return config_from_dict(_read_toml(path), path)
+
+
+def _read_toml(path: Path) -> dict:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"invalid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, "", f"not UTF-8: {e}") from None
-    return config_from_dict(raw, path)
+
+
+class _DKIMTables(BaseModel):
+    """The [[dkim]] tables of backend.toml, the rest of the file ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    dkim: list[DKIMKeyConfig] = []
+
+
+def load_dkim_tables(path: str | os.PathLike[str]) -> tuple[DKIMKeyConfig, ...]:
+    """Only the [[dkim]] tables of a backend TOML file: a running daemon re-reads them on SIGHUP
+    (key rotation without a restart) while the rest of the file waits for a restart, so a problem
+    elsewhere in the file does not stop new keys. Raises ConfigError."""
+    path = Path(path)
+    try:
+        doc = _DKIMTables.model_validate(_read_toml(path), context={"base": path.parent.resolve()})
+    except ValidationError as e:
+        raise ConfigError(path, problems=problems_of(e)) from None
+    return tuple(doc.dkim)
 
 
 def config_from_dict(raw: dict, path: Path) -> BackendConfig:

@@ -9,12 +9,13 @@ stops the daemon with a clear error instead of failing every submission later.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable
 
 from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
-from backend.config import BackendConfig, DKIMKeyConfig
+from backend.config import BackendConfig, ConfigError, DKIMKeyConfig, load_dkim_tables
 from backend.deliver.remote import Deliverer
 from backend.metrics import BackendMetrics
 
@@ -53,3 +54,27 @@ def build(backend) -> tuple[Callable[[bytes, str], bytes] | None, Deliverer]:
         f"{d.smarthost[0]}:{d.smarthost[1]} ({d.smarthost_tls} TLS)" if d.smarthost else "no",
     )
     return signer, remote
+
+
+def reload_keys(backend) -> tuple[bool, str]:
+    """Re-read the [[dkim]] tables of the running ``backend``'s config file and load their keys
+    (SIGHUP: rotation to a new selector without a restart, docs/dkim.md). Only when every key
+    loads do new messages and DSNs get signed with them; otherwise the keys in service stay.
+    Returns (switched, what changed in words)."""
+    old = backend.config.dkim
+    try:
+        keys = load_dkim_tables(backend.config.path)
+        signer = make_signer(keys, backend.metrics) if keys else None
+    except (ConfigError, dkim_keys.DKIMKeyError) as e:
+        return False, f"dkim: kept {len(old)} keys: " + "; ".join(str(e).splitlines())
+    backend.config = dataclasses.replace(backend.config, dkim=keys)
+    backend.signer = signer
+    for user in (backend.acceptor, backend.remote):  # the two that sign: accepted mail, DSNs
+        if user is not None:
+            user.signer = signer
+    name = lambda k: f"{k.domain}/{k.selector}"  # noqa: E731
+    added = sorted(name(k) for k in set(keys) - set(old))
+    removed = sorted(name(k) for k in set(old) - set(keys))
+    if not added and not removed:
+        return True, f"dkim: {len(keys)} keys unchanged"
+    return True, f"dkim: {len(keys)} keys (" + " ".join([f"+{n}" for n in added] + [f"-{n}" for n in removed]) + ")"

@@ -8,6 +8,7 @@ against the very same file (``passdb { driver = passwd-file args = scheme=BLF-CR
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
 import threading
@@ -17,6 +18,8 @@ from pathlib import Path
 import bcrypt
 
 from backend.durable import fsync_dir, unlink_quietly
+
+log = logging.getLogger("homemx.users")
 
 SCHEME = "{BLF-CRYPT}"
 BCRYPT_ROUNDS = 12  # ~250 ms on a small box: cheap for a login, expensive for a guesser
@@ -50,6 +53,14 @@ def verify_password(password: bytes, stored: str) -> bool:
         return False
 
 
+def _stamp_of(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 @functools.cache
 def _dummy_hash() -> str:
     # Checked when the user does not exist, so a missing user costs the same time as a wrong
@@ -71,15 +82,21 @@ def parse_passwd(text: str, source: str = "passwd-file") -> dict[str, User]:
 
 
 class UserDB:
-    """The passwd-file, re-read when it changes on disk (the CLI edits it while the daemon runs)."""
+    """The passwd-file, re-read when it changes on disk (the CLI edits it while the daemon runs).
+
+    Lookups keep the users read before when a changed file cannot be read or parsed (a half-edited
+    file must not lock everybody out), and say so in one log line per broken version of the file;
+    the editing methods and ``all`` raise instead (the CLI must never rewrite a file it misread).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._bad_stamp: tuple[int, int] | None = None  # the broken version already reported
         self._users: dict[str, User] = {}
 
-    def _reload(self) -> dict[str, User]:
+    def _reload(self, strict: bool = False, force: bool = False) -> dict[str, User]:
         with self._lock:
             try:
                 st = self.path.stat()
@@ -87,10 +104,34 @@ class UserDB:
                 self._users, self._stamp = {}, None
                 return self._users
             stamp = (st.st_mtime_ns, st.st_size)
-            if stamp != self._stamp:
-                self._users = parse_passwd(self.path.read_text(encoding="utf-8"), str(self.path))
-                self._stamp = stamp
+            if force or (stamp != self._stamp and (strict or stamp != self._bad_stamp)):
+                try:
+                    users = parse_passwd(self.path.read_text(encoding="utf-8"), str(self.path))
+                except (UserError, OSError, UnicodeDecodeError) as e:
+                    if strict or force:
+                        raise UserError(str(e) if isinstance(e, UserError) else f"{self.path}: {e}") from None
+                    if stamp != self._bad_stamp:
+                        log.warning("users: %s unusable, keeping the %d users read before: %s", self.path, len(self._users), e)
+                        self._bad_stamp = stamp
+                    return self._users
+                self._users, self._stamp = users, stamp
             return self._users
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the file now, whatever its time stamp says (SIGHUP: an edit that kept the
+        mtime and size, e.g. ``rsync -t``). Returns (read, what changed in words); never raises:
+        a broken file keeps the users read before."""
+        with self._lock:
+            before = set(self._users) if self._stamp is not None else None  # None: never read yet
+        try:
+            after = set(self._reload(force=True))
+        except UserError as e:
+            with self._lock:
+                self._bad_stamp = _stamp_of(self.path)  # reported by the caller: lookups stay quiet
+            return False, f"users: kept {len(before or ())}: {e}"
+        if before is None:
+            return True, f"users: {len(after)}"
+        return True, f"users: {len(after)} (+{len(after - before)} -{len(before - after)})"
 
     def get(self, address: str) -> User | None:
         return self._reload().get(address.lower())
@@ -99,7 +140,7 @@ class UserDB:
         return self.get(address) is not None
 
     def all(self) -> list[User]:
-        return sorted(self._reload().values(), key=lambda u: u.address)
+        return sorted(self._reload(strict=True).values(), key=lambda u: u.address)
 
     def authenticate(self, login: bytes, password: bytes) -> str | None:
         """Blocking (bcrypt): run in a worker thread. Returns the user's address or None."""
@@ -138,7 +179,7 @@ class UserDB:
             raise
 
     def add(self, address: str, password: str) -> None:
-        users = dict(self._reload())
+        users = dict(self._reload(strict=True))
         address = address.lower()
         if address in users:
             raise UserError(f"{self.path}: user {address} already exists (use 'users passwd')")
@@ -146,7 +187,7 @@ class UserDB:
         self._write(users)
 
     def set_password(self, address: str, password: str) -> None:
-        users = dict(self._reload())
+        users = dict(self._reload(strict=True))
         address = address.lower()
         if address not in users:
             raise UserError(f"{self.path}: no user {address}")
@@ -154,7 +195,7 @@ class UserDB:
         self._write(users)
 
     def delete(self, address: str) -> None:
-        users = dict(self._reload())
+        users = dict(self._reload(strict=True))
         address = address.lower()
         if address not in users:
             raise UserError(f"{self.path}: no user {address}")

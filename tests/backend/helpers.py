@@ -226,3 +226,34 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 60) -> subpro
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+async def open_tls(port: int, ctx: ssl.SSLContext, *, starttls: bool, proxy_header: bytes = b"") -> RawSMTP:
+    """A TLS session to a listener on loopback: STARTTLS after EHLO (submission, mx), or implicit TLS
+    (submissions; after ``proxy_header`` when the listener reads one). The banner (and the EHLO
+    before STARTTLS) are read; raises ssl.SSLError when the handshake fails."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    smtp = RawSMTP(reader, writer)
+    if proxy_header:
+        writer.write(proxy_header)
+    if starttls:
+        assert (await smtp.reply()).startswith("220")
+        for line in (b"EHLO client.example\r\n", b"STARTTLS\r\n"):
+            writer.write(line)
+            await smtp.reply()
+    try:
+        await writer.start_tls(ctx)
+    except BaseException:
+        writer.close()
+        raise
+    if not starttls:
+        assert (await smtp.reply()).startswith("220")
+    return smtp
+
+
+def peer_serial(smtp: RawSMTP) -> int:
+    """The serial number of the certificate the server presented to this TLS session."""
+    from cryptography import x509
+
+    der = smtp.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
