@@ -22,7 +22,7 @@ from backend.smtp.message import crlf_canonical
 from backend.queue.model import NewRecipient
 from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
-from backend.receive.proxy import proxy_checksum_ok
+from backend.receive.proxy import proxy_refusal
 
 if TYPE_CHECKING:
     from backend.receive.smtpd import HomeSMTP
@@ -38,22 +38,15 @@ class Handler:
         self.ctx = ctx
         self.kind = ctx.listener.kind
 
-    # PROXY v2 (HAProxy spec 2.2): only v2, only the PROXY command, only TCP over IPv4/IPv6.
+    # PROXY v2 (HAProxy spec 2.2): the rules every listener behind the gateway applies (proxy_refusal).
     async def handle_PROXY(self, server: HomeSMTP, session: Session, envelope: Envelope, proxy_data) -> bool:
-        ok = (
-            server.ctx.trusted_proxy(server.client_host)
-            and proxy_data.version == 2
-            and proxy_data.command == 1
-            and proxy_data.family in (1, 2)
-            and proxy_data.protocol == 1
-            and proxy_data.src_addr is not None
-        )
-        if not ok:
+        reason = proxy_refusal(proxy_data) if server.ctx.trusted_proxy(server.client_host) else "bad_proxy_header"
+        if reason == "bad_proxy_header":
             server.outcome = "bad-proxy-header"
             server._reject("bad_proxy_header")
             log.info("conn=%s peer=%s refused PROXY header %r", server.conn_id, server.client_host, proxy_data)
             return False
-        if not proxy_checksum_ok(proxy_data):
+        if reason == "bad_proxy_checksum":
             server.outcome = "bad-proxy-checksum"
             server._reject("bad_proxy_checksum")
             log.info("conn=%s peer=%s refused PROXY header: bad CRC32C or TLV block", server.conn_id, server.client_host)
