@@ -122,6 +122,23 @@ class BackendMetrics:
             "homemx_backend_cert_renewal_last_success_timestamp_seconds", "When the last certificate was issued",
             registry=r,
         )
+        # Reports (backend/reports/): DMARC aggregate reports received, TLS-RPT reports sent.
+        self.dmarc_reports = Counter(
+            "homemx_backend_dmarc_reports", "DMARC aggregate report mails by outcome (ingested, duplicate, refused)",
+            ["outcome"], registry=r,
+        )
+        self.dmarc_report_messages = Counter(
+            "homemx_backend_dmarc_report_messages",
+            "Messages counted in ingested DMARC aggregate reports, by DMARC result (pass, fail)", ["result"], registry=r,
+        )
+        self.tls_sessions = Counter(
+            "homemx_backend_tls_sessions", "Outbound TLS sessions recorded for TLS-RPT by result (success or the "
+            "RFC 8460 result type)", ["result"], registry=r,
+        )
+        self.tlsrpt_reports = Counter(
+            "homemx_backend_tlsrpt_reports", "TLS-RPT reports by outcome (queued, skipped, failed)", ["outcome"],
+            registry=r,
+        )
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))

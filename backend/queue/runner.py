@@ -30,6 +30,7 @@ from backend.metrics import BackendMetrics
 from backend.queue.model import DELIVERED, DEFERRED, Recipient
 from backend.queue.store import Queue
 from backend.queue.writer import QueueClosed
+from backend.reports import dmarc as dmarc_reports
 
 log = logging.getLogger("homemx.runner")
 
@@ -130,6 +131,7 @@ class QueueRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_transport: asyncio.DatagramTransport | None = None
         self._wake_path: Path | None = None
+        self.dmarc_rua = dmarc_reports.rua_addresses(config)  # mail to these is read as DMARC reports
 
     def poke(self) -> None:
         """Thread-safe wake-up (the queue's writer thread calls it after a commit)."""
@@ -264,6 +266,7 @@ class QueueRunner:
     async def _deliver_local(self, message_id: str, rcpts: list[Recipient]) -> None:
         content = await self.run_blocking(self.queue.content, message_id)
         entry = await self.run_blocking(self.queue.get, message_id)
+        report_delivered = False
         for r in rcpts:
             box = self.config.maildir_for(r.address)
             prefix = f"Return-Path: <{entry.sender}>\r\nDelivered-To: {r.address}\r\n".encode()
@@ -280,6 +283,13 @@ class QueueRunner:
             await self.run_blocking(self.queue.set_result, r.id, DELIVERED, "250 2.0.0 Delivered to Maildir")
             log.info("queue=%s rcpt=%s delivered to maildir%s", message_id, r.address,
                      f" folder {entry.folder}" if entry.folder else "")
+            # Mail the inbound checks filed as Junk is not trusted as a report (a forgery could
+            # otherwise make up sources and verdicts).
+            if entry.folder is None and {r.address.lower(), r.orig_address.lower()} & self.dmarc_rua:
+                report_delivered = True
+        if report_delivered:
+            # After the Maildir delivery (the report stays in the mailbox too); ingest never raises.
+            await self.run_blocking(dmarc_reports.ingest, self.config.server.data_dir, content, self.metrics, message_id)
 
     async def drain(self, timeout: float) -> None:
         """Let deliveries in flight finish for ``timeout`` seconds, then cancel the rest: their next
