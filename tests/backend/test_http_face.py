@@ -15,19 +15,22 @@ import asyncio
 import hashlib
 import logging
 import ssl
+import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import pytest_asyncio
 
 from backend.config import ConfigError, load_config
 from backend.deliver.mtasts import parse_policy, parse_txt
 from backend.dns.records import build_records, mta_sts_id
+from backend.http.routes import host_name
 from backend.queue.model import DEFERRED, DELIVERED
 from backend.run import Backend
 from backend.tls.challenges import Challenges
-from gateway.proxyv2 import encode_proxy_v2
+from gateway.proxyv2 import encode_local_v2, encode_proxy_v2
 from tests.backend.helpers import DOMAIN, HOSTNAME, client_tls, listener_block, write_config, write_users
 from tests.conftest import require_tool
 from tests.lab.delivery import Harness, LabCA, backend_config
@@ -39,6 +42,7 @@ OTHER_CLIENT = ("198.51.100.44", 50000)
 GATEWAY = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
 SUBMISSION_LISTENERS = listener_block("sub", "submission") + listener_block("subs", "submissions")
 LIMIT = 4096  # max_request_size of these tests
+PP2_TYPE_CRC32C = 0x03  # PROXY protocol spec 2.2.5
 
 
 def http_table(**overrides) -> str:
@@ -438,6 +442,69 @@ async def test_connections_per_real_client_are_limited(tmp_path):
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("header, outcome", [
+    (b"PROXY TCP4 203.0.113.7 192.0.2.25 40123 80\r\n", "bad-proxy-header"),  # v1: never from the gateway
+    (encode_local_v2(), "bad-proxy-header"),  # LOCAL: no client behind it
+    ("crc", "bad-proxy-checksum"),
+], ids=["v1", "local", "bad-crc32c"])
+async def test_a_proxy_header_the_smtp_listeners_refuse_is_refused_here_too(face, header, outcome):
+    if header == "crc":
+        zeroed = encode_proxy_v2(REAL_CLIENT, ("192.0.2.25", 80), tlvs=((PP2_TYPE_CRC32C, b"\0" * 4),))
+        header = zeroed[:-4] + struct.pack("!I", google_crc32c.value(zeroed) ^ 1)
+    got = await face.request("http", header + f"GET / HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode(), proxy=False)
+    assert got.raw == b""
+    await asyncio.wait_for(_until(lambda: face.connections("http", outcome) == 1), 10)
+
+
+@pytest.mark.asyncio
+async def test_an_ipv6_client_is_logged_as_itself(face, caplog):
+    caplog.set_level(logging.INFO, logger="homemx.http")
+    assert (await face.get("http", DOMAIN, "/", client=("2001:db8::77", 40124))).status == 301
+    assert "client=2001:db8::77 host=example.org GET / route=redirect status=301" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_the_log_line_never_carries_the_query_string(face, caplog):
+    caplog.set_level(logging.INFO, logger="homemx.http")
+    got = await face.get("https", f"autoconfig.{DOMAIN}", "/mail/config-v1.1.xml?emailaddress=alice%40example.org")
+    assert got.status == 200
+    [line] = [r.getMessage() for r in caplog.records if "route=autoconfig" in r.getMessage()]
+    assert "GET /mail/config-v1.1.xml route=autoconfig status=200" in line and "alice" not in line
+
+
+@pytest.mark.asyncio
+async def test_stopping_the_backend_closes_idle_keep_alive_connections(tmp_path):
+    backend = await start(tmp_path, http=http_table(timeout='"60s"'))  # the deadline would not end it
+    f = Face(backend)
+    port = f.port("http")
+    reader, writer = await f.connect("http")
+    writer.write(f"GET / HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 301")
+    await backend.stop(grace=0.5)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+    writer.close()
+
+
+@pytest.mark.parametrize("header, name", [
+    ("mta-sts.Example.ORG", "mta-sts.example.org"),
+    ("example.org:443", "example.org"),
+    ("example.org.", "example.org"),
+    ("192.0.2.1", None),
+    ("[2001:db8::1]:443", None),
+    ("localhost", None),
+    ("exa mple.org", None),
+    ("example.org:https", None),
+    ("-bad.example.org", None),
+    ("", None),
+    (None, None),
+])
+def test_host_header_to_name(header, name):
+    assert host_name(header) == name
 
 
 # ---------------------------------------------------------------- time bounds
