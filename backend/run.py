@@ -25,6 +25,8 @@ from backend.receive.sessions import SessionRegistry
 from backend.receive.smtpd import protocol_factory
 from backend.tls.context import ServerTLS
 from backend.receive.users import UserDB
+from backend.tls import renew
+from backend.tls.challenges import Challenges
 
 log = logging.getLogger("homemx.backend")
 
@@ -55,6 +57,10 @@ class Backend:
         self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
         self.checks: inbound.InboundChecks | None = None  # SPF/DKIM/DMARC/ARC and rspamd on mx (auth/)
         self.http_face: HTTPFace | None = None  # the web face (backend/http/), when [http] enabled
+        # Pending ACME answers: the HTTP face serves http-01 tokens, the TLS holder tls-alpn-01 (443).
+        self.challenges = Challenges()
+        self.renewer: renew.Renewer | None = None  # ACME issuance and renewal (backend/tls/renew.py)
+        self._renew_task: asyncio.Task | None = None
         self.server_tls: ServerTLS | None = None  # the certificate every TLS listener serves; reload() swaps it
         self.users: UserDB | None = None
 
@@ -96,6 +102,9 @@ class Backend:
         directory = Directory(cfg, users)
         self.metrics.watch_queue(self.queue.stats)
         loop = asyncio.get_running_loop()
+        if cfg.acme.enabled and await self.run_blocking(renew.prepare, cfg):
+            # TLS works from the first start; the renewer replaces this at once.
+            log.info("ACME: no certificate yet; serving a self-signed placeholder until one is issued")
         try:
             # An unusable certificate or DKIM key stops the start (cmd_run prints one line).
             self.server_tls = ServerTLS.from_config(cfg, getattr(self, "challenges", None))
@@ -144,6 +153,11 @@ class Backend:
         self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
         await self.runner.listen_for_wakeups(wake_path(cfg.queue_db))
         self._runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+        if cfg.acme.enabled:
+            self.renewer = renew.Renewer(cfg, self.challenges, self.metrics, self.run_blocking,
+                                         on_installed=self.reload)  # new handshakes get it
+            await self.renewer.listen_for_requests()  # `cert renew --now`
+            self._renew_task = asyncio.create_task(self.renewer.run(), name="acme-renewal")
 
     def failure(self) -> str | None:
         """What vital worker has died, or None while all live: the queue's writer thread (nothing
@@ -169,6 +183,11 @@ class Backend:
         next attempt is already recorded); finally close the queue."""
         for s in self.servers:
             s.close()
+        if self._renew_task is not None:
+            # An order in progress finishes in its worker thread; the live pair changes only whole.
+            self._renew_task.cancel()
+        if self.renewer is not None:
+            self.renewer.close()
         if self._runner_task is not None:
             self._runner_task.cancel()
             try:

@@ -115,6 +115,12 @@ class ServerTLS:
 
     @classmethod
     def from_config(cls, config: BackendConfig, challenges: ALPNChallenges | None = None) -> ServerTLS | None:
+        if config.acme.enabled:
+            # [tls] cert/key are ignored while ACME is on: the live pair of backend/tls/certfiles.py
+            # (a self-signed placeholder until the first issuance, written by renew.prepare).
+            from backend.tls.certfiles import live_paths
+
+            return cls(*live_paths(config.acme_dir), challenges)
         if config.tls.cert is None:
             return None
         return cls(config.tls.cert, config.tls.key, challenges)

@@ -189,19 +189,29 @@ class Renewer:
 
     async def run(self) -> None:
         while True:
-            state = await self.run_blocking(load_state, self.acme_dir)
-            info = await self.run_blocking(certfiles.read_live, self.acme_dir)
-            now = self.now()
-            due = next_due(state, info, acme.wanted_names(self.config), now)
-            self._export(info, state, due)
-            if due > now and not self._forced:
-                self.wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=min(due - now, MAX_SLEEP))
-                if not self._forced:
-                    continue  # the hour is up, or woken for nothing: plan again from the files
-            self._forced = False
-            await self.attempt()
+            try:
+                await self._round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the state or certificate files cannot be read or written
+                log.exception("certificate renewal round failed; trying again in %.0f s", BACKOFF_MIN)
+                await asyncio.sleep(BACKOFF_MIN)
+
+    async def _round(self) -> None:
+        """Wait until the next attempt is due (or forced), then make it."""
+        state = await self.run_blocking(load_state, self.acme_dir)
+        info = await self.run_blocking(certfiles.read_live, self.acme_dir)
+        now = self.now()
+        due = next_due(state, info, acme.wanted_names(self.config), now)
+        self._export(info, state, due)
+        if due > now and not self._forced:
+            self.wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout=min(due - now, MAX_SLEEP))
+            if not self._forced:
+                return  # the hour is up, or woken for nothing: plan again from the files
+        self._forced = False
+        await self.attempt()
 
     async def attempt(self) -> bool:
         """One issuance attempt; True when a new certificate is live."""

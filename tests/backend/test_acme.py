@@ -394,3 +394,87 @@ async def test_cert_status_and_renew_now_through_the_daemon(lab):
 def test_cert_renew_now_without_a_daemon_says_so(lab):
     r = _cli("renew", "--now", "-c", str(lab.config_path))
     assert r.returncode == 1 and "no running backend" in r.stderr
+
+
+# ---------------------------------------------------------------- the whole backend
+
+
+def _backend_config(lab: Lab, challenge: str) -> Path:
+    """mx (STARTTLS) and submissions (465) listeners, the web face on the ports Pebble validates."""
+    listeners = listener_block("mx", "mx") + listener_block("submissions", "submissions")
+    return write_config(lab.tmp, listeners, extra=f"""
+[acme]
+enabled = true
+directory = "{lab.pebble.directory}"
+ca_bundle = "{lab.pebble.ca_file}"
+contact = "postmaster@example.org"
+challenge = "{challenge}"
+
+[http]
+enabled = true
+listen_http = "127.0.0.1:{lab.http_port}"
+listen_https = "127.0.0.1:{lab.tls_port}"
+""")
+
+
+async def _tls_serial(port: int, root: bytes, name: str, *, starttls: bool) -> tuple[int, "RawSMTP | None"]:
+    """Handshake as a client trusting only Pebble's root (name checked); the serial it was shown."""
+    from tests.backend.helpers import RawSMTP
+
+    ctx = ssl.create_default_context(cadata=root.decode())
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    smtp = RawSMTP(reader, writer)
+    if starttls:
+        assert (await smtp.reply()).startswith("220")
+        assert (await smtp.cmd("EHLO client.example")).startswith("250")
+        assert (await smtp.cmd("STARTTLS")).startswith("220")
+    await writer.start_tls(ctx, server_hostname=name)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number, smtp
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+async def test_backend_issues_at_start_and_renews_without_restart(tmp_path, challenge):
+    """The acceptance path on loopback: the backend starts with a placeholder, its renewer obtains
+    a certificate through the backend's own web face (port 80 tokens or 443 acme-tls/1), and STARTTLS,
+    465 and HTTPS show it without a restart; a forced renewal shows a new serial to new handshakes
+    while an SMTP session opened before it completes its transaction."""
+    from tests.backend.helpers import ALICE, running_backend
+
+    zone = ZONE + "autoconfig A 127.0.0.1\n"
+    with Lab(tmp_path, challenge=challenge) as lab:
+        lab.nsd.reload({"example.org": zone_text("example.org", zone)})
+        cfg_path = _backend_config(lab, challenge)
+        async with running_backend(cfg_path) as b:
+            acme_dir = b.config.acme_dir
+            await wait_for(lambda: b.renewer.attempts >= 1, timeout=60)
+            first = certfiles.read_live(acme_dir)
+            assert not first.placeholder, renew.load_state(acme_dir).last_error
+            assert set(first.names) == {HOSTNAME, "mta-sts.example.org", "autoconfig.example.org"}
+            root = lab.pebble.issuer_root()
+            mx, sub = b.bound_port("mx"), b.bound_port("submissions")
+            serial, old_session = await _tls_serial(mx, root, HOSTNAME, starttls=True)
+            assert serial == first.serial  # the listener bound with the placeholder now serves the issued one
+            assert (await _tls_serial(sub, root, HOSTNAME, starttls=False))[0] == first.serial
+            https, _ = await _tls_serial(lab.tls_port, root, "mta-sts.example.org", starttls=False)
+            assert https == first.serial
+
+            # A session opened before the renewal, mid-transaction.
+            assert (await old_session.cmd("EHLO client.example")).startswith("250")
+            assert (await old_session.cmd(f"MAIL FROM:<sender@example.net>")).startswith("250")
+            assert (await old_session.cmd(f"RCPT TO:<{ALICE}>")).startswith("250")
+
+            b.renewer.request_now()  # what `cert renew --now` sends
+            await wait_for(lambda: b.renewer.attempts >= 2, timeout=60)
+            second = certfiles.read_live(acme_dir)
+            assert second.serial != first.serial
+            assert (await _tls_serial(sub, root, HOSTNAME, starttls=False))[0] == second.serial
+            assert (await _tls_serial(mx, root, HOSTNAME, starttls=True))[0] == second.serial
+
+            assert (await old_session.cmd("DATA")).startswith("354")
+            assert (await old_session.cmd("Subject: before the renewal\r\n\r\nbody\r\n.")).startswith("250")
+            der = old_session.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            assert x509.load_der_x509_certificate(der).serial_number == first.serial  # it kept its own
+            old_session.close()
+            assert b.challenges.http01 == {} and b.challenges.tls_alpn_context(HOSTNAME) is None
