@@ -45,7 +45,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiosmtpd.proxy_protocol import get_proxy
 
@@ -138,8 +138,9 @@ class HTTPFace:
         started = asyncio.get_running_loop().time()
         try:
             route, response, refused = await self.site.answer(request, front.https)
-        except HttpProcessingError as e:  # a body aiohttp could not decode (bad chunked framing)
-            route, response, refused = "bad-request", RequestRefused(400, "bad body").response(), e.message
+        except (HttpProcessingError, RequestPayloadError) as e:  # a body aiohttp could not decode (bad chunked framing)
+            route, response, refused = "bad-request", RequestRefused(400, "bad body").response(), str(e)
+            request.content.feed_eof()  # nothing more of it is worth reading: no lingering on it
         except (asyncio.CancelledError, ConnectionError):
             raise  # the client went away: nothing to answer (the connection's end is counted)
         except Exception as e:  # noqa: BLE001 - a defect of ours: a 500 and one line, never a dead server
@@ -186,6 +187,22 @@ class _Connection(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self.front.ended()
+
+    def data_received(self, data: bytes) -> None:
+        request, queued = self._current_request, len(self._messages)
+        super().data_received(data)
+        # aiohttp 3.14 with its C parser: a body found malformed in a later segment than its
+        # headers becomes a queued 400 while the request reading that body waits for ever (the
+        # pure-Python parser fails the body instead). Fail the body, so the route answers 400 now.
+        # A new message while the body is unfinished can only be that error: the parser reaches a
+        # pipelined request only after the body before it ended.
+        if request is not None and len(self._messages) > queued and not request.content.is_eof():
+            request.content.set_exception(RequestPayloadError("malformed body"))
+
+    def log_exception(self, message: str, *args, exc_info=None, **kwargs) -> None:
+        # aiohttp logs what goes wrong around a request with a traceback (e.g. a malformed body
+        # found while it drops the unread rest after the answer): one line.
+        log.info("conn=%s client=%s %s: %r", self.front.conn_id, self.front.client[0], message % args, exc_info)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

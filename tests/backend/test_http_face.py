@@ -668,3 +668,25 @@ async def test_another_homes_delivery_fetches_this_policy_over_https_and_enforce
         await asyncio.wait_for(_until(lambda: inbox.exists() and len(list(inbox.iterdir())) == 1), 10)
     finally:
         await home_a.stop(grace=0.5)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("together", [True, False], ids=["one-segment", "body-later"])
+async def test_a_body_with_broken_chunked_framing_is_400(face, caplog, together):
+    caplog.set_level(logging.INFO, logger="homemx.http")
+    head = b"POST /autodiscover/autodiscover.xml HTTP/1.1\r\nHost: example.org\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"zz\r\nnot a chunk size\r\n0\r\n\r\n"
+    if together:
+        got = await face.request("https", head + body, sni=DOMAIN)
+    else:
+        reader, writer = await face.connect("https", host=DOMAIN)
+        writer.write(head + b"5\r\nhello\r\n")
+        await writer.drain()
+        # The handler is reading the body by now (it answers nothing before the body ends).
+        await asyncio.wait_for(_until(lambda: any(c._current_request for c in face.face.web.connections)), 10)
+        writer.write(body)
+        got = Answer(await asyncio.wait_for(reader.read(), 10))
+        writer.close()
+    assert got.status == 400
+    assert "Traceback" not in caplog.text and "route failed" not in caplog.text
+    assert "status=400" in caplog.text
