@@ -122,6 +122,15 @@ class BackendMetrics:
             "homemx_backend_cert_renewal_last_success_timestamp_seconds", "When the last certificate was issued",
             registry=r,
         )
+
+        # The periodic DNS self-check (backend/dns/selfcheck.py): one series per check of `dns check`.
+        self.dns_check_ok = Gauge(
+            "homemx_backend_dns_check_ok", "1 when the check passed at the last DNS self-check, else 0", ["check"],
+            registry=r,
+        )
+        self.dns_check_timestamp = Gauge(
+            "homemx_backend_dns_check_timestamp_seconds", "Unix time of the last DNS self-check", registry=r
+        )
         # Reports (backend/reports/): DMARC aggregate reports received, TLS-RPT reports sent.
         self.dmarc_reports = Counter(
             "homemx_backend_dmarc_reports", "DMARC aggregate report mails by outcome (ingested, duplicate, refused)",

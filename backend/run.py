@@ -15,10 +15,12 @@ from backend.deliver import outbound
 from backend.http.server import HTTPFace
 from backend.accept import Acceptor
 from backend.config import BackendConfig
+from backend.dns.selfcheck import DNSSelfCheck
 from backend.receive.directory import Directory
 from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
 from backend.queue.runner import QueueRunner, wake_path
+from backend.reports.tlsrpt import Reporter as TLSReporter
 from backend.receive.authlimit import AuthLimiter
 from backend.receive.context import PROXY_TIMEOUT, ListenerContext
 from backend.receive.sessions import SessionRegistry
@@ -51,6 +53,9 @@ class Backend:
         self.servers: list[asyncio.base_events.Server] = []
         self.runner: QueueRunner | None = None
         self._runner_task: asyncio.Task | None = None
+        self._tlsrpt_task: asyncio.Task | None = None  # daily TLS-RPT reports (backend/reports/tlsrpt.py)
+        self.dns_self_check: DNSSelfCheck | None = None  # [dns] self_check_interval (backend/dns/selfcheck.py)
+        self._self_check_task: asyncio.Task | None = None
         self.metrics_server = None
         self.signer = None
         self.remote = None
@@ -153,11 +158,18 @@ class Backend:
         self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
         await self.runner.listen_for_wakeups(wake_path(cfg.queue_db))
         self._runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+        if getattr(self.remote, "resolver", None) is not None:
+            # RFC 8460: each finished day's TLS report, to the domains that publish _smtp._tls.
+            reporter = TLSReporter(cfg, self.queue, self.metrics, self.run_blocking, self.remote.resolver, self.signer)
+            self._tlsrpt_task = asyncio.create_task(reporter.run(), name="tls-reports")
         if cfg.acme.enabled:
             self.renewer = renew.Renewer(cfg, self.challenges, self.metrics, self.run_blocking,
                                          on_installed=self.reload)  # new handshakes get it
             await self.renewer.listen_for_requests()  # `cert renew --now`
             self._renew_task = asyncio.create_task(self.renewer.run(), name="acme-renewal")
+        if cfg.dns.self_check_interval > 0:
+            self.dns_self_check = DNSSelfCheck(cfg, self.metrics)
+            self._self_check_task = asyncio.create_task(self.dns_self_check.run(), name="dns-self-check")
 
     def failure(self) -> str | None:
         """What vital worker has died, or None while all live: the queue's writer thread (nothing
@@ -188,6 +200,10 @@ class Backend:
             self._renew_task.cancel()
         if self.renewer is not None:
             self.renewer.close()
+        if self._self_check_task is not None:
+            self._self_check_task.cancel()  # a run in progress finishes in its thread, unawaited
+        if self._tlsrpt_task is not None:
+            self._tlsrpt_task.cancel()  # between rounds, or a round that is sent again later
         if self._runner_task is not None:
             self._runner_task.cancel()
             try:

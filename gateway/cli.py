@@ -54,6 +54,24 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from . import status
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        _print_config_error(e)
+        return status.EXIT_CONFIG
+    report = status.collect(config, args.timeout)
+    if args.json:
+        print(json.dumps(report.to_json(hostname=config.server.hostname, config=str(config.path)), indent=2))
+    else:
+        print(report.text(f"homemx-gateway {config.server.hostname} ({config.path})"))
+    return status.EXIT_OK if report.ok else status.EXIT_ATTENTION
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homemx-gateway", description="homemx edge proxy (VPS side)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -69,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="load and validate the config; binds nothing")
     c.add_argument("-c", "--config", required=True, help="gateway TOML file")
     c.set_defaults(func=_cmd_config_check)
+
+    p = sub.add_parser("status", help="listeners, upstream, tunnel, metrics; exit 1 when something needs attention",
+                       description="The gateway on one screen. Exit status 0: all is well; 1: something needs "
+                       "attention; 2: the config cannot be read.")
+    p.add_argument("-c", "--config", required=True, help="gateway TOML file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=3.0, help="per probe, in seconds (default 3)")
+    p.set_defaults(func=_cmd_status)
 
     try:  # the tunnel commands belong to the wireguard package, which may not be installed
         from wireguard.cli import register_tunnel_command

@@ -278,6 +278,7 @@ class _Table(BaseModel):
 class ServerConfig(_Table):
     hostname: Annotated[str, PlainValidator(_hostname)]  # the public name in every reply the gateway writes itself (421/554)
     log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (gateway/logsetup.py)
     metrics_listen: HostPort | None = None  # Prometheus text over HTTP; the tunnel address
     tunnel_interface: Str | None = None  # WireGuard interface whose handshake age is exported
     shutdown_grace: Duration = 30.0  # SIGTERM: sessions get this long to finish before being cut

@@ -9,6 +9,7 @@ import signal
 import trio
 
 from .config import GatewayConfig
+from .logsetup import setup_logging
 from .proxy import Gateway
 
 log = logging.getLogger("homemx.gateway")
@@ -43,10 +44,7 @@ async def run_gateway(config: GatewayConfig, *, task_status=trio.TASK_STATUS_IGN
 
 
 def run(config: GatewayConfig) -> int:
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config.server.log_level, config.server.log_format)
     raise_nofile_limit()
     trio.run(run_gateway, config)
     return 0

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "backend.cli.tunnel",  # tunnel up/down/status/keygen/config (wireguard/cli.py)
     "backend.cli.dkim",  # dkim keygen
     "backend.cli.dns",  # dns records, dns check
+    "backend.cli.status",  # status (one screen; exit 1 when something needs attention)
     "backend.cli.dmarc",  # dmarc report (DMARC aggregate reports received)
     "backend.cli.cert",  # cert status, cert renew --now (ACME)
 ]

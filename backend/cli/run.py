@@ -45,7 +45,7 @@ def cmd_run(args) -> int:
 
 
 def run_daemon(cfg) -> int:
-    setup_logging(cfg.server.log_level)
+    setup_logging(cfg.server.log_level, cfg.server.log_format)
     from backend.run import serve
 
     from backend.dkim.keys import DKIMKeyError

@@ -75,6 +75,8 @@ class ServerConfig(_Table):
     hostname: Domain  # public name: banner, EHLO, Received, Reporting-MTA
     data_dir: FilePath  # queue database, spool, Maildirs (unless maildir_root is set)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one JSON object per line (backend/logsetup.py), for Loki or journald to index.
+    log_format: Literal["text", "json"] = "text"
     metrics_listen: HostPort | None = None
 
 
@@ -257,6 +259,8 @@ class DNSConfig(_Table):
     mta_sts_mode: Literal["testing", "enforce"] | None = None  # None (disabled), testing, enforce
     mta_sts_id: Str | None = None
     tlsrpt_rua: Str | None = None
+    # The daemon runs `dns check` this often (backend/dns/selfcheck.py); 0 turns it off.
+    self_check_interval: Duration = 6 * 3600.0
 
 
 DMARC_DISPOSITIONS = ("none", "quarantine", "reject")

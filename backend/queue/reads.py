@@ -62,6 +62,27 @@ def stats(conn: sqlite3.Connection) -> tuple[dict[str, int], float | None]:
     return counts, row[0]
 
 
+def oldest_unfinished(conn: sqlite3.Connection) -> tuple[str, float] | None:
+    """(id, creation time) of the oldest message with a recipient still to deliver (queued,
+    deferred or held); None when there is none."""
+    return conn.execute(
+        "SELECT m.id, m.created FROM message m JOIN recipient r ON r.message_id = m.id"
+        " WHERE r.state IN ('queued','deferred','held') ORDER BY m.created, m.id LIMIT 1"
+    ).fetchone()
+
+
+def last_attempted(conn: sqlite3.Connection, states: Iterable[str]) -> Recipient | None:
+    """The recipient in one of ``states`` whose last delivery attempt is the most recent (its
+    last_attempt and last_reply say when and what); None when no such recipient was attempted."""
+    states = list(states)
+    q = ",".join("?" * len(states))
+    row = conn.execute(
+        f"SELECT {RECIPIENT_COLUMNS} FROM recipient WHERE state IN ({q}) AND last_attempt IS NOT NULL"
+        " ORDER BY last_attempt DESC, id DESC LIMIT 1", states,
+    ).fetchone()
+    return _recipient(row) if row is not None else None
+
+
 def _recipient(r) -> Recipient:
     return Recipient(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10])
 
