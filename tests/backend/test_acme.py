@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import ssl
 import stat
@@ -25,7 +24,7 @@ from backend.tls import certfiles, renew
 from backend.tls.acme import ACCOUNT_FILE, ACCOUNT_KEY, wanted_names
 from backend.tls.challenges import Challenges
 from backend.tls.selfsigned import write_self_signed
-from tests.backend.helpers import BACKEND_CLI, HOSTNAME, listener_block, wait_for, write_config
+from tests.backend.helpers import ALICE, BACKEND_CLI, HOSTNAME, RawSMTP, listener_block, running_backend, wait_for, write_config
 from tests.lab.nsd import NSD, zone_text
 from tests.lab.pebble import Pebble, pebble_version
 from tests.lab.ports import free_port
@@ -149,11 +148,11 @@ async def _tls_server(challenges: Challenges, port: int, tmp: Path, seen: set) -
     return await asyncio.start_server(serve, "127.0.0.1", port, ssl=front)
 
 
-def _renewer(lab: Lab, challenges: Challenges, metrics=None, **kw) -> renew.Renewer:
+def _renewer(config, challenges: Challenges, metrics=None, **kw) -> renew.Renewer:
     async def run_blocking(fn, *args):
         return await asyncio.to_thread(fn, *args)
 
-    return renew.Renewer(lab.config, challenges, metrics, run_blocking, **kw)
+    return renew.Renewer(config, challenges, metrics, run_blocking, **kw)
 
 
 async def _served_certificate(fullchain: Path, key: Path, root_pem: bytes, name: str) -> x509.Certificate:
@@ -199,7 +198,7 @@ async def test_http01_issuance_replaces_the_placeholder(lab, capsys):
     metrics = BackendMetrics()
     http = await _http01_server(challenges, lab.http_port)
     try:
-        r = _renewer(lab, challenges, metrics)
+        r = _renewer(lab.config, challenges, metrics)
         t0 = time.monotonic()
         assert await r.attempt(), lab.pebble.log()[-2000:]
         took = time.monotonic() - t0
@@ -230,7 +229,7 @@ async def test_tls_alpn01_issuance(tmp_path):
         seen: set = set()
         srv = await _tls_server(challenges, lab.tls_port, tmp_path, seen)
         try:
-            assert await _renewer(lab, challenges).attempt(), lab.pebble.log()[-2000:]
+            assert await _renewer(lab.config, challenges).attempt(), lab.pebble.log()[-2000:]
         finally:
             srv.close()
             await srv.wait_closed()
@@ -252,7 +251,7 @@ async def test_bad_nonces_are_retried(tmp_path, caplog):
         challenges = Challenges()
         http = await _http01_server(challenges, lab.http_port)
         try:
-            assert await _renewer(lab, challenges).attempt(), renew.load_state(lab.config.acme_dir).last_error
+            assert await _renewer(lab.config, challenges).attempt(), renew.load_state(lab.config.acme_dir).last_error
         finally:
             await http.cleanup()
         retries = [r for r in caplog.records if "badNonce" in r.getMessage()]
@@ -267,11 +266,11 @@ async def test_account_registered_once_and_reused(lab):
     challenges = Challenges()
     http = await _http01_server(challenges, lab.http_port)
     try:
-        r = _renewer(lab, challenges)
+        r = _renewer(lab.config, challenges)
         assert await r.attempt()
         account = json.loads((lab.config.acme_dir / ACCOUNT_FILE).read_text())
         first = certfiles.read_live(lab.config.acme_dir).serial
-        assert await _renewer(lab, challenges).attempt()  # a fresh Renewer: as after a restart
+        assert await _renewer(lab.config, challenges).attempt()  # a fresh Renewer: as after a restart
     finally:
         await http.cleanup()
     assert json.loads((lab.config.acme_dir / ACCOUNT_FILE).read_text())["uri"] == account["uri"]
@@ -287,10 +286,10 @@ async def test_pebble_down_backs_off_and_keeps_the_old_certificate(lab, caplog):
     metrics = BackendMetrics()
     http = await _http01_server(challenges, lab.http_port)
     try:
-        assert await _renewer(lab, challenges, metrics).attempt()
+        assert await _renewer(lab.config, challenges, metrics).attempt()
         old = certfiles.read_live(lab.config.acme_dir)
         lab.pebble.stop()
-        r = _renewer(lab, challenges, metrics)
+        r = _renewer(lab.config, challenges, metrics)
         before = time.time()
         assert not await r.attempt()
         s1 = renew.load_state(lab.config.acme_dir)
@@ -312,7 +311,7 @@ async def test_pebble_down_backs_off_and_keeps_the_old_certificate(lab, caplog):
         # Pebble back (it forgot every account: a new one is registered); a new process whose
         # clock is past the backoff renews on its own.
         lab.pebble.start()
-        r2 = _renewer(lab, challenges, metrics, now=lambda: time.time() + 200)
+        r2 = _renewer(lab.config, challenges, metrics, now=lambda: time.time() + 200)
         task = asyncio.create_task(r2.run())
         try:
             await wait_for(lambda: r2.attempts >= 1, timeout=30)
@@ -331,7 +330,7 @@ async def test_renewal_state_survives_a_restart(lab):
     challenges = Challenges()
     http = await _http01_server(challenges, lab.http_port)
     try:
-        assert await _renewer(lab, challenges).attempt()
+        assert await _renewer(lab.config, challenges).attempt()
     finally:
         await http.cleanup()
     state = renew.load_state(lab.config.acme_dir)
@@ -361,7 +360,7 @@ async def test_cert_status_and_renew_now_through_the_daemon(lab):
     renew.prepare(lab.config)
     challenges = Challenges()
     http = await _http01_server(challenges, lab.http_port)
-    renewer = _renewer(lab, challenges)
+    renewer = _renewer(lab.config, challenges)
     await renewer.listen_for_requests()
     try:
         # `cert renew --now` asks the running daemon (here: this renewer) and waits for the outcome.
@@ -417,10 +416,8 @@ listen_https = "127.0.0.1:{lab.tls_port}"
 """)
 
 
-async def _tls_serial(port: int, root: bytes, name: str, *, starttls: bool) -> tuple[int, "RawSMTP | None"]:
+async def _tls_serial(port: int, root: bytes, name: str, *, starttls: bool) -> tuple[int, RawSMTP]:
     """Handshake as a client trusting only Pebble's root (name checked); the serial it was shown."""
-    from tests.backend.helpers import RawSMTP
-
     ctx = ssl.create_default_context(cadata=root.decode())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     smtp = RawSMTP(reader, writer)
@@ -440,8 +437,6 @@ async def test_backend_issues_at_start_and_renews_without_restart(tmp_path, chal
     a certificate through the backend's own web face (port 80 tokens or 443 acme-tls/1), and STARTTLS,
     465 and HTTPS show it without a restart; a forced renewal shows a new serial to new handshakes
     while an SMTP session opened before it completes its transaction."""
-    from tests.backend.helpers import ALICE, running_backend
-
     zone = ZONE + "autoconfig A 127.0.0.1\n"
     with Lab(tmp_path, challenge=challenge) as lab:
         lab.nsd.reload({"example.org": zone_text("example.org", zone)})
@@ -462,7 +457,7 @@ async def test_backend_issues_at_start_and_renews_without_restart(tmp_path, chal
 
             # A session opened before the renewal, mid-transaction.
             assert (await old_session.cmd("EHLO client.example")).startswith("250")
-            assert (await old_session.cmd(f"MAIL FROM:<sender@example.net>")).startswith("250")
+            assert (await old_session.cmd("MAIL FROM:<sender@example.net>")).startswith("250")
             assert (await old_session.cmd(f"RCPT TO:<{ALICE}>")).startswith("250")
 
             b.renewer.request_now()  # what `cert renew --now` sends
@@ -478,3 +473,94 @@ async def test_backend_issues_at_start_and_renews_without_restart(tmp_path, chal
             assert x509.load_der_x509_certificate(der).serial_number == first.serial  # it kept its own
             old_session.close()
             assert b.challenges.http01 == {} and b.challenges.tls_alpn_context(HOSTNAME) is None
+
+
+# ---------------------------------------------------------------- dns-01
+
+
+@pytest.mark.asyncio
+async def test_dns01_by_rfc2136_update_with_tsig(tmp_path):
+    """dns-01 through a real RFC 2136 primary (Knot) that Pebble resolves through: our TSIG-signed
+    UPDATE puts the TXT records, Pebble finds them, and they are deleted after the order."""
+    from tests.lab.knot import Knot
+
+    with Knot({"example.org": zone_text("example.org", ZONE)}) as knot, \
+            Pebble(dns=f"127.0.0.1:{knot.port}", http_port=free_port(), tls_port=free_port()) as pebble:
+        cfg_path = write_config(tmp_path, listener_block("mx", "mx"), extra=f"""
+[acme]
+enabled = true
+directory = "{pebble.directory}"
+ca_bundle = "{pebble.ca_file}"
+challenge = "dns-01"
+names = ["mta-sts.example.org"]
+dns01_server = "127.0.0.1:{knot.port}"
+dns01_tsig_key_file = "{knot.key_file}"
+""")
+        config = load_config(cfg_path)
+        assert await _renewer(config, Challenges()).attempt(), renew.load_state(config.acme_dir).last_error
+        info = certfiles.read_live(config.acme_dir)
+        assert sorted(info.names) == sorted(NAMES) and "Pebble" in info.issuer
+        log = knot.log()
+        assert log.count("DDNS, processing 1 updates") >= 4, log  # an add and a delete per name
+        import dns.resolver
+
+        for name in NAMES:  # cleaned up
+            with pytest.raises(dns.resolver.NXDOMAIN):
+                knot.resolver().resolve(f"_acme-challenge.{name}", "TXT")
+
+
+HOOK = r'''#!{python}
+"""dns01_hook for the test: publishes through pebble-challtestsrv's management API."""
+import json, sys, urllib.request
+action, name, value = sys.argv[1:]
+with open({calls!r}, "a") as f:
+    f.write(f"{{action}} {{name}} {{value}}\n")
+path, body = ("/set-txt", {{"host": name + ".", "value": value}}) if action == "add" else ("/clear-txt", {{"host": name + "."}})
+urllib.request.urlopen("http://127.0.0.1:{port}" + path, data=json.dumps(body).encode(), timeout=5).read()
+'''
+
+
+@pytest.mark.asyncio
+async def test_dns01_by_hook(tmp_path):
+    """dns-01 through the operator's hook (HOOK add|remove NAME VALUE), here publishing into Pebble's
+    own challenge DNS server (pebble-challtestsrv), which Pebble resolves through."""
+    import sys
+
+    dns_port, mgmt = free_port(udp=True), free_port()
+    srv = subprocess.Popen(["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns_port}", "-management", f"127.0.0.1:{mgmt}",
+                            "-http01", "", "-https01", "", "-tlsalpn01", "", "-defaultIPv6", ""],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{mgmt}/clear-txt", data=b'{"host":"x."}', timeout=1).read()
+                return True
+            except OSError:
+                return False
+
+        await wait_for(up, timeout=15)
+        calls = tmp_path / "hook-calls"
+        hook = tmp_path / "dns-hook"
+        hook.write_text(HOOK.format(python=sys.executable, calls=str(calls), port=mgmt))
+        hook.chmod(0o755)
+        with Pebble(dns=f"127.0.0.1:{dns_port}", http_port=free_port(), tls_port=free_port()) as pebble:
+            cfg_path = write_config(tmp_path, listener_block("mx", "mx"), extra=f"""
+[acme]
+enabled = true
+directory = "{pebble.directory}"
+ca_bundle = "{pebble.ca_file}"
+challenge = "dns-01"
+names = ["mta-sts.example.org"]
+dns01_hook = "{hook}"
+""")
+            config = load_config(cfg_path)
+            assert await _renewer(config, Challenges()).attempt(), renew.load_state(config.acme_dir).last_error
+        lines = calls.read_text().splitlines()
+        assert sorted(line.split()[:2] for line in lines) == sorted(
+            [[a, f"_acme-challenge.{n}"] for n in NAMES for a in ("add", "remove")])
+        assert sorted(certfiles.read_live(config.acme_dir).names) == sorted(NAMES)
+    finally:
+        srv.terminate()
+        srv.wait(timeout=10)
