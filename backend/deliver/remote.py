@@ -38,13 +38,14 @@ from backend.deliver.connect import Connector
 from backend.deliver.mtasts import MTASTS, STORE_FILE, PolicyStore
 from backend.deliver.mx import PermanentFailure, TemporaryFailure
 from backend.deliver.pool import POOL_IDLE_TIMEOUT, Pool
-from backend.deliver.tlspolicy import TLS_NONE, Destinations, Target, destination_of
-from backend.deliver.transaction import HostFailure, Transaction
+from backend.deliver.tlspolicy import SMARTHOST, TLS_NONE, Destinations, Target, destination_of
+from backend.deliver.transaction import R_TLS_NOT_OFFERED, HostFailure, Transaction
 from backend.dns.resolver import make_resolver
 from backend.metrics import BackendMetrics
 from backend.queue.runner import retry_delay_for
 from backend.queue.model import BOUNCED, DEFERRED, NewMessage, NewRecipient, QueueEntry, Recipient
 from backend.queue.store import Queue
+from backend.reports import tlsrpt
 
 log = logging.getLogger("homemx.delivery")
 
@@ -113,7 +114,10 @@ class Deliverer:
             store = PolicyStore(config.server.data_dir / STORE_FILE)
             mtasts = MTASTS(self.resolver, now=now, store=store, run_blocking=run_blocking)
         self.mtasts = mtasts
-        self.destinations = Destinations(self.d, self.resolver, mtasts)
+        # TLS-RPT (RFC 8460): every new session's TLS outcome, under the policy it was made with.
+        self.policies = tlsrpt.PolicyMemo(mtasts) if mtasts is not None else None
+        self.tls_outcomes = tlsrpt.Recorder(config.server.data_dir, metrics, run_blocking, now)
+        self.destinations = Destinations(self.d, self.resolver, self.policies)
         self.pool = Pool(
             Connector(config, ca_file).open, self.d.command_timeout, monotonic=monotonic, idle_timeout=pool_idle_timeout
         )
@@ -192,10 +196,10 @@ class Deliverer:
         except TemporaryFailure as e:
             return {r.id: (DEFERRED, e.reply, None, TLS_NONE) for r in rcpts}
         async with self._global, self._semaphore(dest):
-            return await self._try_targets(entry, content, targets, rcpts)
+            return await self._try_targets(entry, content, targets, rcpts, dest)
 
     async def _try_targets(
-        self, entry: QueueEntry, content: bytes, targets: list[Target], rcpts: list[Recipient]
+        self, entry: QueueEntry, content: bytes, targets: list[Target], rcpts: list[Recipient], dest: str = SMARTHOST
     ) -> Outcomes:
         """Hosts in order until every recipient is decided; what is left is deferred with the last reply."""
         outcomes: Outcomes = {}
@@ -206,9 +210,12 @@ class Deliverer:
             try:
                 session = await self.pool.session(target)
             except HostFailure as e:
+                await self._tls_outcome(dest, target, failure=e)
                 last_reply = e.reply
                 log.info("queue=%s %s: %s (trying next host)", entry.id, target.peer, e.reply)
                 continue
+            if session.uses == 0:  # a new session (a pooled one was counted when it was opened)
+                await self._tls_outcome(dest, target, session=session)
             session.uses += 1
             try:
                 decided, reusable = await Transaction(session.client, session.peer, self.d.command_timeout).run(
@@ -241,6 +248,19 @@ class Deliverer:
         for r in pending:
             outcomes[r.id] = (DEFERRED, last_reply, None, TLS_NONE)
         return outcomes
+
+    async def _tls_outcome(self, dest: str, target: Target, *, session=None, failure: HostFailure | None = None):
+        """Record a new session's TLS outcome for TLS-RPT (not for the smarthost: no policy domain)."""
+        if dest == SMARTHOST:
+            return
+        if failure is not None:
+            result = tlsrpt.failure_type(failure, R_TLS_NOT_OFFERED.partition("{")[0])
+            if result is None:  # TLS was never tried (unreachable, refused before STARTTLS)
+                return
+        else:
+            result = tlsrpt.session_type(session.tls, session.client.supports_extension("starttls"), TLS_NONE)
+        info = self.policies.info(dest) if self.policies is not None else tlsrpt.policy_info(dest, None)
+        await self.tls_outcomes.session(info, result, target.host_name, target.address)
 
     # ------------------------------------------------------------ recording and DSNs
 
