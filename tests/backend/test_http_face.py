@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import google_crc32c
+from cryptography import x509
 import pytest
 import pytest_asyncio
 
@@ -29,7 +30,7 @@ from backend.dns.records import build_records, mta_sts_id
 from backend.http.routes import host_name
 from backend.queue.model import DEFERRED, DELIVERED
 from backend.run import Backend
-from backend.tls.challenges import Challenges
+from backend.tls.challenges import ID_PE_ACME_IDENTIFIER, tls_alpn_certificate
 from gateway.proxyv2 import encode_local_v2, encode_proxy_v2
 from tests.backend.helpers import DOMAIN, HOSTNAME, client_tls, listener_block, write_config, write_users
 from tests.conftest import require_tool
@@ -123,8 +124,6 @@ class Answer:
 async def start(tmp_path, *, listeners: str = SUBMISSION_LISTENERS, http: str | None = None, dns: str = "enforce"):
     cfg = write_config(tmp_path, listeners, extra=f'[dns]\nmta_sts_mode = "{dns}"\n\n{http or http_table()}')
     backend = Backend(load_config(cfg))
-    if not hasattr(backend, "challenges"):
-        backend.challenges = Challenges()  # until run.py makes the one store of the daemon itself
     await backend.start()
     return backend
 
@@ -237,6 +236,32 @@ async def test_port_80_serves_http01_tokens_from_the_challenge_store(face):
     assert (await face.get("https", HOSTNAME, f"/.well-known/acme-challenge/{token}")).status == 404  # port 80 only
     face.backend.challenges.remove_http01(token)
     assert (await face.get("http", HOSTNAME, f"/.well-known/acme-challenge/{token}")).status == 404
+
+
+@pytest.mark.asyncio
+async def test_port_443_behind_the_proxy_header_answers_tls_alpn_01(face):
+    """RFC 8737 through the gateway: a CA's handshake (SNI = the name, ALPN acme-tls/1) after the
+    PROXY header gets the challenge certificate; a handshake for another name gets the real one."""
+    name = f"mta-sts.{DOMAIN}"
+    face.backend.challenges.put_tls_alpn(name, *tls_alpn_certificate(name, "token.thumbprint"))
+
+    async def handshake(alpn: list[str] | None, sni: str = name) -> tuple[x509.Certificate, str | None]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", face.port("https"))
+        writer.write(encode_proxy_v2(REAL_CLIENT, ("192.0.2.25", 443)))
+        ctx = client_tls()
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        await writer.start_tls(ctx, server_hostname=sni)
+        tls = writer.get_extra_info("ssl_object")
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        writer.close()
+        return cert, tls.selected_alpn_protocol()
+
+    cert, alpn = await handshake(["acme-tls/1"])
+    assert alpn == "acme-tls/1"
+    assert cert.extensions.get_extension_for_oid(ID_PE_ACME_IDENTIFIER).critical
+    cert, alpn = await handshake(None, sni=HOSTNAME)
+    assert alpn is None and cert.subject.rfc4514_string() == f"CN={HOSTNAME}"
 
 
 # ---------------------------------------------------------------- autoconfig
