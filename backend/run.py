@@ -145,7 +145,7 @@ class Backend:
             if cfg.http.enabled:
                 # 443 answers TLS-ALPN-01 too (acme=True): a CA validating a name connects there.
                 https_tls = self.server_tls.front_context(acme=True) if self.server_tls is not None else None
-                self.http_face = HTTPFace(cfg, tls_context=https_tls, challenges=getattr(self, "challenges", None),
+                self.http_face = HTTPFace(cfg, tls_context=https_tls, challenges=self.challenges,
                                           metrics=self.metrics, proxy_timeout=self.proxy_timeout)
                 await self.http_face.start()
         except Exception:
