@@ -375,6 +375,7 @@ class _BackendFile(_Table):
 
     server: ServerConfig = Field(default={}, validate_default=True)
     tls: TLSConfig = TLSConfig()
+    acme: ACMEConfig = ACMEConfig()  # before listener: with ACME on, listeners need no [tls] cert
     listener: list[ListenerConfig] = Field(default=[], validate_default=True)
     domain: dict[Domain, _DomainTable] = Field(default={}, validate_default=True)
     users: _UsersTable = Field(default={}, validate_default=True)
@@ -384,7 +385,6 @@ class _BackendFile(_Table):
     dns: DNSConfig = DNSConfig()
     auth: AuthConfig = AuthConfig()
     rspamd: RspamdConfig | None = None
-    acme: ACMEConfig = ACMEConfig()
     http: HTTPConfig = HTTPConfig()
 
     @field_validator("listener", mode="wrap")
@@ -394,6 +394,8 @@ class _BackendFile(_Table):
         if value == []:
             problems.append(((), "at least one [[listener]] table is required"))
         tls, server = info.data.get("tls"), info.data.get("server")
+        if getattr(info.data.get("acme"), "enabled", False):
+            tls = None  # the certificate comes from ACME (a self-signed placeholder until issued)
         binds: list[tuple[tuple[str, int], str]] = []
         if server is not None and server.metrics_listen is not None:
             binds.append((server.metrics_listen, "server.metrics_listen"))

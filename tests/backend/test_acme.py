@@ -564,3 +564,19 @@ dns01_hook = "{hook}"
     finally:
         srv.terminate()
         srv.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_with_acme_on_listeners_need_no_tls_certificate(tmp_path):
+    from backend.config import ConfigError
+
+    path = write_config(tmp_path, listener_block("mx", "mx") + listener_block("submissions", "submissions"))
+    text = re.sub(r"\[tls\]\ncert = .*\nkey = .*\n", "", path.read_text())
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"needs \[tls\] cert and key"):
+        load_config(path)
+    path.write_text(text + '\n[acme]\nenabled = true\ndirectory = "https://127.0.0.1:14000/dir"\n')
+    cfg = load_config(path)
+    assert cfg.tls.cert is None and cfg.acme.enabled
