@@ -79,6 +79,7 @@ class DNSSelfCheck:
         self.previous, self.last_run = results, when
         doc = {"timestamp": when, "interval": self.interval, **report.to_json()}
         try:
+            result_path(self.config).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(result_path(self.config), json.dumps(doc, indent=1).encode(), 0o644)
         except OSError as e:
             log.error("dns self-check: cannot store the result in %s: %s", result_path(self.config), e)

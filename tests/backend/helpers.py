@@ -118,6 +118,10 @@ passwd_file = "{tmp}/passwd"
         # Keep every DNS lookup of a test on loopback: a closed port answers "refused" at once,
         # so remote recipients are deferred instead of querying the machine's resolver.
         text += '\n[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
+    if "[dns]" not in extra:
+        # No DNS here either: the daemon's periodic DNS self-check would only time out and log
+        # failures. Its own tests (test_dns_selfcheck.py) turn it on against a real nsd.
+        text += "\n[dns]\nself_check_interval = 0\n"
     path = tmp / "backend.toml"
     path.write_text(text)
     return path
