@@ -29,7 +29,10 @@ def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Cal
     message from a domain without keys passes through unsigned (CRLF-canonical either way).
     """
     for k in keys:
-        dkim_keys.load_key(k)  # raises DKIMKeyError naming the file
+        # Read from the file itself (load_key would fall back on a key cached before): raises
+        # DKIMKeyError naming the file, so a start or a reload never takes a broken key.
+        dkim_keys.load_private_key(k.private_key, k.algorithm)
+        dkim_keys.load_key(k)
 
     def sign(message: bytes, envelope_sender: str) -> bytes:
         message, signatures = dkim.make_signatures(message, keys)

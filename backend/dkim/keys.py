@@ -7,6 +7,7 @@ function here is thread-safe: signing runs in worker threads and loads keys thro
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from backend.durable import write_secret
+
+log = logging.getLogger("homemx.dkim")
 
 RSA_BITS = 2048  # RFC 8301 3.2: signers MUST use at least 1024 bits, SHOULD use 2048
 ALGORITHMS = ("rsa", "ed25519")
@@ -90,26 +93,43 @@ def public_key_bytes(key) -> bytes:
 
 _cache_lock = threading.Lock()
 _key_cache: dict[tuple[str, str, str, str], tuple[tuple[int, int], LoadedKey]] = {}
+_broken_stamp: dict[tuple[str, str, str, str], tuple[int, int] | None] = {}  # broken versions already reported
 
 
 def load_key(entry: DKIMKeyLike) -> LoadedKey:
-    """Load (once) the key an entry names. Reloaded when the file changes (key rotation)."""
+    """Load (once) the key an entry names. Reloaded when the file changes (key rotation); when the
+    changed file does not load (a copy half done), the key loaded before keeps signing and one
+    warning per broken version says why: every submission would get 451 otherwise."""
     path = Path(entry.private_key)
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise DKIMKeyError(f"{path}: cannot read: {e.strerror}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
     ident = (str(path), entry.algorithm, entry.domain.lower(), entry.selector)
+    stamp = _stamp(path)
     with _cache_lock:
         hit = _key_cache.get(ident)
-    if hit is not None and hit[0] == stamp:
+    if hit is not None and stamp is not None and hit[0] == stamp:
         return hit[1]
-    key = load_private_key(path, entry.algorithm)
+    try:
+        key = load_private_key(path, entry.algorithm)  # a missing file: DKIMKeyError "cannot read"
+    except DKIMKeyError as e:
+        if hit is None:
+            raise
+        with _cache_lock:
+            first = _broken_stamp.get(ident) != stamp
+            _broken_stamp[ident] = stamp
+        if first:
+            log.warning("dkim: %s; signing with the key loaded before", e)
+        return hit[1]
     loaded = LoadedKey(entry.domain.lower(), entry.selector, entry.algorithm, key, public_key_bytes(key))
     with _cache_lock:
         _key_cache[ident] = (stamp, loaded)
     return loaded
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 # ---------------------------------------------------------------- TXT records

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 
+import aiosmtplib
 import dkim as dkimpy
 import pytest
 from cryptography import x509
@@ -173,6 +174,37 @@ def test_the_tls_alpn_challenge_answers_only_on_fronts_made_for_acme(tmp_path):
     challenges.remove_tls_alpn(HOSTNAME)
     serial, _ = over_socketpair(holder.front_context(acme=True))
     assert serial == real
+
+
+@pytest.mark.asyncio
+async def test_a_dkim_key_file_broken_in_place_keeps_signing_with_the_key_loaded_before(tmp_path, capsys, caplog):
+    """A key file rewritten in place (a copy half done) used to make every submission 451; the
+    loaded key keeps signing, one warning says why, and reload() refuses the file."""
+    toml, records = dkim_tables(tmp_path, capsys, "dkim")
+    cfg = write_config(tmp_path, listener_block("sub", "submission", auth_failure_delay=0), extra=toml)
+    key_file = next((tmp_path / "dkim").iterdir())
+    async with running_backend(cfg) as b:
+        port = b.bound_port("sub")
+
+        async def submit_one(subject: str) -> None:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, tls_context=client_tls()) as smtp:
+                await smtp.login(ALICE, ALICE_PW)
+                await smtp.sendmail(ALICE, [BOB], f"From: {ALICE}\r\nTo: {BOB}\r\nSubject: {subject}\r\n\r\nbody\r\n")
+
+        await submit_one("before")
+        key_file.write_text("-----BEGIN PRIVATE KEY-----\ncut short\n")
+        with caplog.at_level(logging.WARNING):
+            await submit_one("after 1")
+            await submit_one("after 2")
+        delivered = await wait_for(lambda: len(maildir_files(tmp_path, BOB)) == 3 and maildir_files(tmp_path, BOB))
+        for path in delivered:  # all three signed by the key that was loaded, and they verify
+            assert dkimpy.verify(path.read_bytes().replace(b"\n", b"\r\n"), dnsfunc=lambda name, timeout=5: records.get(name))
+        assert len([r for r in caplog.records if str(key_file) in r.getMessage()]) == 1
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert b.reload() is False
+        [line] = [r.getMessage() for r in caplog.records if "reload" in r.getMessage()]
+        assert "dkim: kept 1 keys" in line and str(key_file) in line
 
 
 # ---------------------------------------------------------------- SIGHUP to a real daemon
