@@ -215,6 +215,9 @@ class MTASTS:
         self.run_blocking = run_blocking
         self._loaded: asyncio.Future | None = None  # the one load of the store, shared by all callers
         self._http: aiohttp.ClientSession | None = None  # one HTTP client (and connection pool) per MTASTS
+        # The last policy fetch that failed, per domain, until TLS-RPT takes it (reports/tlsrpt.py):
+        # ("fetch" | "invalid", the error). "invalid": the body came but is no policy.
+        self.failures: dict[str, tuple[str, Exception]] = {}
 
     async def _load_store(self) -> None:
         """Fill the cache from the store once (the first lookup after start waits for it)."""
@@ -276,6 +279,7 @@ class MTASTS:
             return cached
         if cached is not None and cached.id == pid:
             return cached
+        text = None
         try:
             text = await asyncio.wait_for(self.fetcher(domain), self.timeout)
             pol = parse_policy(text, pid, now)
@@ -283,6 +287,7 @@ class MTASTS:
             # RFC 8461 5.1: on a failed refresh keep using a still-valid cached policy; with none,
             # deliver as if the domain had no policy (it is not an error to skip MTA-STS then).
             log.warning("mta-sts: policy fetch for %s failed: %s", domain, e)
+            self.failures[domain] = ("invalid" if text is not None else "fetch", e)
             return cached
         self._cache[domain] = pol
         if self.store is not None:

@@ -115,8 +115,8 @@ class Deliverer:
             mtasts = MTASTS(self.resolver, now=now, store=store, run_blocking=run_blocking)
         self.mtasts = mtasts
         # TLS-RPT (RFC 8460): every new session's TLS outcome, under the policy it was made with.
-        self.policies = tlsrpt.PolicyMemo(mtasts) if mtasts is not None else None
         self.tls_outcomes = tlsrpt.Recorder(config.server.data_dir, metrics, run_blocking, now)
+        self.policies = tlsrpt.PolicyMemo(mtasts, self.tls_outcomes) if mtasts is not None else None
         self.destinations = Destinations(self.d, self.resolver, self.policies)
         self.pool = Pool(
             Connector(config, ca_file).open, self.d.command_timeout, monotonic=monotonic, idle_timeout=pool_idle_timeout

@@ -13,8 +13,9 @@ and queues it (from ``<>``, like a DSN: a report that cannot be delivered never 
 every day). https: rua (RFC 8460 5.4) is not supported: such domains are skipped with a log line.
 A report is marked sent after it is queued: a crash in between sends it twice, never not at all.
 
-Not recorded (yet): MTA-STS policy fetch errors (sts-policy-fetch-error; deliver/mtasts.py logs
-them), and destinations whose MX names no MTA-STS policy allows (no session is opened).
+A failed MTA-STS policy fetch (deliver/mtasts.py) counts as one failed session of its domain
+(sts-policy-fetch-error, sts-policy-invalid or sts-webpki-invalid). Not recorded: destinations
+whose MX hosts no MTA-STS policy allows (no session is opened; the deferral names it).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
 CERTIFICATE_EXPIRED = "certificate-expired"
 CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
 VALIDATION_FAILURE = "validation-failure"
+STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
+STS_POLICY_INVALID = "sts-policy-invalid"
+STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
 STS, NO_POLICY = "sts", "no-policy-found"
 
@@ -176,17 +180,36 @@ class Recorder:
             self._failing = False
 
 
+def policy_failure_type(kind: str, error: BaseException) -> str:
+    """RFC 8460 4.3.2.2: the result type of a failed MTA-STS policy fetch (deliver/mtasts.py's
+    kind: "invalid" when a body came that is no policy, "fetch" otherwise)."""
+    if kind == "invalid":
+        return STS_POLICY_INVALID
+    err = _ssl_cause(error) or getattr(error, "certificate_error", None)  # aiohttp keeps it there
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return STS_WEBPKI_INVALID  # the policy host's certificate did not verify (RFC 8461 3.3)
+    return STS_POLICY_FETCH_ERROR
+
+
 class PolicyMemo:
     """The MTA-STS lookups of delivery, remembering the policy last in force per domain, so the
-    sessions to its MX hosts are recorded under it (no second lookup)."""
+    sessions to its MX hosts are recorded under it (no second lookup); a failed policy fetch is
+    recorded as one failed session of the domain (RFC 8460 4.3.2.2)."""
 
-    def __init__(self, mtasts):
+    def __init__(self, mtasts, recorder: "Recorder | None" = None):
         self.mtasts = mtasts
+        self.recorder = recorder
         self.last: dict[str, object] = {}
 
     async def policy(self, domain: str):
+        domain = domain.lower().rstrip(".")
         pol = await self.mtasts.policy(domain)
-        self.last[domain.lower().rstrip(".")] = pol
+        self.last[domain] = pol
+        # Several deliveries may share one fetch: the first to look takes its failure.
+        failed = getattr(self.mtasts, "failures", {}).pop(domain, None)
+        if failed is not None and self.recorder is not None:
+            info = policy_info(domain, pol) if pol is not None else PolicyInfo(domain, STS)
+            await self.recorder.session(info, policy_failure_type(*failed), "", "")
         return pol
 
     def info(self, domain: str) -> PolicyInfo:
@@ -236,7 +259,7 @@ def report_json(conn, day: str, domain: str, organization: str, contact: str, re
             (day, domain, ptype, pstring),
         ).fetchall()
         policy = {"policy-type": ptype, "policy-domain": domain}
-        if ptype == STS:
+        if ptype == STS and json.loads(pstring):  # none when the policy could not be fetched
             policy["policy-string"] = json.loads(pstring)
             policy["mx-host"] = json.loads(mx_host)
         entry = {
@@ -247,8 +270,10 @@ def report_json(conn, day: str, domain: str, organization: str, contact: str, re
             },
         }
         if failures:
+            # A policy fetch failure has no MX: its receiving-* fields are left out (they are optional).
             entry["failure-details"] = [
-                {"result-type": rt, "receiving-mx-hostname": mx, "receiving-ip": ip, "failed-session-count": n}
+                {"result-type": rt, **({"receiving-mx-hostname": mx} if mx else {}),
+                 **({"receiving-ip": ip} if ip else {}), "failed-session-count": n}
                 for rt, mx, ip, n in failures
             ]
         policies.append(entry)

@@ -197,9 +197,9 @@ class Runner:
         self.metrics = BackendMetrics()
         self.runner = QueueRunner(self.config, self.queue, self.metrics, lambda fn, *a: asyncio.to_thread(fn, *a))
 
-    async def deliver(self, content: bytes, rcpt: str = RUA) -> str:
+    async def deliver(self, content: bytes, rcpt: str = RUA, folder: str | None = None) -> str:
         qid = self.queue.enqueue(NewMessage(sender="noreply@reporter.test", recipients=(NewRecipient(rcpt, rcpt, True),),
-                                            content=content, listener="mx"))
+                                            content=content, listener="mx", folder=folder))
         await self.runner.run_once()
         return qid
 
@@ -284,6 +284,16 @@ async def test_mail_to_other_addresses_is_not_read_as_a_report(tmp_path, runner)
     qid = await runner.deliver(google_style("not-rua", GOOD), rcpt="alice@example.org")
     assert runner.state(qid) == "delivered"
     assert stored(tmp_path) == ([], [])
+
+
+@pytest.mark.asyncio
+async def test_a_report_the_inbound_checks_filed_as_junk_is_not_read(tmp_path, runner):
+    """A forged "report" (failing DMARC, filed as Junk) must not make up sources and verdicts."""
+    qid = await runner.deliver(google_style("junk-1", MIXED), folder="Junk")
+    assert runner.state(qid) == "delivered"
+    assert stored(tmp_path) == ([], [])
+    qid = await runner.deliver(google_style("inbox-1", MIXED))
+    assert len(stored(tmp_path)[0]) == 1
 
 
 HOSTILE = {

@@ -47,6 +47,21 @@ _smtp._tls.plain.test.    IN TXT "v=TLSRPTv1;rua=https://tlsrpt.plain.test/v1,ma
 quiet.test.               IN MX 10 mx.quiet.test.
 mx.quiet.test.            IN A  127.0.0.35
 _smtp._tls.quiet.test.    IN TXT "v=TLSRPTv1; rua=https://tlsrpt.quiet.test/v1"
+webpki.test.              IN MX 10 mx.webpki.test.
+mx.webpki.test.           IN A  127.0.0.36
+_mta-sts.webpki.test.     IN TXT "v=STSv1; id=1"
+mta-sts.webpki.test.      IN A  127.0.0.1
+_smtp._tls.webpki.test.   IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@webpki.test"
+nohttps.test.             IN MX 10 mx.nohttps.test.
+mx.nohttps.test.          IN A  127.0.0.37
+_mta-sts.nohttps.test.    IN TXT "v=STSv1; id=1"
+mta-sts.nohttps.test.     IN A  127.0.0.38
+_smtp._tls.nohttps.test.  IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@nohttps.test"
+badpolicy.test.           IN MX 10 mx.badpolicy.test.
+mx.badpolicy.test.        IN A  127.0.0.39
+_mta-sts.badpolicy.test.  IN TXT "v=STSv1; id=1"
+mta-sts.badpolicy.test.   IN A  127.0.0.1
+_smtp._tls.badpolicy.test. IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@badpolicy.test"
 """
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.remote.test\r\nmax_age: 86400\r\n"
 
@@ -60,7 +75,9 @@ def dns_server():
 
 @pytest_asyncio.fixture
 async def policy_server(ca):  # noqa: F811
-    srv = await PolicyServer(ca.server_context("mta-sts.remote.test"), {"mta-sts.remote.test": POLICY}).start()
+    # Its certificate names remote.test's and badpolicy.test's policy hosts, not webpki.test's.
+    srv = await PolicyServer(ca.server_context("mta-sts.remote.test", "mta-sts.badpolicy.test"),
+                             {"mta-sts.remote.test": POLICY, "mta-sts.badpolicy.test": "this is no policy\n"}).start()
     try:
         yield srv
     finally:
@@ -216,6 +233,44 @@ async def test_failed_starttls_and_certificate_mismatch_are_reported_to_the_rua(
         }]
         assert h.metric("homemx_backend_tlsrpt_reports_total", {"outcome": "queued"}) == 2
         assert h.metric("homemx_backend_tlsrpt_reports_total", {"outcome": "skipped"}) == 1
+    finally:
+        await h.close()
+
+
+@pytest.mark.asyncio
+async def test_failed_policy_fetches_are_reported(tmp_path, dns_server, ca, receivers, policy_server):  # noqa: F811
+    """RFC 8460 4.3.2.2: a policy host whose certificate does not verify, one that cannot be
+    reached, and one that serves no policy: each delivery (opportunistic then, RFC 8461 5.1) adds
+    one failed session of its type beside the successful SMTP session."""
+    for i, name in ((36, "webpki"), (37, "nohttps"), (39, "badpolicy")):
+        await receivers.start(f"127.0.0.{i}", Sink(), tls_context=ca.server_context(f"mx.{name}.test"))
+    config = backend_config(tmp_path, delivery={
+        "nameservers": [dns_server.address], "dns_port": dns_server.port, "remote_port": receivers.port,
+        "source_address": SOURCE, "mta_sts": True, "connect_timeout": "5s", "command_timeout": "10s",
+    })
+    h = Harness(tmp_path, config, ca_file=ca.ca_file, mtasts_port=policy_server.port)
+    try:
+        qid = h.submit("alice@example.org", ["a@webpki.test", "b@nohttps.test", "c@badpolicy.test"])
+        await h.round()
+        assert {s for s, _ in h.states(qid).values()} == {DELIVERED}
+        resolver = make_resolver(config.delivery.nameservers, config.delivery.dns_port, timeout=3.0)
+        reporter = tlsrpt.Reporter(config, h.queue, h.metrics, run_blocking, resolver, None, now=h.clock)
+        h.clock.advance(86400)
+        assert len(await reporter.run_once()) == 3
+        got = {}
+        for e in h.others(qid):
+            _, _, report = report_of(h.queue.content(e.id))
+            check_report(report)
+            got[e.recipients[0].address] = {
+                (p["policy"]["policy-type"], p["summary"]["total-successful-session-count"],
+                 tuple(f["result-type"] for f in p.get("failure-details", [])))
+                for p in report["policies"]
+            }
+        assert got == {
+            "tlsrpt@webpki.test": {("sts", 0, ("sts-webpki-invalid",)), ("no-policy-found", 1, ())},
+            "tlsrpt@nohttps.test": {("sts", 0, ("sts-policy-fetch-error",)), ("no-policy-found", 1, ())},
+            "tlsrpt@badpolicy.test": {("sts", 0, ("sts-policy-invalid",)), ("no-policy-found", 1, ())},
+        }
     finally:
         await h.close()
 
