@@ -14,6 +14,8 @@ backend's [acme] ca_bundle); the root that signs the certificates it issues is `
 Environment (Pebble's README): PEBBLE_VA_NOSLEEP=1 (no random validation delay),
 PEBBLE_VA_ALWAYS_VALID=0 (really validate), PEBBLE_AUTHZREUSE=0 (every order validates again),
 PEBBLE_WFE_NONCEREJECT=``nonce_reject`` percent (0 unless a test asks for badNonce errors).
+With ``netns_exec`` (e.g. ``["ip", "netns", "exec", "lab-internet"]``) it runs inside that network
+namespace on its usual ports 14000 (ACME) and 15000 (management), and is asked from there too.
 """
 
 from __future__ import annotations
@@ -110,8 +112,11 @@ class Pebble:
         self.nonce_reject = nonce_reject
         self.validity = validity  # certificate lifetime in seconds (Pebble's default: 5 years)
         self.netns_exec = list(netns_exec)
-        self.port = free_port(address)
-        self.management_port = free_port(address)
+        if self.netns_exec:
+            # Inside a namespace the test owns the port space: Pebble's usual ports.
+            self.port, self.management_port = 14000, 15000
+        else:
+            self.port, self.management_port = free_port(address), free_port(address)
         self.workdir = Path(tempfile.mkdtemp(prefix="homemx-pebble-"))
         self.ca_file = self.workdir / "api-ca.pem"
         self.proc: subprocess.Popen | None = None
@@ -121,8 +126,17 @@ class Pebble:
     def directory(self) -> str:
         return f"https://{self.address}:{self.port}/dir"
 
-    def _client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
+    def _get(self, url: str, timeout: float) -> bytes:
+        """GET over HTTPS trusting ``ca_file``, from where Pebble listens (its namespace, if any)."""
+        if not self.netns_exec:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file))
+            with urllib.request.urlopen(url, context=ctx, timeout=timeout) as r:
+                return r.read()
+        cmd = [*self.netns_exec, "curl", "-sSf", "--max-time", str(timeout), "--cacert", str(self.ca_file), url]
+        r = subprocess.run(cmd, capture_output=True)
+        if r.returncode != 0:
+            raise OSError(r.stderr.decode(errors="replace").strip())
+        return r.stdout
 
     def _write(self) -> None:
         self.ca_file.write_bytes(self._ca_pem)
@@ -167,14 +181,12 @@ class Pebble:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        ctx = self._client_context()
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise PebbleError("pebble exited")
             try:
-                with urllib.request.urlopen(self.directory, context=ctx, timeout=2) as r:
-                    if r.status == 200:
-                        return
+                self._get(self.directory, timeout=2)
+                return
             except OSError:
                 pass
             time.sleep(0.05)
@@ -189,9 +201,7 @@ class Pebble:
     def issuer_root(self) -> bytes:
         """The PEM root Pebble's issued certificates chain to (its management interface; a new
         one every start)."""
-        url = f"https://{self.address}:{self.management_port}/roots/0"
-        with urllib.request.urlopen(url, context=self._client_context(), timeout=5) as r:
-            return r.read()
+        return self._get(f"https://{self.address}:{self.management_port}/roots/0", timeout=5)
 
     def stop(self) -> None:
         """Stop Pebble (its whole session). Safe to call twice; the address and ports stay this
