@@ -220,45 +220,61 @@ def queue(report: Report, cfg: BackendConfig, now: float) -> None:
 
 
 def certificate_path(cfg: BackendConfig) -> Path | None:
-    """The certificate file the config serves: the ACME live chain while [acme] is on (when it
-    exists: until the first issuance the daemon serves [tls] cert), else [tls] cert."""
+    """The certificate file the config serves (as backend/tls/context.py ServerTLS.from_config
+    picks it): the ACME live chain while [acme] is on, else [tls] cert."""
     if cfg.acme.enabled:
-        live = cfg.acme_dir / "live" / "fullchain.pem"
-        if live.exists():
-            return live
+        from backend.tls.certfiles import live_paths
+
+        return live_paths(cfg.acme_dir)[0]
     return cfg.tls.cert
 
 
 def certificate(report: Report, cfg: BackendConfig, now: float) -> None:
-    from cryptography import x509
+    """Expiry of the served certificate; with ACME, also a placeholder still in service and the
+    last renewal's failure (backend/tls/renew.py state)."""
+    from backend.tls.certfiles import cert_info
 
     path = certificate_path(cfg)
     if path is None:
         report.add("certificate", OFF, "none configured (no TLS)")
         return
     try:
-        leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        info = cert_info(path.read_bytes())
     except OSError as e:
         report.add("certificate", ATTENTION, f"cannot read {path}: {e.strerror or e}", path=str(path))
         return
     except ValueError as e:
         report.add("certificate", ATTENTION, f"{path} is not a PEM certificate: {e}", path=str(path))
         return
-    try:
-        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    not_after = leaf.not_valid_after_utc.timestamp()
-    days = (not_after - now) / 86400
-    data = {"path": str(path), "names": names, "not_after": not_after, "days_left": round(days, 2),
-            "issuer": leaf.issuer.rfc4514_string(), "self_signed": leaf.issuer == leaf.subject}
+    days = info.days_left(now)
+    data = {"path": str(path), "names": list(info.names), "issuer": info.issuer, "not_after": info.not_after,
+            "days_left": round(days, 2), "self_signed": info.placeholder, "acme": None}
     if days < 0:
-        summary = f"{path} EXPIRED {utc(not_after)} ({ago(-days * 86400)} ago)"
+        summary = f"{path} EXPIRED {utc(info.not_after)} ({ago(-days * 86400)} ago)"
     else:
-        summary = f"{path} expires {utc(not_after)} (in {days:.0f} days)"
-    problems = [f"{path} expires in {days:.1f} days: renew it"] if 0 <= days < CERT_WARN_DAYS else None
-    report.add("certificate", ATTENTION if days < CERT_WARN_DAYS else OK, summary,
-               [f"names: {', '.join(names) or '-'}; issuer {data['issuer']}"], problems, **data)
+        summary = f"{path} expires {utc(info.not_after)} (in {days:.0f} days)"
+    problems = []
+    if 0 <= days < CERT_WARN_DAYS:
+        problems.append(f"{path} expires in {days:.1f} days: renew it")
+    elif days < 0:
+        problems.append(summary)
+    details = [f"names: {', '.join(info.names) or '-'}; issuer {info.issuer}"]
+    if cfg.acme.enabled:
+        from backend.tls.renew import load_state
+
+        state = load_state(cfg.acme_dir)
+        data["acme"] = {"last_result": state.last_result, "last_attempt": state.last_attempt,
+                        "last_error": state.last_error, "failures": state.failures,
+                        "next_attempt": state.next_attempt}
+        if info.placeholder:
+            problems.append("the self-signed placeholder is served: no certificate has been issued yet")
+        if state.last_result == "failure":
+            problems.append(f"the last renewal ({utc(state.last_attempt or 0)}) failed: {state.last_error} "
+                            f"({state.failures} in a row); `homemx-backend cert renew --now` retries")
+        if state.last_attempt is not None:
+            details.append(f"ACME: last attempt {utc(state.last_attempt)} {state.last_result or '-'}"
+                           + (f", next {utc(state.next_attempt)}" if state.next_attempt else ""))
+    report.add("certificate", ATTENTION if problems else OK, summary, details, problems, **data)
 
 
 def dns_check(report: Report, cfg: BackendConfig, now: float) -> None:

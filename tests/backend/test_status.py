@@ -200,3 +200,32 @@ async def test_unreadable_config_exits_2_with_one_line(tmp_path):
     assert code == 2
     assert out == ""
     assert err.splitlines() == [f"homemx-backend: config error: {tmp_path / 'missing.toml'}: cannot read: No such file or directory"]
+
+
+@pytest.mark.asyncio
+async def test_acme_placeholder_and_failed_renewal_need_attention(tmp_path):
+    """With [acme] on, the live chain in data_dir/acme is what is served (not [tls] cert): the
+    self-signed placeholder the daemon installs before the first issuance, and a failed last
+    renewal as the renewer records it, are both named."""
+    from backend.config import load_config
+    from backend.tls import certfiles, renew
+
+    cfg = write_config(tmp_path, listener_block("mx", "mx"), extra="[acme]\nenabled = true\n")
+    config = load_config(cfg)
+    certfiles.ensure_placeholder(config.acme_dir, HOSTNAME)
+    failed_at = time.time() - 600
+    renew.save_state(config.acme_dir, renew.RenewalState(last_attempt=failed_at, last_result="failure",
+                                                         last_error="urn:ietf:params:acme:error:connection",
+                                                         failures=2, next_attempt=failed_at + 120))
+    code, out, _ = await status(cfg, "--json")
+    assert code == 1
+    doc = json.loads(out)
+    cert = doc["sections"]["certificate"]
+    assert cert["state"] == "attention"
+    assert cert["path"] == str(config.acme_dir / "live" / "fullchain.pem")
+    assert cert["self_signed"] is True and cert["names"] == [HOSTNAME]
+    assert cert["acme"]["last_result"] == "failure" and cert["acme"]["failures"] == 2
+    problems = [p for p in doc["attention"] if p.startswith("certificate:")]
+    assert len(problems) == 2
+    assert "placeholder" in problems[0]
+    assert "failed: urn:ietf:params:acme:error:connection (2 in a row)" in problems[1]
