@@ -45,9 +45,10 @@ def cmd_report(args) -> int:
         print("no reports (they arrive at the rua address of `homemx-backend dns records`, usually daily)")
         return 0
     print()
-    print(f"{'reporting org':<32} {'reports':>7} {'messages':>9} {'dmarc pass/fail':>16}")
+    print(f"{'reporting org':<40} {'reports':>7} {'messages':>9} {'dmarc p/f':>10}")
     for o in summary["orgs"]:
-        print(f"{o['org'][:32]:<32} {o['reports']:>7} {o['messages']:>9} {o['dmarc_pass']:>7}/{o['dmarc_fail']:<8}")
+        pf = f"{o['dmarc_pass']}/{o['dmarc_fail']}"
+        print(f"{o['org'][:40]:<40} {o['reports']:>7} {o['messages']:>9} {pf:>10}")
     print()
     print(f"{'source ip':<40} {'messages':>9} {'spf p/f':>9} {'dkim p/f':>9} {'dmarc p/f':>10}  header from / note")
     unknown = 0
