@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import socket
 import sqlite3
@@ -23,12 +24,12 @@ from pathlib import Path
 
 from backend.cli.run import DEFAULT_CONFIG, load_or_exit
 from backend.config import BackendConfig
+from wireguard.cli import DEFAULT_CONFIG as DEFAULT_TUNNEL_CONFIG  # the `tunnel` command's file: interface hmx0
 
 OK, ATTENTION, OFF = "ok", "attention", "off"  # OFF: not configured, or nothing to judge yet
 OLDEST_QUEUED_LIMIT = 3600.0  # the alert rule's "oldest queued message older than 1 hour"
 CERT_WARN_DAYS = 14  # the alert rule's "certificate expiring within 14 days"
 EXIT_OK, EXIT_ATTENTION, EXIT_CONFIG = 0, 1, 2
-DEFAULT_TUNNEL_CONFIG = "/etc/wireguard/hmx0.conf"  # wireguard/cli.py's default: interface hmx0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -127,8 +128,6 @@ def http_get(url: str, timeout: float) -> tuple[int, bytes]:
 
 def http_problem(url: str, timeout: float, expect: bytes) -> str | None:
     """None when ``url`` answers 200 with ``expect`` in its body, else what went wrong."""
-    import http.client
-
     try:
         status, body = http_get(url, timeout)
     except (OSError, ValueError, http.client.HTTPException) as e:
@@ -153,8 +152,9 @@ def listeners(report: Report, cfg: BackendConfig, timeout: float) -> None:
     for name, kind, (host, port) in binds:
         error = None if port == 0 else probe(host, port, timeout)
         state = "not probed (port 0)" if port == 0 else "listening" if error is None else f"NOT LISTENING: {error}"
-        rows.append({"name": name, "kind": kind, "address": fmt_hostport(host, port), "listening": error is None
-                     if port else None, "error": error})
+        listening = None if port == 0 else error is None
+        rows.append({"name": name, "kind": kind, "address": fmt_hostport(host, port), "listening": listening,
+                     "error": error})
         details.append(f"{name:<12} {kind:<11} {fmt_hostport(host, port):<22} {state}")
         if error is not None:
             problems.append(f"{name} ({fmt_hostport(host, port)}) not listening: {error}")
@@ -312,11 +312,8 @@ def rspamd(report: Report, cfg: BackendConfig, timeout: float) -> None:
 
 
 def tunnel(report: Report, tunnel_config: str) -> None:
-    try:
-        from wireguard import status as wg_status, wgquick
-    except ImportError:
-        report.add("tunnel", OFF, "the wireguard package is not installed")
-        return
+    from wireguard import status as wg_status, wgquick
+
     try:
         ifname = wgquick.ifname_from_path(tunnel_config)
     except wgquick.WireGuardConfigError as e:
