@@ -167,7 +167,7 @@ def cmd_demo(args) -> int:
     print(f"  a homelab app:        swaks --server 127.0.0.1:{b + 126} --from nas@example.test --to demo@example.test")
     print(f"  queue:                .venv/bin/homemx-backend queue list -c {cfg_path}")
     print(f"  metrics:              curl -s 127.0.0.1:{b + 91}/metrics (backend), 127.0.0.1:{b + 92}/metrics (gateway)")
-    print(f"  its DNS records:      .venv/bin/homemx-backend dns check -c {cfg_path}")
+    print(f"  its DNS records:      .venv/bin/homemx-backend dns check --dns-only -c {cfg_path}")
     print(f"                        (served by the demo's DNS on 127.0.0.1:{b + 53}, as `dns records` prints them)")
     print("  stop with Ctrl-C")
     sys.stdout.flush()

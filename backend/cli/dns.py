@@ -21,10 +21,19 @@ def register(subparsers) -> None:
     r.add_argument("--ttl", type=int, default=3600, help="TTL of every record (default 3600)")
     r.set_defaults(func=cmd_records)
 
-    c = sub.add_parser("check", help="check the published records live; exit 1 on any failure")
+    c = sub.add_parser(
+        "check",
+        help="check the published records live, the MTA-STS policy over HTTPS and the certificates on 465/993 "
+        "through the gateway; exit 1 on any failure",
+    )
     c.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"backend config (default {DEFAULT_CONFIG})")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--timeout", type=float, default=5.0, help="per-query timeout in seconds (default 5)")
+    c.add_argument("--timeout", type=float, default=5.0,
+                   help="per-query and per-connection timeout in seconds (default 5)")
+    c.add_argument("--ca-file", help="trust only this CA file for HTTPS and the certificates (a lab's CA); "
+                   "default: the system's trust store")
+    c.add_argument("--dns-only", action="store_true",
+                   help="only query DNS: no HTTPS policy fetch, no TLS connection to the gateway")
     c.set_defaults(func=cmd_check)
 
 
@@ -53,13 +62,14 @@ def cmd_records(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from backend.dns.check import resolver_for, run_checks
+    from backend.dns.check import ConnectOptions, resolver_for, run_checks
     from backend.dns.lookup import DNSLookup
 
     config = _load(args.config)
     if config is None:
         return 2
-    report = run_checks(config, DNSLookup(resolver_for(config, args.timeout)))
+    connect = None if args.dns_only else ConnectOptions(ca_file=args.ca_file, timeout=args.timeout)
+    report = run_checks(config, DNSLookup(resolver_for(config, args.timeout)), connect)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -1,4 +1,4 @@
-"""Typed DNS lookups (TXT, A, AAAA, MX, PTR) over a dnspython resolver, blocking and async: the interface the
+"""Typed DNS lookups (TXT, A, AAAA, MX, PTR, SRV) over a dnspython resolver, blocking and async: the interface the
 SPF engine and the installation checks query through: tests give them a table of records or a real
 nsd, the CLI the configured (or system) nameservers."""
 
@@ -56,6 +56,10 @@ class DNSLookup:
 
     def ptr(self, address: str) -> list[str]:
         return [r.target.to_text().lower() for r in self._query(dns.reversename.from_address(address).to_text(), "PTR")]
+
+    def srv(self, name: str) -> list[tuple[int, int, int, str]]:
+        """(priority, weight, port, target) of each SRV record, sorted; a "not offered" target is "."."""
+        return sorted((r.priority, r.weight, r.port, r.target.to_text().lower()) for r in self._query(name, "SRV"))
 
 
 class AsyncDNSLookup:

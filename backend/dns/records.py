@@ -1,7 +1,8 @@
 """The DNS records a homemx installation needs, built from the backend config and rendered as zone-file lines.
 
-Pure: no lookups. ``dnscheck`` uses the same expectations (SPF mechanisms, DKIM values, MTA-STS
-policy) to check what is live, so what we tell the user to publish and what we check never drift.
+Pure: no lookups. ``dns check`` (backend/dns/check.py) uses the same expectations (SPF mechanisms,
+DKIM values, MTA-STS policy, client SRV records, the names of the HTTPS face) to check what is
+live, so what we tell the user to publish and what we check never drift.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from backend.config import BackendConfig
 from backend.dkim.keys import dkim_txt_record, zone_txt_rdata
+from backend.http.clientconfig import IMAPS_PORT, SUBMISSION_PORT, SUBMISSIONS_PORT, client_services
 
 DEFAULT_TTL = 3600
 MX_PREFERENCE = 10
@@ -91,6 +93,74 @@ def tlsrpt_rua(config: BackendConfig) -> str | None:
     return rua if rua.startswith(("mailto:", "https:")) else f"mailto:{rua}"
 
 
+@dataclass(frozen=True)
+class MailSRV:
+    """One RFC 6186 service label and what we publish at it for a domain: the mail host and the
+    public port, or "not offered" (port 0)."""
+
+    label: str  # "_submissions._tcp"
+    port: int  # the public port; 0: not offered
+    priority: int = 0
+    implicit_tls: bool = False  # TLS from the first byte (RFC 8314): what ``dns check`` connects to
+
+    @property
+    def offered(self) -> bool:
+        return self.port != 0
+
+    def owner(self, domain: str) -> str:
+        return f"{self.label}.{fqdn(domain)}"
+
+    def rdata(self, host: str) -> str:
+        # RFC 2782: a target of "." means the service is decidedly not available at this domain,
+        # so a client asking RFC 6186's labels stops there instead of guessing host names.
+        return f"{self.priority} 1 {self.port} {fqdn(host)}" if self.offered else "0 0 0 ."
+
+
+def mail_srv(config: BackendConfig) -> list[MailSRV]:
+    """The client SRV records (RFC 6186, RFC 8314 for ``_submissions``), from the same list of
+    offered services the autoconfig and autodiscover documents are built from
+    (backend/http/clientconfig.py ``client_services``), so the three never disagree: IMAP over TLS
+    through Dovecot; submission on 465 and 587 when the home has that listener kind. Cleartext
+    IMAP and POP3 are never offered (RFC 8314 4.1), so their labels say "not offered".
+
+    RFC 6186 3.4: a client compares priorities across labels; RFC 8314 prefers implicit TLS, so
+    465 and 993 get priority 0 and STARTTLS on 587 gets 10.
+    """
+    offered = {(s.kind, s.port) for s in client_services(config)}
+
+    def srv(label: str, kind: str, port: int, priority: int, implicit: bool) -> MailSRV:
+        return MailSRV(label, port if (kind, port) in offered else 0, priority, implicit)
+
+    return [
+        srv("_submissions._tcp", "smtp", SUBMISSIONS_PORT, 0, True),
+        srv("_submission._tcp", "smtp", SUBMISSION_PORT, 10, False),
+        srv("_imaps._tcp", "imap", IMAPS_PORT, 0, True),
+        MailSRV("_imap._tcp", 0),
+        MailSRV("_pop3s._tcp", 0),
+        MailSRV("_pop3._tcp", 0),
+    ]
+
+
+def https_names(config: BackendConfig, domain: str) -> list[str]:
+    """The names of ``domain`` the home's HTTPS face answers for, published as CNAMEs to the mail
+    host name: mta-sts.D (when MTA-STS is on) and autoconfig.D, only when [http] is enabled (else
+    nothing at home answers them; an MTA-STS policy hosted elsewhere gets its own A/CNAME).
+
+    CNAME rather than A/AAAA: these names are served exactly where the mail host is (the same
+    gateway, its 443 passthrough), so they follow the host's A/AAAA, one place to change when the
+    gateway moves, and correct even when the mail host's name lives in another zone. Browsers,
+    senders fetching a policy and ACME CAs all follow it; the certificate must still name
+    mta-sts.D and autoconfig.D themselves (TLS checks the name asked for, not the CNAME target).
+    """
+    if not config.http.enabled:
+        return []
+    names = [f"mta-sts.{domain}"] if config.dns.mta_sts_mode else []
+    names.append(f"autoconfig.{domain}")
+    host = fqdn(config.server.hostname)
+    # A CNAME cannot sit beside the host's own A/AAAA (RFC 1034 3.6.2).
+    return [n for n in names if fqdn(n) != host]
+
+
 def ptr_name(address: str) -> str:
     return ipaddress.ip_address(address).reverse_pointer + "."
 
@@ -129,6 +199,12 @@ def build_records(config: BackendConfig) -> list[Record]:
         rua = tlsrpt_rua(config)
         if rua:
             out.append(Record(f"_smtp._tls.{d}", "TXT", txt(f"v=TLSRPTv1; rua={rua}"), "TLS-RPT (RFC 8460)"))
+        note = "mail clients find their servers (RFC 6186, RFC 8314); 0 0 0 . = not offered (RFC 2782)"
+        for i, srv in enumerate(mail_srv(config)):
+            out.append(Record(srv.owner(domain), "SRV", srv.rdata(host), None if i else note))
+        for name in https_names(config, domain):
+            what = "MTA-STS policy" if name.startswith("mta-sts.") else "Thunderbird autoconfig"
+            out.append(Record(fqdn(name), "CNAME", host, f"{what}, served by the home's HTTPS face through the gateway"))
     # DKIM keys for a domain that is not a [domain] (e.g. a sending-only subdomain).
     for key in config.dkim:
         if key.domain not in config.domains:
@@ -155,7 +231,11 @@ def render_records(config: BackendConfig, ttl: int = DEFAULT_TTL) -> str:
         lines.append(r.zone_line(ttl))
     if config.dns.mta_sts_mode:
         for domain in sorted(config.domains):
-            lines.append(f"; MTA-STS policy for {domain}: serve over HTTPS (valid certificate for mta-sts.{domain})")
+            if config.http.enabled:
+                lines.append(f"; MTA-STS policy for {domain}: the home's HTTPS face serves it (certificate for mta-sts.{domain})")
+            else:
+                lines.append(f"; MTA-STS policy for {domain}: serve over HTTPS (valid certificate for mta-sts.{domain}),")
+                lines.append(f";   with an A/CNAME for mta-sts.{domain} pointing at that server (or set [http] enabled = true)")
             lines.append(f";   https://mta-sts.{domain}/.well-known/mta-sts.txt")
             for pl in mta_sts_policy(config, domain).splitlines():
                 lines.append(f";     {pl}")
