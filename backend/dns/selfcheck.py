@@ -42,7 +42,11 @@ def read_result(config: BackendConfig) -> dict | None:
         doc = json.loads(result_path(config).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("checks"), list):
+    # Written by us, but a damaged file must neither stop the daemon's start nor the status command.
+    if (not isinstance(doc, dict) or not isinstance(doc.get("timestamp"), (int, float))
+            or not isinstance(doc.get("checks"), list)
+            or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and isinstance(c.get("ok"), bool)
+                       for c in doc["checks"])):
         return None
     return doc
 
@@ -57,9 +61,9 @@ class DNSSelfCheck:
         self.now = now
         self.interval = config.dns.self_check_interval
         last = read_result(config)
-        self.last_run: float | None = last.get("timestamp") if last else None
-        self.previous: dict[str, bool] = {c["name"]: bool(c["ok"]) for c in last["checks"]} if last else {}
-        if last and self.last_run is not None:
+        self.last_run: float | None = last["timestamp"] if last else None
+        self.previous: dict[str, bool] = {c["name"]: c["ok"] for c in last["checks"]} if last else {}
+        if last:
             # A restart keeps the metrics of the stored result until the next run is due.
             self._set_metrics(self.previous, self.last_run)
 

@@ -113,3 +113,18 @@ async def status(config) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode()
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"timestamp": 1, "checks": [{"name": 5}]}', '{"checks": []}'])
+def test_damaged_result_file_is_ignored(tmp_path, content):
+    """A damaged dns-check.json (a full disk, an editor) neither stops the daemon nor `status`: it
+    counts as no stored result."""
+    from backend.config import load_config
+    from tests.backend.helpers import listener_block, write_config as backend_config
+
+    config = load_config(backend_config(tmp_path, listener_block("lan", "lan"), extra="[dns]\n"))
+    result_path(config).parent.mkdir(parents=True)
+    result_path(config).write_text(content)
+    assert read_result(config) is None
+    selfcheck = DNSSelfCheck(config, BackendMetrics())
+    assert selfcheck.last_run is None and selfcheck.previous == {}
