@@ -6,6 +6,7 @@ built once and shared by every connection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
@@ -179,3 +180,32 @@ async def test_one_client_context_serves_every_connection(tmp_path, receivers, c
         used[policy] = contexts[0]
     assert used[OPPORTUNISTIC] is not used[REQUIRED]
     assert sink.connections == 4
+
+
+# ---------------------------------------------------------------- the acceptance scan
+
+
+@pytest.mark.asyncio
+async def test_testssl_finds_no_cbc_suite_no_lucky13_and_no_session_ticket(tmp_path):
+    """Issue 14's acceptance: Debian's testssl.sh against implicit TLS (465) and STARTTLS (587)."""
+    require_tool("testssl")
+    cfg = write_config(tmp_path, listener_block("smtps", "submissions") + listener_block("sub", "submission"))
+    async with running_backend(cfg) as b:
+
+        async def scan(name: str, *args: str) -> dict[str, dict]:
+            out = tmp_path / f"{name}.json"
+            proc = await asyncio.create_subprocess_exec(
+                "testssl", "--quiet", "--color", "0", "--warnings", "off", "-s", "-S", "--lucky13",
+                "--jsonfile", str(out), *args, f"127.0.0.1:{b.bound_port(name)}",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            await asyncio.wait_for(proc.wait(), 240)
+            return {f["id"]: f for f in json.loads(out.read_text())}
+
+        # Both at once (each takes ~25 s, mostly waiting on handshakes).
+        for findings in await asyncio.gather(scan("smtps"), scan("sub", "-t", "smtp")):
+            assert findings["cipherlist_AVERAGE"]["finding"] == "not offered"  # "Obsoleted CBC ciphers"
+            assert findings["LUCKY13"]["severity"] == "OK", findings["LUCKY13"]
+            assert findings["TLS_session_ticket"]["finding"].startswith("no"), findings["TLS_session_ticket"]
+            assert findings["sessionresumption_ticket"]["finding"] == "not supported"
+            assert findings["cipherlist_STRONG"]["finding"].startswith("offered")  # the scan did reach TLS
