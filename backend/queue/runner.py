@@ -289,7 +289,12 @@ class QueueRunner:
                 report_delivered = True
         if report_delivered:
             # After the Maildir delivery (the report stays in the mailbox too); ingest never raises.
-            await self.run_blocking(dmarc_reports.ingest, self.config.server.data_dir, content, self.metrics, message_id)
+            # Beside the runner (a 20 MB report takes seconds to parse), drained like a delivery.
+            task = asyncio.ensure_future(
+                self.run_blocking(dmarc_reports.ingest, self.config.server.data_dir, content, self.metrics, message_id)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def drain(self, timeout: float) -> None:
         """Let deliveries in flight finish for ``timeout`` seconds, then cancel the rest: their next

@@ -239,28 +239,46 @@ def _record(el) -> Record:
     )
 
 
+def _top_level(xml: bytes):
+    """(root, [parsed records]): the document streamed, each <record> parsed and dropped as soon
+    as it ends, so memory holds one record's elements at a time, not the whole tree."""
+    # forbid_dtd: a report has no DOCTYPE, so any DTD (billion laughs, external entities) is refused.
+    events = DET.iterparse(io.BytesIO(xml), events=("start", "end"), forbid_dtd=True, forbid_entities=True,
+                           forbid_external=True)
+    root, depth, records = None, 0, []
+    for event, el in events:
+        if event == "start":
+            depth += 1
+            if root is None:
+                root = el
+                if _local(el.tag) != "feedback":
+                    raise ReportRefused(f"XML root is <{_local(el.tag)[:40]}>, not <feedback>")
+            continue
+        depth -= 1
+        if depth == 1 and _local(el.tag) == "record":
+            if len(records) >= MAX_RECORDS:
+                raise ReportRefused(f"report with more than {MAX_RECORDS} records")
+            records.append(_record(el))
+            root.remove(el)  # the last child: found at once
+    return root, records
+
+
 def parse_report(xml: bytes) -> Report:
     """One aggregate report (RFC 7489 appendix C). Raises ReportRefused naming the problem."""
     if len(xml) > MAX_XML:
         raise ReportRefused(f"XML of {len(xml)} bytes (at most {MAX_XML})")
     try:
-        # forbid_dtd: a report has no DOCTYPE, so any DTD (billion laughs, external entities) is refused.
-        root = DET.fromstring(xml, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root, records = _top_level(xml)
     except DefusedXmlException as e:
         raise ReportRefused(f"XML refused: {type(e).__name__}") from None
     except DET.ParseError as e:
         raise ReportRefused(f"XML not well-formed: {e}") from None
-    if _local(root.tag) != "feedback":
-        raise ReportRefused(f"XML root is <{_local(root.tag)[:40]}>, not <feedback>")
     meta = _child(root, "report_metadata")
     org, report_id = _text(meta, "org_name"), _text(meta, "report_id")
     if not org or not report_id:
         raise ReportRefused("report_metadata without org_name or report_id")
-    records = _children(root, "record")
     if not records:
         raise ReportRefused("report without records")
-    if len(records) > MAX_RECORDS:
-        raise ReportRefused(f"report with {len(records)} records (at most {MAX_RECORDS})")
     domain = _text(root, "policy_published", "domain")
     if not domain:
         raise ReportRefused("policy_published without domain")
@@ -272,7 +290,7 @@ def parse_report(xml: bytes) -> Report:
         end=_int(_text(meta, "date_range", "end"), "date_range end"),
         domain=domain.lower(),
         policy=_text(root, "policy_published", "p"),
-        records=tuple(_record(r) for r in records),
+        records=tuple(records),
     )
 
 

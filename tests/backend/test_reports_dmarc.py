@@ -201,6 +201,7 @@ class Runner:
         qid = self.queue.enqueue(NewMessage(sender="noreply@reporter.test", recipients=(NewRecipient(rcpt, rcpt, True),),
                                             content=content, listener="mx", folder=folder))
         await self.runner.run_once()
+        await self.runner.drain(60)  # the report is read beside the runner
         return qid
 
     def state(self, qid: str) -> str:
