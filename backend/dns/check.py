@@ -24,6 +24,8 @@ from typing import Callable, Mapping
 import aiohttp
 import dns.exception
 import dns.resolver
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from backend.config import BackendConfig
 from backend.dkim.keys import DKIMKeyError, load_private_key, public_key_bytes
@@ -390,11 +392,9 @@ _X509_NOT_YET_VALID, _X509_EXPIRED, _X509_HOSTNAME_MISMATCH = 9, 10, 62
 _X509_UNTRUSTED = {18, 19, 20, 21}  # self-signed leaf or chain, issuer unknown, leaf alone not verifiable
 
 
-def _peer_certificate(address: str, port: int, host: str, timeout: float):
+def _peer_certificate(address: str, port: int, host: str, timeout: float) -> x509.Certificate | None:
     """The server's certificate without verifying it (to say what it names and when it expired,
     once verification has failed), or None."""
-    from cryptography import x509
-
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -407,9 +407,7 @@ def _peer_certificate(address: str, port: int, host: str, timeout: float):
     return x509.load_der_x509_certificate(der) if der else None
 
 
-def _cert_names(cert) -> str:
-    from cryptography import x509
-
+def _cert_names(cert: x509.Certificate) -> str:
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
@@ -417,9 +415,7 @@ def _cert_names(cert) -> str:
     return ", ".join(names) or "no DNS names"
 
 
-def _issuer(cert) -> str:
-    from cryptography.x509.oid import NameOID
-
+def _issuer(cert: x509.Certificate) -> str:
     cn = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
     org = cert.issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return str((cn or org)[0].value) if (cn or org) else cert.issuer.rfc4514_string()
@@ -432,8 +428,6 @@ def check_certificate(
     8314) through the gateway address: a chain that verifies against the system trust (or
     ``opts.ca_file``) and names the mail host, as a mail client checks it (RFC 8314 5.3, RFC
     6125); then the days left: a warning under CERT_WARN_DAYS, a failure under CERT_FAIL_DAYS."""
-    from cryptography import x509
-
     host = config.server.hostname
     port = opts.port(public_port)
     where = _hostport(address, public_port)
@@ -460,7 +454,8 @@ def check_certificate(
     except ssl.SSLError as e:
         return False, f"TLS handshake with {where} failed: {e.reason or e}", False
     except ConnectionRefusedError:
-        return False, f"connection to {where} refused: the gateway does not pass {public_port} home, or nothing listens there", False
+        return False, (f"connection to {where} refused: the gateway does not pass {public_port} home, "
+                       "or nothing listens there"), False
     except (TimeoutError, socket.timeout):
         return False, f"no TLS answer from {where} within {opts.timeout:g} s: is {public_port} open on the gateway?", False
     except OSError as e:
@@ -470,7 +465,8 @@ def check_certificate(
     days = (expires.timestamp() - now()) / 86400
     summary = f"valid for {host}, issuer {_issuer(cert)}, expires {expires:%Y-%m-%d} ({days:.0f} days left)"
     if days < CERT_FAIL_DAYS:
-        return False, f"certificate for {host} expires {expires:%Y-%m-%d %H:%M} UTC ({days:.1f} days left): renewal is failing (see `homemx-backend cert status`)", False
+        return False, (f"certificate for {host} expires {expires:%Y-%m-%d %H:%M} UTC ({days:.1f} days left): "
+                       "renewal is failing (see `homemx-backend cert status`)"), False
     if days < CERT_WARN_DAYS:
         return True, f"{summary}: renewal is overdue (see `homemx-backend cert status`)", True
     return True, summary, False

@@ -10,10 +10,12 @@ in days are what the expiry checks are about), trusted through ConnectOptions.ca
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -424,3 +426,19 @@ def test_refused_port_is_one_clear_failure(fresh):
     report, failed = fresh.check(fresh.options(p993=closed))
     assert failed == {f"TLS {GW}:993"}, report.table()
     assert "refused" in detail(report, f"TLS {GW}:993")
+
+
+def test_port_that_never_answers_tls_is_one_failure_within_the_timeout(fresh):
+    # The kernel completes the TCP handshake on a listening socket nobody accepts from: the
+    # connect succeeds and the ClientHello is never answered.
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        opts = dataclasses.replace(fresh.options(p465=silent.getsockname()[1]), timeout=1.0)
+        started = time.monotonic()
+        report, failed = fresh.check(opts)
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert failed == {f"TLS {GW}:465"}, report.table()
+    assert "no TLS answer" in detail(report, f"TLS {GW}:465")
+    assert elapsed < 30  # liveness bound: no hang
