@@ -74,7 +74,8 @@ class Report:
             lines.append(f"{name:<12} {s['state'].upper() if s['state'] == ATTENTION else s['state']:<10} {s['summary']}")
             lines += [f"{'':<23} {d}" for d in s["details"]]
         if self.problems:
-            lines.append(f"-- {len(self.problems)} need(s) attention:")
+            n = len(self.problems)
+            lines.append(f"-- {n} {'needs' if n == 1 else 'need'} attention:")
             lines += [f"   {p}" for p in self.problems]
         else:
             lines.append("-- all is well")
