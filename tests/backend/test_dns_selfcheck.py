@@ -128,3 +128,35 @@ def test_damaged_result_file_is_ignored(tmp_path, content):
     assert read_result(config) is None
     selfcheck = DNSSelfCheck(config, BackendMetrics())
     assert selfcheck.last_run is None and selfcheck.previous == {}
+
+
+def test_shutdown_does_not_wait_for_a_self_check_in_progress(tmp_path):
+    """A `homemx-backend run` whose self-check is waiting on a DNS server that never answers (each
+    lookup then takes its 5 s timeout, the whole check minutes) still exits at once on SIGTERM:
+    the check runs in a daemon thread, which the interpreter does not join at exit."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    from tests.backend.helpers import listener_block, write_config as backend_config
+    from tests.lab.backend import Daemon
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.settimeout(30)
+    port = free_port("127.0.0.1")
+    cfg = backend_config(tmp_path, listener_block("lan", "lan", f"127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"]),
+                         extra=f'[dns]\nself_check_interval = "1h"\n\n[delivery]\nnameservers = ["127.0.0.1"]\n'
+                               f"dns_port = {silent.getsockname()[1]}\n")
+    daemon = Daemon(cfg).start(port)
+    try:
+        silent.recvfrom(512)  # the self-check has sent its first query: a run is in progress
+        os.killpg(daemon.proc.pid, signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the daemon waited for the self-check") from None
+    finally:
+        daemon.stop()
+        silent.close()
+    assert not (tmp_path / "data" / "dns-check.json").exists()  # that run never finished
