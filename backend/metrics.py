@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -27,6 +29,35 @@ class _QueueCollector:
         )
         age.add_metric([], max(0.0, self._now() - oldest) if oldest else 0.0)
         yield age
+
+
+class _DiskCollector:
+    """Free space of the filesystems holding the queue (data_dir) and the Maildirs, read at scrape time.
+
+    A full disk stops mail quietly: the queue cannot commit (every MAIL ends in 451) and Maildir
+    deliveries defer. A path not created yet (maildir_root before the first delivery) is measured
+    at its nearest existing parent, which is where its files will go.
+    """
+
+    def __init__(self, paths: dict[str, Path]):
+        self._paths = paths
+
+    def collect(self):
+        free = GaugeMetricFamily("homemx_backend_disk_free_bytes", "Bytes available to the daemon", labels=["path"])
+        ratio = GaugeMetricFamily(
+            "homemx_backend_disk_free_ratio", "Available / total bytes of the filesystem", labels=["path"]
+        )
+        for name, path in sorted(self._paths.items()):
+            while not path.exists() and path != path.parent:
+                path = path.parent
+            try:
+                st = os.statvfs(path)
+            except OSError:  # one unreadable path must not break the whole scrape
+                continue
+            free.add_metric([name], st.f_bavail * st.f_frsize)
+            ratio.add_metric([name], st.f_bavail / st.f_blocks if st.f_blocks else 0.0)
+        yield free
+        yield ratio
 
 
 class BackendMetrics:
@@ -151,6 +182,10 @@ class BackendMetrics:
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))
+
+    def watch_disks(self, paths: dict[str, Path]) -> None:
+        """Export free space of each named path's filesystem (``path`` label: the name, e.g. queue, maildir)."""
+        self.registry.register(_DiskCollector(paths))
 
     def serve(self, host: str, port: int):
         """Start the HTTP endpoint in a background thread; returns (server, thread)."""

@@ -106,6 +106,7 @@ class Backend:
         users = self.users = UserDB(cfg.passwd_file)
         directory = Directory(cfg, users)
         self.metrics.watch_queue(self.queue.stats)
+        self.metrics.watch_disks({"queue": cfg.server.data_dir, "maildir": cfg.maildir_root})
         loop = asyncio.get_running_loop()
         if cfg.acme.enabled and await self.run_blocking(renew.prepare, cfg):
             # TLS works from the first start; the renewer replaces this at once.
