@@ -85,13 +85,6 @@ def _reason(cert: Path, key: Path, error: Exception) -> str:
         return f"cannot read: {e.strerror or e}"
 
 
-def make_tls_context(config: BackendConfig) -> ssl.SSLContext | None:
-    """A server context from the configured certificate, or None when none is configured."""
-    if config.tls.cert is None:
-        return None
-    return server_context(config.tls.cert, config.tls.key)
-
-
 def _leaf_serial(cert: Path) -> int | None:
     try:
         return x509.load_pem_x509_certificates(cert.read_bytes())[0].serial_number
