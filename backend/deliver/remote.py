@@ -253,14 +253,18 @@ class Deliverer:
         """Record a new session's TLS outcome for TLS-RPT (not for the smarthost: no policy domain)."""
         if dest == SMARTHOST:
             return
-        if failure is not None:
-            result = tlsrpt.failure_type(failure, R_TLS_NOT_OFFERED.partition("{")[0])
-            if result is None:  # TLS was never tried (unreachable, refused before STARTTLS)
-                return
-        else:
-            result = tlsrpt.session_type(session.tls, session.client.supports_extension("starttls"), TLS_NONE)
-        info = self.policies.info(dest) if self.policies is not None else tlsrpt.policy_info(dest, None)
-        await self.tls_outcomes.session(info, result, target.host_name, target.address)
+        try:
+            if failure is not None:
+                result = tlsrpt.failure_type(failure, R_TLS_NOT_OFFERED.partition("{")[0])
+                if result is None:  # TLS was never tried (unreachable, refused before STARTTLS)
+                    return
+            else:
+                result = tlsrpt.session_type(session.tls, session.client.supports_extension("starttls"), TLS_NONE)
+            info = self.policies.info(dest) if self.policies is not None else tlsrpt.policy_info(dest, None)
+        except Exception as e:  # noqa: BLE001 - a report must never cost a delivery
+            log.error("tls-rpt: outcome of %s not recorded: %r", target.peer, e, exc_info=e)
+            return
+        await self.tls_outcomes.session(info, result, target.host_name, target.address)  # never raises
 
     # ------------------------------------------------------------ recording and DSNs
 

@@ -169,8 +169,8 @@ class Recorder:
         self._failing = False
 
     async def session(self, info: PolicyInfo, result: str, mx: str, ip: str) -> None:
-        self.metrics.tls_sessions.labels(result).inc()
         try:
+            self.metrics.tls_sessions.labels(result).inc()
             await self.run_blocking(record, self.path, day_of(self.now()), info, result, mx, ip)
         except Exception as e:  # noqa: BLE001 - logged once until it works again
             if not self._failing:
