@@ -1,9 +1,10 @@
 """TLS-RPT (RFC 8460, backend/reports/tlsrpt.py) on loopback: a real nsd publishes remote.test with
-an MTA-STS enforce policy and ``_smtp._tls`` rua=mailto:tlsrpt@remote.test; its first MX does not
-offer STARTTLS, its second shows a certificate for another name, its third is good. After the
-delivery the day's report job queues one DKIM-signed message to tlsrpt@remote.test whose gzip JSON
-attachment has RFC 8460's structure (checked field by field against the RFC's list) and counts
-those sessions; domains with an https:-only rua or no TLSRPT record get no report."""
+an MTA-STS enforce policy and ``_smtp._tls`` rua=mailto:tlsrpt@remote.test; of its MX hosts the
+first does not offer STARTTLS, the second shows a certificate for another name, the third an
+expired one, the fourth is good. After the delivery the day's report job queues one DKIM-signed
+message to tlsrpt@remote.test whose gzip JSON attachment has RFC 8460's structure (checked field
+by field against the RFC's list) and counts those sessions; a domain with an https:-only rua gets
+no report. Failed MTA-STS policy fetches are reported with their own types."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import re
 import sqlite3
+import ssl
 
 import pytest
 import pytest_asyncio
@@ -34,7 +36,9 @@ from tests.lab.nsd import NSD, zone_text
 ZONE = """
 remote.test.              IN MX 10 mx1.remote.test.
 remote.test.              IN MX 20 mx2.remote.test.
+remote.test.              IN MX 25 mx4.remote.test.
 remote.test.              IN MX 30 mx3.remote.test.
+mx4.remote.test.          IN A  127.0.0.30
 mx1.remote.test.          IN A  127.0.0.31
 mx2.remote.test.          IN A  127.0.0.32
 mx3.remote.test.          IN A  127.0.0.33
@@ -63,6 +67,32 @@ _mta-sts.badpolicy.test.  IN TXT "v=STSv1; id=1"
 mta-sts.badpolicy.test.   IN A  127.0.0.1
 _smtp._tls.badpolicy.test. IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@badpolicy.test"
 """
+def expired_context(ca, name: str):
+    """A server context whose certificate (from the lab CA, for the right name) expired an hour ago."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now - datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_path, key_path = ca.dir / f"expired-{name}.crt", ca.dir / f"expired-{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.remote.test\r\nmax_age: 86400\r\n"
 
 
@@ -164,6 +194,7 @@ async def test_failed_starttls_and_certificate_mismatch_are_reported_to_the_rua(
 ):
     nostarttls = await receivers.start("127.0.0.31", Sink(), hostname="mx1.remote.test")
     mismatch = await receivers.start("127.0.0.32", Sink(), tls_context=ca.server_context("mx.elsewhere.test"))
+    expired = await receivers.start("127.0.0.30", Sink(), tls_context=expired_context(ca, "mx4.remote.test"))
     good = await receivers.start("127.0.0.33", Sink(), tls_context=ca.server_context("mx3.remote.test"))
     cleartext = await receivers.start("127.0.0.34", Sink(), hostname="mx.plain.test")
     await receivers.start("127.0.0.35", Sink(), tls_context=ca.server_context("mx.quiet.test"))
@@ -180,7 +211,7 @@ async def test_failed_starttls_and_certificate_mismatch_are_reported_to_the_rua(
         assert h.states(q1)["bob@remote.test"][0] == DELIVERED
         assert {a: s for a, (s, _) in h.states(q2).items()} == {"carol@plain.test": DELIVERED, "dave@quiet.test": DELIVERED}
         # Under enforce neither failing MX got the message; the cleartext one did (opportunistic).
-        assert (nostarttls.mail_commands, mismatch.mail_commands, len(good.messages)) == (0, 0, 1)
+        assert (nostarttls.mail_commands, mismatch.mail_commands, expired.mail_commands, len(good.messages)) == (0, 0, 0, 1)
         assert [m.tls for m in cleartext.messages] == [False]
         assert h.metric("homemx_backend_tls_sessions_total", {"result": "certificate-host-mismatch"}) == 1
         assert h.metric("homemx_backend_tls_sessions_total", {"result": "starttls-not-supported"}) == 2
@@ -215,8 +246,10 @@ async def test_failed_starttls_and_certificate_mismatch_are_reported_to_the_rua(
             "policy-type": "sts", "policy-domain": "remote.test", "mx-host": ["*.remote.test"],
             "policy-string": ["version: STSv1", "mode: enforce", "mx: *.remote.test", "max_age: 86400"],
         }
-        assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 2}
+        assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 3}
         assert policy["failure-details"] == [
+            {"result-type": "certificate-expired", "receiving-mx-hostname": "mx4.remote.test",
+             "receiving-ip": "127.0.0.30", "failed-session-count": 1},
             {"result-type": "certificate-host-mismatch", "receiving-mx-hostname": "mx2.remote.test",
              "receiving-ip": "127.0.0.32", "failed-session-count": 1},
             {"result-type": "starttls-not-supported", "receiving-mx-hostname": "mx1.remote.test",
@@ -276,8 +309,6 @@ async def test_failed_policy_fetches_are_reported(tmp_path, dns_server, ca, rece
 
 
 def test_result_types_of_tls_failures():
-    import ssl
-
     from backend.deliver.transaction import R_TLS_NOT_OFFERED, HostFailure
 
     prefix = R_TLS_NOT_OFFERED.partition("{")[0]
