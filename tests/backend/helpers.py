@@ -96,6 +96,9 @@ def write_config(
     # With no DNS to ask, every inbound check would wait for its timeout: tests of other things run
     # without them; tests of the checks (test_inbound_checks.py) configure [auth] and a real nsd.
     auth = "" if "[auth]" in extra else "[auth]\nenabled = false\n"
+    # No DNS here either: the daemon's periodic DNS self-check would only time out and log
+    # failures. Its own tests (test_dns_selfcheck.py) turn it on against a real nsd.
+    dns = "" if "[dns]" in extra else "[dns]\nself_check_interval = 0\n"
     text = f"""[server]
 hostname = "{HOSTNAME}"
 data_dir = "{tmp}/data"
@@ -112,16 +115,13 @@ passwd_file = "{tmp}/passwd"
 {dom}
 {listeners}
 {auth}
+{dns}
 {extra}
 """
     if "[delivery]" not in extra:
         # Keep every DNS lookup of a test on loopback: a closed port answers "refused" at once,
         # so remote recipients are deferred instead of querying the machine's resolver.
         text += '\n[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
-    if "[dns]" not in extra:
-        # No DNS here either: the daemon's periodic DNS self-check would only time out and log
-        # failures. Its own tests (test_dns_selfcheck.py) turn it on against a real nsd.
-        text += "\n[dns]\nself_check_interval = 0\n"
     path = tmp / "backend.toml"
     path.write_text(text)
     return path
