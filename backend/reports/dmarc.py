@@ -14,7 +14,7 @@ trusted):
     size (a zip or gzip bomb stops at the first chunk past either bound);
   - at most MAX_MEMBERS members in a zip file, and MAX_DOCUMENTS reports in one message;
   - XML without a DTD or entity declarations (defusedxml: billion laughs, external entities), at
-    most MAX_RECORDS records per report.
+    most MAX_RECORDS records per report; it is streamed, each record parsed and dropped as it ends.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ def _int(value: str | None, what: str) -> int:
         n = int(value or "")
     except ValueError:
         raise ReportRefused(f"{what} is not a number: {str(value)[:40]!r}") from None
-    if n < 0:
-        raise ReportRefused(f"{what} is negative")
+    if not 0 <= n < 2**53:  # SQLite's INTEGER (and JSON numbers) hold it exactly
+        raise ReportRefused(f"{what} out of range")
     return n
 
 

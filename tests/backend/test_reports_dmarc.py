@@ -412,3 +412,13 @@ def test_dmarc_report_cli_without_reports(cfg_path):
     out = run_cli(cfg_path)
     assert out.returncode == 0, out.stderr
     assert "no reports" in out.stdout
+
+
+def test_out_of_range_numbers_are_refused():
+    xml = report_xml("big.test", "n-1", [record("192.0.2.1", 10**30)])
+    with pytest.raises(dmarc.ReportRefused, match="record count out of range"):
+        dmarc.parse_report(xml)
+    many = report_xml("many.test", "m-1", [record(f"2001:db8::{i:x}", i + 1) for i in range(3000)])
+    report = dmarc.parse_report(many)  # streamed: every record kept, in order
+    assert [r.count for r in report.records] == list(range(1, 3001))
+    assert report.records[-1].source_ip == "2001:db8::bb7"
