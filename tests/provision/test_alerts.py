@@ -3,6 +3,7 @@ its input series and stays quiet on a near miss, and each one has a troubleshoot
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -82,3 +83,30 @@ def test_every_alert_says_what_to_do_and_has_a_guide_entry():
         assert anchor in ann["description"], a["alert"]
         assert a["alert"] in headings, f"no '### {a['alert']}' under Troubleshooting in {GUIDE.name}"
         assert a["labels"]["severity"] in ("warning", "critical")
+
+
+def test_dashboard_is_grafana_json_and_every_query_is_valid_promql(tmp_path):
+    from tests.lab.monitoring import DASHBOARD, dashboard_exprs, metric_names
+
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "homemx" and dash["schemaVersion"] >= 36
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert panels and all(p["targets"] and p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in panels)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    # promtool parses each query as a recording rule; Grafana fills $__rate_interval in (at least 4 scrapes).
+    exprs = dashboard_exprs()
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"homemx:dashboard_query_{i}", "expr": e.replace("$__rate_interval", "5m")}
+        for i, e in enumerate(exprs)]}]}
+    (tmp_path / "dashboard-queries.yml").write_text(yaml.safe_dump(rules))
+    r = promtool("check", "rules", str(tmp_path / "dashboard-queries.yml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The list: tunnel, edge outcomes, mail flow, queue, latency, verdicts, rspamd, certificate days left.
+    used = set().union(*map(metric_names, exprs))
+    for name in ("homemx_gateway_tunnel_handshake_age_seconds", "homemx_gateway_connections_total",
+                 "homemx_backend_messages_received_total", "homemx_backend_delivery_attempts_total",
+                 "homemx_backend_queue_recipients", "homemx_backend_queue_oldest_age_seconds",
+                 "homemx_backend_delivery_duration_seconds_bucket", "homemx_backend_auth_verdicts_total",
+                 "homemx_backend_rspamd_available", "homemx_backend_cert_expiry_timestamp_seconds"):
+        assert name in used, name
