@@ -282,17 +282,19 @@ def dns_check(report: Report, cfg: BackendConfig, now: float) -> None:
     from backend.dns.selfcheck import read_result, result_path
 
     interval = cfg.dns.self_check_interval
+    if interval == 0:  # a result stored while it was on is no longer kept up to date
+        report.add("dns check", OFF, "off ([dns] self_check_interval = 0)")
+        return
     last = read_result(cfg)
     if last is None:
-        report.add("dns check", OFF, "off ([dns] self_check_interval = 0)" if interval == 0 else
-                   f"no result yet in {result_path(cfg)}")
+        report.add("dns check", OFF, f"no result yet in {result_path(cfg)}")
         return
     checks = last["checks"]
-    failed = [c for c in checks if not c.get("ok")]
-    when = float(last.get("timestamp") or 0)
+    failed = [c for c in checks if not c["ok"]]
+    when = last["timestamp"]
     summary = f"{len(checks) - len(failed)} passed, {len(failed)} failed, at {utc(when)} ({ago(now - when)} ago)"
     problems = [f"{c['name']}: {c.get('detail', '')}" for c in failed]
-    if interval and now - when > 2 * interval + 60:
+    if now - when > 2 * interval + 60:
         problems.append(f"the last self-check is {ago(now - when)} old (every {ago(interval)} expected): "
                         "is the daemon running?")
     report.add("dns check", ATTENTION if problems else OK, summary, [f"FAIL {p}" for p in problems[:len(failed)]],

@@ -160,3 +160,17 @@ def test_shutdown_does_not_wait_for_a_self_check_in_progress(tmp_path):
         daemon.stop()
         silent.close()
     assert not (tmp_path / "data" / "dns-check.json").exists()  # that run never finished
+
+
+@pytest.mark.asyncio
+async def test_status_flags_a_stale_result(lab):
+    """Every check passed, but a day ago with a 6 h interval: the daemon's self-check is not running."""
+    import time
+
+    config, _, _, _ = lab
+    DNSSelfCheck(config, BackendMetrics(), now=lambda: time.time() - 86400).check_once()
+    code, out = await status(config)
+    assert code == 1, out
+    line = next(line for line in out.splitlines() if line.startswith("dns check"))
+    assert line.split()[2] == "ATTENTION" and " 0 failed" in line
+    assert "dns check: the last self-check is 1 d 0 h old (every 6 h 0 min expected): is the daemon running?" in out
