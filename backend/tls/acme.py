@@ -354,7 +354,7 @@ def issue(config: BackendConfig, challenges: Challenges, names: list[str] | None
         return _order(config, account, challenges, names)
     except ACMEError:
         raise
-    except (errors.Error, messages.Error, requests.RequestException, OSError, ValueError) as e:
+    except (errors.Error, messages.Error, jose.errors.Error, requests.RequestException, OSError, ValueError) as e:
         raise ACMEError(_describe(e)) from e
 
 

@@ -73,8 +73,9 @@ def test_next_due():
 class Lab:
     """nsd serving the names -> 127.0.0.1, Pebble validating on our http/tls ports, the config."""
 
-    def __init__(self, tmp: Path, *, challenge: str = "http-01", nonce_reject: int = 0):
+    def __init__(self, tmp: Path, *, challenge: str = "http-01", nonce_reject: int = 0, acme_extra: str = ""):
         self.tmp = tmp
+        self.acme_extra = acme_extra
         self.http_port, self.tls_port = free_port(), free_port()
         self.nsd = NSD({"example.org": zone_text("example.org", ZONE)})
         self.challenge = challenge
@@ -96,6 +97,7 @@ ca_bundle = "{self.pebble.ca_file}"
 contact = "postmaster@example.org"
 challenge = "{self.challenge}"
 names = ["mta-sts.example.org"]
+{self.acme_extra}
 """)
         self.config = load_config(self.config_path)
         return self
@@ -190,7 +192,16 @@ def _new_accounts(pebble: Pebble) -> int:
 
 
 @pytest.mark.asyncio
-async def test_http01_issuance_replaces_the_placeholder(lab, capsys):
+async def test_http01_issuance_replaces_the_placeholder(tmp_path, capsys):
+    # The reload hook (Dovecot's, in real life) copies what is live when it runs.
+    hooked = tmp_path / "hook-saw.pem"
+    live = tmp_path / "data" / "acme" / "live" / "fullchain.pem"
+    with Lab(tmp_path, acme_extra=f'reload_hook = "cp {live} {hooked}"') as lab:
+        await _http01_issuance(lab, capsys)
+        assert hooked.read_bytes() == live.read_bytes()  # ran after the new pair was live
+
+
+async def _http01_issuance(lab: Lab, capsys) -> None:
     assert renew.prepare(lab.config)  # first start: a self-signed stand-in, so TLS works at once
     fullchain, key = certfiles.live_paths(lab.config.acme_dir)
     assert certfiles.read_live(lab.config.acme_dir).placeholder
@@ -223,8 +234,9 @@ async def test_http01_issuance_replaces_the_placeholder(lab, capsys):
 
 
 @pytest.mark.asyncio
-async def test_tls_alpn01_issuance(tmp_path):
-    with Lab(tmp_path, challenge="tls-alpn-01") as lab:
+async def test_tls_alpn01_issuance(tmp_path, caplog):
+    # A failing reload hook is logged; the certificate stays installed.
+    with Lab(tmp_path, challenge="tls-alpn-01", acme_extra='reload_hook = "echo no dovecot here; exit 3"') as lab:
         challenges = Challenges()
         seen: set = set()
         srv = await _tls_server(challenges, lab.tls_port, tmp_path, seen)
@@ -240,6 +252,8 @@ async def test_tls_alpn01_issuance(tmp_path):
         assert challenges.tls_alpn_context(HOSTNAME) is None  # removed after the order
         # Pebble validated each name on our port, over acme-tls/1 only.
         assert seen == {("sni", name) for name in NAMES} | {("alpn", "acme-tls/1")}
+        assert [r.getMessage() for r in caplog.records if "reload_hook" in r.getMessage()] == [
+            "reload_hook 'echo no dovecot here; exit 3' exited 3: no dovecot here"]
 
 
 @pytest.mark.asyncio
