@@ -322,6 +322,8 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
         # validated on the host, against the files it names, before anything restarts
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
+    if site.prometheus_rules_dir:
+        alert_rules(r, site)
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
                "homemx-backend.service": render.backend_unit(site, lay)})
     _restart(r, {"rspamd.service": rspamd_inputs,
@@ -329,6 +331,19 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
                                             "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
     return res.get("records", [])
+
+
+def alert_rules(r: Remote, site: Site) -> None:
+    """The Prometheus alert rules (provision/monitoring/homemx-alerts.yml) into the operator's rules directory.
+
+    Prometheus is the operator's: we neither change its directory's mode nor reload it (the report
+    says a reload is due)."""
+    path = render.alert_rules_path(site, r.layout)
+    rules_dir = shlex.quote(path.rsplit("/", 1)[0])
+    if not r.dry_run and not r.ok(f"test -d {rules_dir}"):
+        r.run(f"install -d -m 755 {rules_dir}")
+    if r.ensure_file(path, render.ALERT_RULES.read_bytes(), 0o644, "root", "root", item="prometheus rules") == "changed":
+        r.report.notes.append(f"backend: alert rules updated in {path}: reload Prometheus (systemctl reload prometheus)")
 
 
 def spam_filter(r: Remote) -> tuple[str, ...]:

@@ -5,6 +5,8 @@ Deterministic text (same Site → same bytes) so a second run can compare hashes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .site import HostLayout, Site
 
 
@@ -189,6 +191,14 @@ RSPAMD_CONTROLLER = "127.0.0.1:11334"  # rspamd's controller: learn_spam/learn_h
 RSPAMC = "/usr/bin/rspamc"             # Debian's rspamd package
 RSPAMD_CONF = "/etc/rspamd/rspamd.conf"  # the package's own (never written; it includes local.d)
 RSPAMD_CONFDIR = "/etc/rspamd"         # the package's LOCAL_CONFDIR: a site's changes go to its local.d
+
+
+ALERT_RULES = Path(__file__).with_name("monitoring") / "homemx-alerts.yml"
+
+
+def alert_rules_path(site: Site, layout: HostLayout) -> str:
+    """Where the Prometheus alert rules go on the home host (site.prometheus_rules_dir under the layout's root)."""
+    return layout.path(f"{site.prometheus_rules_dir.rstrip('/')}/{ALERT_RULES.name}")
 
 
 def rspamd_local_files() -> dict[str, str]:

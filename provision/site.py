@@ -159,6 +159,7 @@ class Site:
     tls_key: StrictStr = ""
     dmarc_rua: StrictStr = ""
     rspamd: StrictBool = True                # the spam filter on the home host (docs/inbound-trust.md)
+    prometheus_rules_dir: StrictStr = ""     # home host: install homemx-alerts.yml here (docs/monitoring.md); "" = don't
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 
@@ -180,6 +181,13 @@ class Site:
     def _address(cls, v: str) -> str:
         if "@" not in v:
             raise ValueError("expected an address user@domain")
+        return v
+
+    @field_validator("prometheus_rules_dir")
+    @classmethod
+    def _rules_dir(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError("must be an absolute path (or empty: no rules installed)")
         return v
 
     @field_validator("tunnel_prefixlen")

@@ -227,6 +227,21 @@ def test_changed_setting_touches_only_what_it_must(hosts):
     hosts["site"] = site  # what is now deployed
 
 
+def test_alert_rules_installed_where_the_operator_asks(hosts):
+    from provision import render
+
+    site = dataclasses.replace(hosts["site"], prometheus_rules_dir="/etc/prometheus/rules")
+    path = Path(render.alert_rules_path(site, site.backend))
+    assert not path.exists()  # empty (the default): nothing was installed
+    report, _, b, _ = _deploy(hosts, site)
+    assert report.changed == [("backend", "prometheus rules", "changed")] and report.restarts == []
+    assert path.read_bytes() == render.ALERT_RULES.read_bytes() and _mode(str(path)) == ("0o644", "root", "root")
+    assert "reload Prometheus" in report.text()
+    report, _, b, _ = _deploy(hosts, site)
+    assert report.changed == [] and b.uploads == []
+    hosts["site"] = site  # what is now deployed
+
+
 def _site_toml(site) -> str:
     """The Site as the operator would write it (site.toml)."""
     def val(v):

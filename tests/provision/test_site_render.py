@@ -25,6 +25,12 @@ def test_site_defaults_and_root_prefix():
     assert render.wg_conf_path(site, site.backend) == "/srv/h/etc/homemx/wireguard/hmx0.conf"
 
 
+def test_alert_rules_path_under_the_home_root():
+    site = site_from_dict({**BASE, "site": {**BASE["site"], "prometheus_rules_dir": "/etc/prometheus/rules/"}})
+    assert render.alert_rules_path(site, site.backend) == "/srv/h/etc/prometheus/rules/homemx-alerts.yml"
+    assert render.ALERT_RULES.is_file() and site_from_dict(BASE).prometheus_rules_dir == ""
+
+
 @pytest.mark.parametrize("patch, key, reason", [
     ({"site": {**BASE["site"], "colour": "blue"}}, "site.colour", "unknown key"),
     ({"gateway": {"rooot": "/"}}, "gateway.rooot", "unknown key"),
@@ -32,6 +38,7 @@ def test_site_defaults_and_root_prefix():
     ({"site": {**BASE["site"], "wg_port": True}}, "site.wg_port", "expected int"),
     ({"site": {k: v for k, v in BASE["site"].items() if k != "domain"}}, "site.domain", "missing"),
     ({"site": {**BASE["site"], "gateway_public_addr": "vps"}}, "site.gateway_public_addr", "IPv4"),
+    ({"site": {**BASE["site"], "prometheus_rules_dir": "rules"}}, "site.prometheus_rules_dir", "absolute path"),
     ({"extra": {}}, "extra", "unknown table"),
 ])
 def test_site_errors_name_file_and_key(patch, key, reason):
