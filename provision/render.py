@@ -48,6 +48,9 @@ def gateway_toml(site: Site) -> str:
         "# homemx gateway: written by provisioning (provision/render.py); local edits are overwritten",
         "[server]",
         f"hostname = {_q(site.hostname)}",
+        # Metrics on the tunnel address only: a Prometheus at home reaches them, the internet does not.
+        *([f'metrics_listen = "{site.gateway_tunnel_addr}:{site.gateway_metrics_port}"',
+           f"tunnel_interface = {_q(ifname(site, site.gateway))}"] if site.gateway_metrics_port else []),
         "",
     ]
     for name, kind, port, up, extra in (
@@ -71,6 +74,7 @@ def backend_toml(site: Site, layout: HostLayout) -> str:
         "[server]",
         f"hostname = {_q(site.hostname)}",
         f"data_dir = {_q(layout.data)}",
+        *([f"metrics_listen = {_q(site.backend_metrics_listen)}"] if site.backend_metrics_listen else []),
         "",
         "[tls]",
         f"cert = {_q(cert)}",

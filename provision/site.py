@@ -160,6 +160,8 @@ class Site:
     dmarc_rua: StrictStr = ""
     rspamd: StrictBool = True                # the spam filter on the home host (docs/inbound-trust.md)
     prometheus_rules_dir: StrictStr = ""     # home host: install homemx-alerts.yml here (docs/monitoring.md); "" = don't
+    gateway_metrics_port: StrictInt = 0      # gateway metrics on gateway_tunnel_addr:PORT (0: none)
+    backend_metrics_listen: StrictStr = ""   # backend metrics_listen, e.g. "127.0.0.1:9325" ("": none)
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 

@@ -31,6 +31,27 @@ def test_alert_rules_path_under_the_home_root():
     assert render.ALERT_RULES.is_file() and site_from_dict(BASE).prometheus_rules_dir == ""
 
 
+def test_metrics_endpoints_rendered_only_when_asked(tmp_path):
+    from backend.config import load_config as load_backend
+    from gateway.config import load_config as load_gateway
+    from provision import hostside
+
+    off = site_from_dict(BASE)
+    assert "metrics_listen" not in render.gateway_toml(off)
+    assert "metrics_listen" not in render.backend_toml(off, HostLayout(root=str(tmp_path)))
+    site = site_from_dict({**BASE, "site": {**BASE["site"], "gateway_metrics_port": 9101,
+                                            "backend_metrics_listen": "127.0.0.1:9325"}})
+    (tmp_path / "gateway.toml").write_text(render.gateway_toml(site))
+    gw = load_gateway(tmp_path / "gateway.toml")
+    assert gw.server.metrics_listen == ("10.77.0.1", 9101) and gw.server.tunnel_interface == "hmx0"
+    lay = HostLayout(root=str(tmp_path))
+    cert, key = render.tls_paths(lay)
+    hostside.tls_selfsigned({"cert": cert, "key": key, "hostname": site.hostname})
+    hostside.dkim_keys({"domain": site.domain, "keys": render.dkim_entries(site, lay)})
+    (tmp_path / "backend.toml").write_text(render.backend_toml(site, lay))
+    assert load_backend(tmp_path / "backend.toml").server.metrics_listen == ("127.0.0.1", 9325)
+
+
 @pytest.mark.parametrize("patch, key, reason", [
     ({"site": {**BASE["site"], "colour": "blue"}}, "site.colour", "unknown key"),
     ({"gateway": {"rooot": "/"}}, "gateway.rooot", "unknown key"),
