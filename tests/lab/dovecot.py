@@ -6,10 +6,20 @@ Started in the foreground (``dovecot -F``) inside a namespace (or on this host's
 ``<maildir_root>/<domain>/<user>/Maildir``, an ``imaps`` listener with ``haproxy = yes`` that
 trusts only the gateway's tunnel address, and the Junk folder with rspamd learning from moves,
 included from the very files provisioning gives a user (provision.render.dovecot_junk_conf).
+
+``cert``/``key`` may be the backend's ACME live files (data_dir/acme/live/): Dovecot then serves the
+certificate the backend obtained, and ``reload_command`` (``doveadm reload`` for this instance) is the
+backend's ``[acme] reload_hook``. With ``run_as`` (a uid, the backend's) Dovecot runs wholly as that
+user ("rootless", every internal and login process too), so the backend's hook may signal it; a
+root Dovecot would need a root helper for that (provisioning's path unit, docs/certificates.md).
 """
 
 from __future__ import annotations
 
+import grp
+import pwd
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -31,8 +41,9 @@ ssl_key = <{key}
 auth_mechanisms = plain
 disable_plaintext_auth = yes
 haproxy_trusted_networks = {trusted}
-default_internal_user = dovecot
-default_login_user = dovenull
+default_internal_user = {internal_user}
+default_internal_group = {internal_group}
+default_login_user = {login_user}
 mail_location = maildir:{maildir_root}/%d/%n/Maildir
 !include {junk_conf}
 passdb {{
@@ -67,13 +78,27 @@ class Dovecot:
 
     def __init__(self, ns: Namespace | None, workdir: Path, *, address: str, port: int, cert: Path, key: Path,
                  passwd: Path, maildir_root: Path, trusted: str,
-                 mail_uid: int, haproxy: bool = True, rspamd_controller: str = render.RSPAMD_CONTROLLER):
+                 mail_uid: int, haproxy: bool = True, rspamd_controller: str = render.RSPAMD_CONTROLLER,
+                 run_as: int | None = None):
         self.ns, self.dir, self.address, self.port = ns, workdir, address, port
         self.rspamd_controller = rspamd_controller
+        self.run_as = run_as
+        users = dict(internal_user="dovecot", internal_group="dovecot", login_user="dovenull")
+        if run_as is not None:
+            pw = pwd.getpwuid(run_as)
+            group = grp.getgrgid(pw.pw_gid).gr_name
+            users = dict(internal_user=pw.pw_name, internal_group=group, login_user=pw.pw_name)
         self.conf_text = dict(address=address, port=port, cert=cert, key=key, passwd=passwd,
                               maildir_root=maildir_root, trusted=trusted, mail_uid=mail_uid,
-                              haproxy="yes" if haproxy else "no")
+                              haproxy="yes" if haproxy else "no", **users)
+        self.conf = workdir / "dovecot.conf"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def reload_command(self) -> str:
+        """``doveadm reload`` for this instance (SIGHUP to its master: it reads its config, and so the
+        certificate files, again; connections already open keep theirs)."""
+        return shlex.join(["doveadm", "-c", str(self.conf), "reload"])
 
     def _popen(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(argv, **kw) if self.ns is None else self.ns.popen(argv, **kw)
@@ -100,14 +125,22 @@ class Dovecot:
         for sub in ("run", "state"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
-        conf = d / "dovecot.conf"
+        conf = self.conf
         conf.write_text(CONF.format(d=d, junk_conf=self._write_junk_files(), **self.conf_text))
         for argv in render.dovecot_sievec(str(d / "sieve")):
             r = subprocess.run(argv, capture_output=True, text=True)
             if r.returncode:
                 raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}")
-        self.proc = self._popen(["dovecot", "-F", "-c", str(conf)], stdout=open(d / "stdout.log", "ab"),
-                                stderr=subprocess.STDOUT)
+        argv = ["dovecot", "-F", "-c", str(conf)]
+        if self.run_as is not None:
+            # Its run/state dirs and logs are written by the master, now this user.
+            for log in ("dovecot.log", "stdout.log"):
+                (d / log).touch()
+            for path in (d / "run", d / "state", d / "dovecot.log", d / "stdout.log"):
+                shutil.chown(path, self.run_as, pwd.getpwuid(self.run_as).pw_gid)
+            argv = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwuid(self.run_as).pw_gid}",
+                    "--clear-groups", *argv]
+        self.proc = self._popen(argv, stdout=open(d / "stdout.log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         probe = "import socket,sys\ntry: socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1).close()\nexcept OSError: sys.exit(1)"
         while self._run([sys.executable, "-c", probe, self.address, str(self.port)]).returncode:
@@ -115,6 +148,16 @@ class Dovecot:
                 raise RuntimeError(f"dovecot did not start:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    def reload(self) -> None:
+        """``doveadm reload`` as the backend's hook would run it (as ``run_as``, if set)."""
+        argv = shlex.split(self.reload_command)
+        if self.run_as is not None:
+            argv = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwuid(self.run_as).pw_gid}",
+                    "--clear-groups", *argv]
+        r = self._run(argv)
+        if r.returncode:
+            raise RuntimeError(f"doveadm reload failed: {r.stdout}{r.stderr}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -126,6 +126,12 @@ class Pebble:
     def directory(self) -> str:
         return f"https://{self.address}:{self.port}/dir"
 
+    @property
+    def api_ca_pem(self) -> bytes:
+        """The CA of Pebble's own HTTPS (what ``ca_file`` holds once started), known before ``start()``:
+        a lab can give the ACME client a copy it may read."""
+        return self._ca_pem
+
     def _get(self, url: str, timeout: float) -> bytes:
         """GET over HTTPS trusting ``ca_file``, from where Pebble listens (its namespace, if any)."""
         if not self.netns_exec:
@@ -202,6 +208,10 @@ class Pebble:
         """The PEM root Pebble's issued certificates chain to (its management interface; a new
         one every start)."""
         return self._get(f"https://{self.address}:{self.management_port}/roots/0", timeout=5)
+
+    def intermediate(self) -> bytes:
+        """The PEM intermediate that signs the certificates it issues (also new every start)."""
+        return self._get(f"https://{self.address}:{self.management_port}/intermediates/0", timeout=5)
 
     def stop(self) -> None:
         """Stop Pebble (its whole session). Safe to call twice; the address and ports stay this

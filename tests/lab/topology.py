@@ -18,6 +18,16 @@ Roles (addresses are RFC 5737 documentation ranges, nothing leaves the machine):
 - home (192.0.2.2, tunnel 10.77.0.2): ``homemx-backend run`` (mx/submission/submissions behind
   PROXY v2 on the tunnel address, lan on the LAN address), Dovecot IMAPS with haproxy = yes.
 
+Certificates (``MailLab(acme=True)``, the default, as provisioning sets a home up): Pebble (Debian's
+``pebble``, tests/lab/pebble.py) runs in the internet namespace on 198.51.100.1:14000 and resolves
+through the lab's nsd, so it validates ``mail.example.org``, ``mta-sts.example.org`` and
+``autoconfig.example.org`` at the gateway's address; the gateway passes tcp/80 and tcp/443 with
+PROXY v2 to the backend's web face ([http], on the tunnel address); the backend has ``[acme]`` on
+(http-01, Pebble's API CA as ca_bundle) and obtains its certificate through that path at start.
+Dovecot serves the backend's ACME files (data_dir/acme/live/) and runs as the backend's user, so the
+backend's ``reload_hook`` (``doveadm reload``) reloads it after each issuance. ``acme=False``: a
+self-signed certificate in [tls], no Pebble, no web face.
+
 Optional (``MailLab(relay_listener=True)``, off by default, for benchmark B5): a sink host
 198.51.100.60 on the internet segment with ``sink.test``'s MX pointing at it (the caller runs the
 receiver there, e.g. Postfix's smtp-sink), and a relaying path for internet senders: gateway
@@ -32,6 +42,7 @@ the namespaces is killed, namespaces, /etc/netns dirs, wireguard-go sockets and 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,10 +51,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from backend.tls import certfiles, renew
 from tests.backend.helpers import write_cert, write_users
 from tests.lab.dovecot import Dovecot
 from tests.lab.netns import Lab, Namespace
 from tests.lab.nsd import NSD, reverse_zone_name, zone_text
+from tests.lab.pebble import Pebble
 from tests.lab.postfix import Postfix
 from tests.lab.rspamd import Rspamd
 from tests.wireguard.tunnel_lab import GW_TUN, HOME_TUN, TunnelLab, make_tunnel_lab
@@ -73,6 +86,12 @@ BACKEND_METRICS_PORT = 9325
 GATEWAY_METRICS_PORT = 9101
 MAIL_UID = 65534  # nobody: the backend runs as this user and Dovecot's userdb maps every user to it
 GATEWAY_PORTS = {"mx": 25, "submission": 587, "submissions": 465, "imaps": 993}
+# The home's web face (acme=True): the gateway's 80/443 passthrough → these on the tunnel address.
+HTTP_PORTS = {"http": 80, "https": 443}
+BACKEND_HTTP_PORTS = {"http": 2080, "https": 2443}
+GATEWAY_TCP_LISTENERS = ("imaps", "http", "https")  # passthrough (kind = "tcp"); the rest speak SMTP
+ACME_CONTACT = f"postmaster@{HOME_DOMAIN}"
+FIRST_ISSUANCE_TIMEOUT = 60.0
 # relay_listener=True: the relaying path (gateway port → backend lan listener on the tunnel) and the sink host.
 RELAY_PORT = 2526
 SINK_ADDR = "198.51.100.60"
@@ -103,8 +122,11 @@ class MailLab:
     """Builds the topology on ``start()`` (or ``with``) and removes it on ``close()``."""
 
     def __init__(self, *, greet_wait: str = "300ms", retry_schedule: tuple[str, ...] = ("2s",),
-                 gateway_connect_timeout: str = "2s", relay_listener: bool = False, log_level: str = "debug"):
+                 gateway_connect_timeout: str = "2s", relay_listener: bool = False, log_level: str = "debug",
+                 acme: bool = True):
         self.greet_wait = greet_wait
+        self.acme = acme
+        self.pebble: Pebble | None = None
         self.relay_listener = relay_listener
         self.log_level = log_level
         self.retry_schedule = retry_schedule
@@ -162,6 +184,8 @@ class MailLab:
         return self
 
     def close(self) -> None:
+        if self.pebble is not None:
+            self.pebble.close()
         if self.rspamd is not None:
             self.rspamd.close()
         if self.nsd is not None:
@@ -183,8 +207,16 @@ class MailLab:
         # The unprivileged backend binds the LAN submission port 587 (as CAP_NET_BIND_SERVICE would allow).
         self.home.sysctl("net.ipv4.ip_unprivileged_port_start", "0")
         self.tunnel.wait_handshake()
+        if self.acme:
+            # Pebble's API on the internet host's address (the backend reaches it through the NAT
+            # router); it validates on the gateway's 80/443, resolving through the lab's nsd.
+            self.pebble = Pebble(dns=f"{self.internet_addr}:53", address=self.internet_addr,
+                                 http_port=HTTP_PORTS["http"], tls_port=HTTP_PORTS["https"],
+                                 netns_exec=self.internet.cmd([]))
         self._write_backend_config()
         self._start_dns()
+        if self.pebble is not None:
+            self.pebble.start()
         # The home's spam filter, as provisioning sets it up: rspamd (and its Redis) on the home's
         # loopback, resolving through the lab's nsd.
         self.rspamd = Rspamd(netns_exec=self.home.cmd([]), nameserver=f"{self.internet_addr}:53",
@@ -193,13 +225,15 @@ class MailLab:
         self.postfix = Postfix(self.internet, self.work / "postfix", address=self.internet_addr,
                                domain=REMOTE_DOMAIN, mailboxes=REMOTE_MAILBOXES,
                                mynetworks=("127.0.0.0/8", f"{SENDER_ADDR}/32")).start()
-        self.start_backend()
-        self.dovecot = Dovecot(self.home, self.work / "dovecot", address=HOME_TUN, port=IMAPS_PORT,
-                               cert=self.cert, key=self.key, passwd=self.passwd,
-                               maildir_root=self.data_dir / "mail", trusted=f"{GW_TUN}/32",
-                               mail_uid=MAIL_UID).start()
+        # The gateway before the backend: the backend's first ACME order is validated through it.
         self._write_gateway_config()
         self.start_gateway()
+        self.start_backend()
+        if self.acme:
+            self.first_issuance_seconds = self.wait_first_issuance()
+        # Started after the first issuance, Dovecot reads the certificate the backend obtained; later
+        # ones reach it through the backend's reload_hook.
+        self.dovecot.start()
 
     # ------------------------------------------------------------ home: backend
 
@@ -209,6 +243,13 @@ class MailLab:
         self.cert, self.key = write_cert(home / "tls", HOSTNAME)
         self.passwd = home / "passwd"
         self.data_dir = home / "data"
+        self.acme_dir = self.data_dir / "acme"
+        # With ACME Dovecot serves the backend's live files (what ``reload_hook`` tells it to read again).
+        dovecot_cert, dovecot_key = certfiles.live_paths(self.acme_dir) if self.acme else (self.cert, self.key)
+        self.dovecot = Dovecot(self.home, self.work / "dovecot", address=HOME_TUN, port=IMAPS_PORT,
+                               cert=dovecot_cert, key=dovecot_key, passwd=self.passwd,
+                               maildir_root=self.data_dir / "mail", trusted=f"{GW_TUN}/32",
+                               mail_uid=MAIL_UID, run_as=MAIL_UID)
         write_users(self.passwd, USERS)
         # One passwd-file for SMTP and IMAP: Dovecot's auth process (user dovecot) reads it by group.
         shutil.chown(self.passwd, MAIL_UID, "dovecot")
@@ -234,6 +275,31 @@ class MailLab:
                           f'proxy_protocol = true\ntrusted_proxies = ["{GW_TUN}/32"]\n'
                           f'trusted_networks = ["{self.internet_addr}/32", "{SENDER_ADDR}/32"]\n\n')
         schedule = ", ".join(f'"{s}"' for s in self.retry_schedule)
+        tls = f'[tls]\ncert = "{self.cert}"\nkey = "{self.key}"\n'
+        mta_sts = ""
+        if self.acme:
+            # The backend (user nobody) must read the CA of Pebble's API: a copy of its own.
+            ca = home / "pebble-api-ca.pem"
+            ca.write_bytes(self.pebble.api_ca_pem)
+            ca.chmod(0o644)
+            tls = f"""[acme]
+enabled = true
+directory = "{self.pebble.directory}"
+contact = "{ACME_CONTACT}"
+ca_bundle = "{ca}"
+challenge = "http-01"
+reload_hook = '{self.dovecot.reload_command}'
+
+[http]
+enabled = true
+listen_http = "{HOME_TUN}:{BACKEND_HTTP_PORTS['http']}"
+listen_https = "{HOME_TUN}:{BACKEND_HTTP_PORTS['https']}"
+proxy_protocol = true
+trusted_proxies = ["{GW_TUN}/32"]
+"""
+            # An MTA-STS policy (RFC 8461) in testing mode: its host mta-sts.example.org is one of
+            # the certificate's names, and the web face serves the policy.
+            mta_sts = 'mta_sts_mode = "testing"\n'
         self.backend_conf = home / "backend.toml"
         self.backend_conf.write_text(f"""[server]
 hostname = "{HOSTNAME}"
@@ -241,9 +307,7 @@ data_dir = "{self.data_dir}"
 log_level = "{self.log_level}"
 metrics_listen = "{self.home_addr}:{BACKEND_METRICS_PORT}"
 
-[tls]
-cert = "{self.cert}"
-key = "{self.key}"
+{tls}
 
 [users]
 passwd_file = "{self.passwd}"
@@ -269,7 +333,7 @@ timeout = "10s"
 [dns]
 dmarc_policy = "quarantine"
 dmarc_rua = "postmaster@{HOME_DOMAIN}"
-{dkim_tables}
+{mta_sts}{dkim_tables}
 """)
 
     def start_backend(self) -> None:
@@ -282,6 +346,30 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
         self._wait_port(self.home, HOME_TUN, BACKEND_PORTS["mx"], self.backend_proc, "backend mx listener")
         if self.relay_listener:
             self._wait_port(self.home, HOME_TUN, RELAY_PORT, self.backend_proc, "backend relay listener")
+
+    def wait_first_issuance(self) -> float:
+        """Seconds until the backend's first ACME attempt (started with the daemon) ended, whatever its
+        outcome (tests look at the outcome); its state file says when."""
+        t0 = time.monotonic()
+        wait_until(lambda: renew.load_state(self.acme_dir).last_attempt_end is not None, FIRST_ISSUANCE_TIMEOUT,
+                   f"the backend's first ACME attempt\n{self.logs()}", step=0.1)
+        return time.monotonic() - t0
+
+    def stop_backend(self) -> None:
+        """SIGTERM, as ``systemctl stop`` would: the daemon drains and exits."""
+        proc = self.backend_proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+    def set_acme_challenge(self, challenge: str) -> None:
+        """Switch ``[acme] challenge`` in backend.toml and restart the backend (a new PID) with it."""
+        text = self.backend_conf.read_text()
+        new = re.sub(r'(?m)^challenge = ".*"$', f'challenge = "{challenge}"', text)
+        assert new != text or f'challenge = "{challenge}"' in text, "no [acme] challenge in backend.toml"
+        self.backend_conf.write_text(new)
+        self.stop_backend()
+        self.start_backend()
 
     def start_rspamd(self) -> None:
         self.rspamd.start()
@@ -363,10 +451,10 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
         gw = self.work / "gw"
         gw.mkdir()
         self.gateway_log = gw / "gateway.log"
-        upstream = {**BACKEND_PORTS, "imaps": IMAPS_PORT}
+        upstream = {**BACKEND_PORTS, "imaps": IMAPS_PORT, **BACKEND_HTTP_PORTS}
         listeners = ""
-        for name, port in GATEWAY_PORTS.items():
-            kind = "tcp" if name == "imaps" else "smtp"
+        for name, port in self.gateway_ports.items():
+            kind = "tcp" if name in GATEWAY_TCP_LISTENERS else "smtp"
             listeners += (f'[[listener]]\nname = "{name}"\nkind = "{kind}"\nlisten = "{self.gateway_addr}:{port}"\n'
                           f'upstream = "{HOME_TUN}:{upstream[name]}"\n'
                           f'connect_timeout = "{self.gateway_connect_timeout}"\n')
@@ -392,8 +480,13 @@ shutdown_grace = "2s"
         self.gateway_proc = self.gateway.popen([GATEWAY_CLI, "run", "-c", str(self.gateway_conf)],
                                                stdout=open(self.gateway_log, "ab"), stderr=subprocess.STDOUT,
                                                env=self.tunnel.env)
-        for port in [*GATEWAY_PORTS.values(), *([RELAY_PORT] if self.relay_listener else [])]:
+        for port in [*self.gateway_ports.values(), *([RELAY_PORT] if self.relay_listener else [])]:
             self._wait_port(self.internet, self.gateway_addr, port, self.gateway_proc, f"gateway port {port}")
+
+    @property
+    def gateway_ports(self) -> dict[str, int]:
+        """The gateway's listeners by name: the mail ports, and 80/443 for the web face with ACME."""
+        return {**GATEWAY_PORTS, **(HTTP_PORTS if self.acme else {})}
 
     # ------------------------------------------------------------ tunnel outage
 
@@ -468,4 +561,6 @@ shutdown_grace = "2s"
             parts.append(f"===== rspamd log =====\n{self.rspamd.log()[-10000:]}")
         if self.nsd is not None:
             parts.append(f"===== nsd log =====\n{self.nsd.log()[-5000:]}")
+        if self.pebble is not None:
+            parts.append(f"===== pebble log =====\n{self.pebble.log()[-10000:]}")
         return "\n".join(parts)
