@@ -325,6 +325,21 @@ class DNS01Publisher:
 # ---------------------------------------------------------------- one issuance
 
 
+def _root_cause(e: BaseException) -> str:
+    """The innermost reason of a requests error (requests -> urllib3 -> the socket's OSError):
+    'Connection refused' rather than three wrappers' worth of text."""
+    for _ in range(10):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else getattr(e, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
 def _describe(e: BaseException) -> str:
     if isinstance(e, errors.ValidationError):
         parts = []
@@ -337,7 +352,8 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, messages.Error):
         return f"{e.code or e.typ}: {e.detail}"
     if isinstance(e, requests.RequestException):
-        return f"cannot reach the CA: {type(e).__name__}: {str(e)[:200]}"
+        url = e.request.url if e.request is not None else "the CA"
+        return f"cannot reach the CA ({url}): {_root_cause(e)}"
     if isinstance(e, errors.TimeoutError):
         return f"the order was not ready within {ORDER_TIMEOUT:.0f} s"
     if isinstance(e, errors.IssuanceError):

@@ -240,10 +240,10 @@ class Renewer:
             self.attempts += 1
             wait = state.next_attempt - self.now()
             if isinstance(e, acme.ACMEError):
-                log.warning("certificate for %s not issued (%d failures in a row): %s; next attempt in %.0f s",
+                log.warning("certificate for %s not issued (%d in a row): %s; next attempt in %.0f s",
                             ", ".join(names), state.failures, e, wait)
             else:
-                log.exception("certificate for %s not issued (%d failures in a row); next attempt in %.0f s",
+                log.exception("certificate for %s not issued (%d in a row); next attempt in %.0f s",
                               ", ".join(names), state.failures, wait)
             return False
         info = certfiles.cert_info(issued.fullchain_pem)
