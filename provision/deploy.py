@@ -302,12 +302,14 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     if r.mark("dkim keys", res.get("keys", "would change")) == "changed":
         for e in render.dkim_entries(site, lay):
             r.run(f"chown {lay.user}:{lay.user} {shlex.quote(e['private_key'])} && chmod 600 {shlex.quote(e['private_key'])}")
+    # With ACME (the default) the backend obtains its certificate itself, at home, and serves a
+    # self-signed placeholder until the first one is issued: nothing to make here.
     cert, key = render.tls_paths(lay)
-    if tls_cert is not None and tls_key is not None:
+    if not site.acme and tls_cert is not None and tls_key is not None:
         # the user's own certificate: the one secret the operator brings, so it is uploaded (0600)
         r.ensure_file(cert, tls_cert, 0o644, "root", lay.user, item="tls certificate")
         r.ensure_file(key, tls_key, 0o600, lay.user, lay.user, item="tls key")
-    else:
+    elif not site.acme:
         if r.mark("tls certificate", r.hostside("tls_selfsigned", cert=cert, key=key, hostname=site.hostname)
                   .get("tls", "would change")) == "changed":
             r.run(f"chown {lay.user}:{lay.user} {shlex.quote(key)} && chmod 600 {shlex.quote(key)}")
@@ -324,9 +326,12 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
     if site.prometheus_rules_dir:
         alert_rules(r, site)
+    dovecot_tls(r, site)
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
-               "homemx-backend.service": render.backend_unit(site, lay)})
+               "homemx-backend.service": render.backend_unit(site, lay),
+               **render.dovecot_reload_units(lay)})
     _restart(r, {"rspamd.service": rspamd_inputs,
+                 "homemx-dovecot-reload.path": ("unit homemx-dovecot-reload.path", "unit homemx-dovecot-reload.service"),
                  "homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
                                             "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
@@ -376,6 +381,16 @@ def spam_filter(r: Remote) -> tuple[str, ...]:
         r.run(f"rspamadm --var=LOCAL_CONFDIR={shlex.quote(confdir)} configtest -c {render.RSPAMD_CONF}")
     dovecot_junk(r)
     return (packages, *(f"rspamd {rel}" for rel in files))
+
+
+def dovecot_tls(r: Remote, site: Site) -> None:
+    """Dovecot's certificate include (<etc>/dovecot/homemx-tls.conf): the backend's ACME files (or
+    [tls] files) for the user's Dovecot to ``!include``; a renewal reaches Dovecot through the
+    reload path unit."""
+    d = f"{r.layout.etc}/dovecot"
+    r.ensure_dir(d, 0o755, "root", "root")
+    r.ensure_file(f"{d}/{render.DOVECOT_TLS_CONF}", render.dovecot_tls_conf(site, r.layout).encode(), 0o644,
+                  "root", "root", item=f"dovecot {render.DOVECOT_TLS_CONF}")
 
 
 def dovecot_junk(r: Remote) -> None:

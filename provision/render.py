@@ -59,14 +59,83 @@ def gateway_toml(site: Site) -> str:
         ("submissions", "smtp", site.submissions_port, site.backend_submissions_port,
          ["submission = true", "implicit_tls = true"]),
         ("imaps", "tcp", site.imaps_port, site.backend_imaps_port, []),
+        # The home's web face (PROXY v2 like the rest): ACME http-01 and tls-alpn-01 reach home
+        # here, and the MTA-STS policy and autoconfig are served; the gateway holds no key for it.
+        ("http", "tcp", site.http_port, site.backend_http_port, []),
+        ("https", "tcp", site.https_port, site.backend_https_port, []),
     ):
         lines += ["[[listener]]", f"name = {_q(name)}", f"kind = {_q(kind)}",
                   f'listen = ["0.0.0.0:{port}"]', f'upstream = "{b}:{up}"', *extra, ""]
     return "\n".join(lines)
 
 
+def acme_live_paths(layout: HostLayout) -> tuple[str, str]:
+    """The certificate and key the backend's ACME client keeps live (backend/tls/certfiles.py)."""
+    return f"{layout.data}/acme/live/fullchain.pem", f"{layout.data}/acme/live/privkey.pem"
+
+
+def dovecot_reload_trigger(layout: HostLayout) -> str:
+    """The file the backend's reload_hook touches after each new certificate; a root path unit
+    watching it reloads Dovecot (the backend, unprivileged and NoNewPrivileges, cannot signal it)."""
+    return f"{layout.data}/acme/dovecot.reload"
+
+
+def backend_tls_tables(site: Site, layout: HostLayout) -> list[str]:
+    """[acme] (or [tls] with ACME off) and the web face's [http], on the tunnel address behind the
+    gateway's PROXY v2 (keys as in backend/config)."""
+    if site.acme:
+        lines = ["[acme]", "enabled = true", f"contact = {_q(site.contact)}",
+                 *([f"directory = {_q(site.acme_directory)}"] if site.acme_directory else []),
+                 'challenge = "http-01"',
+                 f"reload_hook = {_q('touch ' + dovecot_reload_trigger(layout))}", ""]
+    else:
+        cert, key = tls_paths(layout)
+        lines = ["[tls]", f"cert = {_q(cert)}", f"key = {_q(key)}", ""]
+    b = site.backend_tunnel_addr
+    return lines + ["[http]", "enabled = true", f'listen_http = "{b}:{site.backend_http_port}"',
+                    f'listen_https = "{b}:{site.backend_https_port}"', "proxy_protocol = true",
+                    f'trusted_proxies = ["{site.gateway_tunnel_addr}/32"]', ""]
+
+
+DOVECOT_TLS_CONF = "homemx-tls.conf"
+
+
+def dovecot_tls_conf(site: Site, layout: HostLayout) -> str:
+    """Dovecot's certificate (``!include`` it): the backend's own files, so IMAPS shows what SMTP shows."""
+    cert, key = acme_live_paths(layout) if site.acme else tls_paths(layout)
+    how = ("the backend's ACME certificate; homemx-dovecot-reload.path reloads Dovecot after each renewal"
+           if site.acme else "the backend's certificate")
+    return f"# homemx: written by provisioning (provision/render.py): {how}\nssl_cert = <{cert}\nssl_key = <{key}\n"
+
+
+def dovecot_reload_units(layout: HostLayout) -> dict[str, str]:
+    """A path unit watching the reload trigger and the oneshot service it starts (``doveadm reload``:
+    Dovecot reads its config, and so the new certificate, again; open sessions keep theirs)."""
+    trigger = dovecot_reload_trigger(layout)
+    return {
+        "homemx-dovecot-reload.path": f"""# written by homemx provisioning
+[Unit]
+Description=homemx: reload Dovecot when the backend installed a new certificate
+
+[Path]
+PathChanged={trigger}
+
+[Install]
+WantedBy=paths.target
+""",
+        "homemx-dovecot-reload.service": """# written by homemx provisioning
+[Unit]
+Description=homemx: reload Dovecot for the backend's new certificate
+ConditionPathExists=/usr/bin/doveadm
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/doveadm reload
+""",
+    }
+
+
 def backend_toml(site: Site, layout: HostLayout) -> str:
-    cert, key = tls_paths(layout)
     g = site.gateway_tunnel_addr
     b = site.backend_tunnel_addr
     lines = [
@@ -76,10 +145,7 @@ def backend_toml(site: Site, layout: HostLayout) -> str:
         f"data_dir = {_q(layout.data)}",
         *([f"metrics_listen = {_q(site.backend_metrics_listen)}"] if site.backend_metrics_listen else []),
         "",
-        "[tls]",
-        f"cert = {_q(cert)}",
-        f"key = {_q(key)}",
-        "",
+        *backend_tls_tables(site, layout),
         "[users]",
         f"passwd_file = {_q(layout.etc + '/passwd')}",
         f"maildir_root = {_q(layout.data + '/mail')}",

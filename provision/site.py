@@ -162,12 +162,26 @@ class Site:
     prometheus_rules_dir: StrictStr = ""     # home host: install homemx-alerts.yml here (docs/monitoring.md); "" = don't
     gateway_metrics_port: StrictInt = 0      # gateway metrics on gateway_tunnel_addr:PORT (0: none)
     backend_metrics_listen: StrictStr = ""   # backend metrics_listen, e.g. "127.0.0.1:9325" ("": none)
+    # Certificates by ACME at home (docs/certificates.md), validated through the gateway's 80/443
+    # passthrough; false: a self-signed certificate made at home, or tls_cert/tls_key.
+    acme: StrictBool = True
+    acme_contact: StrictStr = ""             # the CA's expiry mail goes here; default postmaster@<domain>
+    acme_directory: StrictStr = ""           # default Let's Encrypt's (backend/config)
+    http_port: StrictInt = 80                # the gateway's web ports (ACME http-01, redirects) ...
+    https_port: StrictInt = 443              # ... and HTTPS (MTA-STS policy, autoconfig, TLS-ALPN-01)
+    backend_http_port: StrictInt = 2080      # the home's web face on the tunnel address
+    backend_https_port: StrictInt = 2443
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 
     @property
     def endpoint(self) -> str:
         return self.gateway_endpoint or self.gateway_public_addr
+
+    @property
+    def contact(self) -> str:
+        """The ACME account's contact address."""
+        return self.acme_contact or f"postmaster@{self.domain}"
 
     @field_validator("gateway_public_addr", "gateway_tunnel_addr", "backend_tunnel_addr")
     @classmethod
@@ -204,6 +218,10 @@ class Site:
         problems = []
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append((("tls_key" if self.tls_cert else "tls_cert",), "tls_cert and tls_key must be set together"))
+        elif self.tls_cert and self.acme:
+            problems.append((("tls_cert",), "your own certificate needs acme = false (ACME would replace it)"))
+        if self.acme_contact and "@" not in self.acme_contact:
+            problems.append((("acme_contact",), "expected an address user@domain"))
         # Both ends take their address with this prefix length: one network, or no route between them.
         tunnel = ipaddress.IPv4Network(f"{self.gateway_tunnel_addr}/{self.tunnel_prefixlen}", strict=False)
         if self.backend_tunnel_addr == self.gateway_tunnel_addr:

@@ -138,8 +138,10 @@ def test_14_http01_certificate_through_the_gateway_served_on_25_587_465_993_443(
     cert = st["certificate"]
     assert not cert["placeholder"] and "Pebble" in cert["issuer"] and sorted(cert["names"]) == sorted(NAMES)
     assert "certificate issued for" in lab.backend_log.read_text()
-    # Pebble's http-01 requests came through the gateway's passthrough listener on 80.
-    assert re.search(r"listener=http client=\[198\.51\.100\.1\]:\d+ outcome=\w+", lab.gateway_log.read_text())
+    # Pebble's http-01 requests came through the gateway's passthrough listener on 80 (no other
+    # client of the internet host uses port 80; the lab's readiness probe got no upstream).
+    assert re.search(r"listener=http client=\[198\.51\.100\.1\]:\d+ outcome=relayed up=[1-9]",
+                     lab.gateway_log.read_text())
     serial = issued(lab)
     # Every name the certificate has, every port: Pebble's certificate, name checked.
     for name in NAMES:
@@ -230,7 +232,7 @@ def test_14_tls_alpn01_certificate_through_the_gateway_443(mail_lab: MailLab):
         assert new != old
         # Pebble validated on 443 only (RFC 8737: TLS with ALPN acme-tls/1), through the passthrough.
         during = log_since(lab.gateway_log, gw_offset)
-        assert re.search(r"listener=https client=\[198\.51\.100\.1\]:\d+", during), during
+        assert re.search(r"listener=https client=\[198\.51\.100\.1\]:\d+ outcome=relayed up=[1-9]", during), during
         assert not re.search(r"listener=http client=", during), during
         assert served_serials(lab) == {p: new for p, _ in TLS_PORTS}
     finally:

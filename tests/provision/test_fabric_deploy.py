@@ -135,8 +135,9 @@ def test_dry_run_on_fresh_hosts_writes_nothing(hosts):
     assert "changed" not in statuses and "would change" in statuses
     for item in ("venv", "wireguard key", "wireguard conf", "gateway.toml", "unit homemx-gateway.service"):
         assert ("gateway", item, "would change") in report.items, item
-    for item in ("dkim keys", "tls certificate", "backend.toml", "first user alice@example.org",
-                 "rspamd local.d/worker-normal.inc", "dovecot homemx-junk.conf", "dovecot sieve binaries"):
+    for item in ("dkim keys", "backend.toml", "first user alice@example.org", "dovecot homemx-tls.conf",
+                 "unit homemx-dovecot-reload.path", "rspamd local.d/worker-normal.inc", "dovecot homemx-junk.conf",
+                 "dovecot sieve binaries"):
         assert ("backend", item, "would change") in report.items, item
     assert not Path(site.gateway.root).exists() and not Path(site.backend.root).exists()
     assert g.uploads == [] and b.uploads == []
@@ -163,9 +164,22 @@ def test_first_run_files_keys_and_permissions(hosts):
               render.wg_conf_path(site, gl)[:-5] + ".egress.nft"):
         assert _mode(p) == ("0o600", "root", "root"), p
     dkim_files = [e["private_key"] for e in render.dkim_entries(site, bl)]
-    tls_key = render.tls_paths(bl)[1]
-    for p in dkim_files + [tls_key, f"{bl.etc}/first-user.password"]:
+    for p in dkim_files + [f"{bl.etc}/first-user.password"]:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    # ACME is on by default: no self-signed certificate is made; the backend obtains one through
+    # the gateway's 80/443 passthrough, and Dovecot is given the same live files and a reload unit.
+    assert not any(item == "tls certificate" for _, item, _ in report.items)
+    assert not Path(render.tls_paths(bl)[1]).exists()
+    backend_toml = Path(f"{bl.etc}/backend.toml").read_text()
+    assert '[acme]\nenabled = true\ncontact = "postmaster@example.org"\n' in backend_toml and "[tls]" not in backend_toml
+    gateway_toml = Path(f"{gl.etc}/gateway.toml").read_text()
+    for port, up in ((80, 2080), (443, 2443)):
+        assert f'kind = "tcp"\nlisten = ["0.0.0.0:{port}"]\nupstream = "{site.backend_tunnel_addr}:{up}"' in gateway_toml
+    assert (Path(bl.etc) / "dovecot" / render.DOVECOT_TLS_CONF).read_text() == render.dovecot_tls_conf(site, bl)
+    assert f"ssl_cert = <{bl.data}/acme/live/fullchain.pem\n" in render.dovecot_tls_conf(site, bl)
+    for name in render.dovecot_reload_units(bl):
+        assert _mode(f"{bl.units}/{name}") == ("0o644", "root", "root"), name
+    assert ("backend", "homemx-dovecot-reload.path") in report.restarts
     assert _mode(dkim_files[0])[1] == user  # the daemon (not root) must read its signing key
 
     # the spam filter: rspamd's local.d (root 0644, the package's user only reads it), restarted; the
@@ -190,7 +204,7 @@ def test_first_run_files_keys_and_permissions(hosts):
     assert bconf.peers[0].endpoint == (site.gateway_public_addr, site.wg_port)
 
     # no private material ever crossed the wire: not uploaded, not in a command, not in a reply
-    secrets = [gpriv, bpriv, Path(tls_key).read_text().splitlines()[1], Path(f"{bl.etc}/first-user.password").read_text().strip()]
+    secrets = [gpriv, bpriv, Path(f"{bl.etc}/first-user.password").read_text().strip()]
     secrets += [Path(p).read_text().strip().splitlines()[1 if p.endswith(".pem") else 0] for p in dkim_files]
     wire = b"".join(g.uploads + b.uploads) + "\n".join(g.commands + b.commands + g.replies + b.replies).encode()
     assert len(g.uploads) > 10  # wheels, configs and units did travel
@@ -225,6 +239,32 @@ def test_changed_setting_touches_only_what_it_must(hosts):
     assert report.restarts == [("gateway", "homemx-gateway.service")]
     assert 'greet_wait = "2s"' in Path(f"{site.gateway.etc}/gateway.toml").read_text()
     hosts["site"] = site  # what is now deployed
+
+
+def test_acme_off_makes_a_self_signed_certificate_at_home(hosts):
+    from cryptography import x509
+
+    from provision import render
+
+    site = hosts["site"]
+    bl = site.backend
+    off = dataclasses.replace(site, acme=False)
+    report, _, b, _ = _deploy(hosts, off)
+    cert, key = render.tls_paths(bl)
+    assert ("backend", "tls certificate", "changed") in report.items
+    assert _mode(key) == ("0o600", hosts["user"], hosts["user"])
+    made = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    assert made.issuer == made.subject and "CN=mail.example.org" in made.subject.rfc4514_string()  # self-signed
+    text = Path(f"{bl.etc}/backend.toml").read_text()
+    assert f'[tls]\ncert = "{cert}"\nkey = "{key}"\n' in text and "[acme]" not in text
+    assert (Path(bl.etc) / "dovecot" / render.DOVECOT_TLS_CONF).read_text() == f"{render.dovecot_tls_conf(off, bl)}"
+    assert f"ssl_key = <{key}\n" in render.dovecot_tls_conf(off, bl)
+    assert Path(key).read_text().splitlines()[1].encode() not in b"".join(b.uploads)  # made at home
+    assert ("backend", "homemx-backend.service") in report.restarts
+    # ACME back on (what the next tests expect): the certificate is the backend's again.
+    report, _, _, _ = _deploy(hosts, site)
+    assert ("backend", "backend.toml", "changed") in report.items
+    assert "[acme]" in Path(f"{bl.etc}/backend.toml").read_text()
 
 
 def test_alert_rules_installed_where_the_operator_asks(hosts):
@@ -285,7 +325,8 @@ def test_wheel_builds_are_reproducible(tmp_path):
 def test_units_pass_systemd_analyze_verify(hosts):
     site = hosts["site"]
     for lay, units in ((site.gateway, ("homemx-tunnel.service", "homemx-gateway.service")),
-                       (site.backend, ("homemx-tunnel.service", "homemx-backend.service"))):
+                       (site.backend, ("homemx-tunnel.service", "homemx-backend.service",
+                                       "homemx-dovecot-reload.path", "homemx-dovecot-reload.service"))):
         files = [f"{lay.units}/{u}" for u in units]
         r = subprocess.run(["systemd-analyze", "verify", *files], capture_output=True, text=True,
                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{lay.units}:"})
@@ -366,6 +407,12 @@ def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
     res = deploy.check(site, hosts["gw"], hosts["be"], wait=30)
     assert res["ok"], (res, (logs / "gw.log").read_text(), (logs / "be.log").read_text())
     assert res["gateway"]["banner"].startswith("220 mail.example.org")
+    # ACME on: the backend serves its placeholder until the first issuance (no CA is reachable here),
+    # and its web face answers through the gateway's port 80 (a redirect to https).
+    assert Path(render.acme_live_paths(site.backend)[0]).exists()
+    r = topo.internet.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", "-H",
+                           f"Host: {site.hostname}", f"http://{site.gateway_public_addr}/"], check=False)
+    assert r.stdout == f"301 https://{site.hostname}/", (r.stdout, r.stderr, (logs / "gw.log").read_text()[-2000:])
 
     r = topo.internet.run(["swaks", "--server", f"{site.gateway_public_addr}:25", "--to", "alice@example.org",
                            "--from", "sender@remote.example", "--helo", "remote.example",

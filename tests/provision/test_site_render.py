@@ -174,3 +174,77 @@ def test_rendered_rspamd_files_load_in_rspamd_with_workers_on_loopback_only(tmp_
     assert workers["normal"]["bind_socket"] == render.RSPAMD_WORKER
     assert workers["controller"]["bind_socket"] == render.RSPAMD_CONTROLLER
     assert workers["rspamd_proxy"]["enabled"] is False
+
+
+def _load_rendered(tmp_path, site):
+    """backend.toml and gateway.toml as rendered, read back by the daemons' own config loaders (the
+    files they name made as deploy makes them)."""
+    from backend.config import load_config as load_backend
+    from gateway.config import load_config as load_gateway
+    from provision import hostside
+
+    lay = HostLayout(root=str(tmp_path))
+    if not site.acme:
+        cert, key = render.tls_paths(lay)
+        hostside.tls_selfsigned({"cert": cert, "key": key, "hostname": site.hostname})
+    hostside.dkim_keys({"domain": site.domain, "keys": render.dkim_entries(site, lay)})
+    (tmp_path / "backend.toml").write_text(render.backend_toml(site, lay))
+    (tmp_path / "gateway.toml").write_text(render.gateway_toml(site))
+    return lay, load_backend(tmp_path / "backend.toml"), load_gateway(tmp_path / "gateway.toml")
+
+
+def test_acme_on_by_default_with_the_web_face_behind_the_gateway(tmp_path):
+    import ipaddress
+
+    site = site_from_dict(BASE)
+    lay, backend, gateway = _load_rendered(tmp_path, site)
+    assert "[tls]" not in render.backend_toml(site, lay)  # no self-signed certificate with ACME
+    acme = backend.acme
+    assert acme.enabled and acme.challenge == "http-01" and str(acme.contact) == "postmaster@example.org"
+    assert acme.directory.startswith("https://acme-v02.api.letsencrypt.org/")
+    # The web face on the tunnel address, trusting PROXY v2 from the gateway's tunnel address only.
+    http = backend.http
+    assert http.enabled and http.listen_http == ("10.77.0.2", 2080) and http.listen_https == ("10.77.0.2", 2443)
+    assert http.proxy_protocol and list(http.trusted_proxies) == [ipaddress.ip_network("10.77.0.1/32")]
+    # The gateway passes 80 and 443 through to it, with PROXY v2, like IMAPS.
+    web = {lc.name: lc for lc in gateway.listeners if lc.name in ("http", "https")}
+    assert {n: (lc.kind, lc.listen, lc.upstream, lc.proxy_v2) for n, lc in web.items()} == {
+        "http": ("tcp", (("0.0.0.0", 80),), ("10.77.0.2", 2080), True),
+        "https": ("tcp", (("0.0.0.0", 443),), ("10.77.0.2", 2443), True)}
+    # Dovecot reads the backend's live ACME files; the backend's hook touches the file the root
+    # path unit watches, whose service reloads Dovecot.
+    live_cert, live_key = render.acme_live_paths(lay)
+    assert live_cert == f"{backend.acme_dir}/live/fullchain.pem" and live_key == f"{backend.acme_dir}/live/privkey.pem"
+    assert render.dovecot_tls_conf(site, lay).endswith(f"ssl_cert = <{live_cert}\nssl_key = <{live_key}\n")
+    trigger = render.dovecot_reload_trigger(lay)
+    assert acme.reload_hook == f"touch {trigger}"
+    units = render.dovecot_reload_units(lay)
+    assert f"\nPathChanged={trigger}\n" in units["homemx-dovecot-reload.path"]
+    assert "\nExecStart=/usr/bin/doveadm reload\n" in units["homemx-dovecot-reload.service"]
+
+
+def test_acme_contact_from_the_site_file(tmp_path):
+    site = site_from_dict({**BASE, "site": {**BASE["site"], "acme_contact": "hostmaster@example.org",
+                                            "acme_directory": "https://acme.example.net/directory"}})
+    _, backend, _ = _load_rendered(tmp_path, site)
+    assert str(backend.acme.contact) == "hostmaster@example.org"
+    assert backend.acme.directory == "https://acme.example.net/directory"
+
+
+def test_acme_off_renders_the_self_signed_certificate(tmp_path):
+    site = site_from_dict({**BASE, "site": {**BASE["site"], "acme": False}})
+    lay, backend, gateway = _load_rendered(tmp_path, site)
+    cert, key = render.tls_paths(lay)
+    assert not backend.acme.enabled and (str(backend.tls.cert), str(backend.tls.key)) == (cert, key)
+    assert render.dovecot_tls_conf(site, lay).endswith(f"ssl_cert = <{cert}\nssl_key = <{key}\n")
+    assert backend.http.enabled and {"http", "https"} <= {lc.name for lc in gateway.listeners}
+
+
+@pytest.mark.parametrize("patch, key", [
+    ({"tls_cert": "c.pem", "tls_key": "k.pem"}, "site.tls_cert"),  # own certificate needs acme = false
+    ({"acme_contact": "postmaster"}, "site.acme_contact"),
+])
+def test_acme_site_mistakes(patch, key):
+    with pytest.raises(SiteError) as e:
+        site_from_dict({**BASE, "site": {**BASE["site"], **patch}})
+    assert e.value.key == key
