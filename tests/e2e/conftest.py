@@ -11,7 +11,7 @@ from tests.conftest import require_root, require_tool
 def mail_lab():
     require_root()
     require_tool("ip", "nft", "wireguard-go", "wg", "/usr/sbin/nsd", "dig", "postfix", "dovecot", "swaks", "rspamd", "redis-server",
-                 "opendkim-testmsg")
+                 "opendkim-testmsg", "/usr/bin/pebble", "curl", "doveadm")
     from tests.lab.topology import MailLab
 
     lab = MailLab()

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from backend.tls import certfiles
+from tests.conftest import require_tool
 from tests.e2e.test_scenarios import ALICE, DELIVERY_TIMEOUT, metric, tag, with_subject
 from tests.lab.netns import NETNS_ETC
 from tests.lab.topology import HOME_DOMAIN, HOSTNAME, MailLab, wait_until
@@ -403,6 +404,7 @@ def _testssl(lab: MailLab, target: str, *extra: str) -> list[dict]:
 
 
 def test_14_testssl_465_and_starttls_587_no_cbc_no_ticket(mail_lab: MailLab):
+    require_tool("testssl")
     lab = mail_lab
     issued(lab)
     t0 = time.monotonic()
