@@ -149,16 +149,6 @@ class Dovecot:
             time.sleep(0.05)
         return self
 
-    def reload(self) -> None:
-        """``doveadm reload`` as the backend's hook would run it (as ``run_as``, if set)."""
-        argv = shlex.split(self.reload_command)
-        if self.run_as is not None:
-            argv = ["setpriv", f"--reuid={self.run_as}", f"--regid={pwd.getpwuid(self.run_as).pw_gid}",
-                    "--clear-groups", *argv]
-        r = self._run(argv)
-        if r.returncode:
-            raise RuntimeError(f"doveadm reload failed: {r.stdout}{r.stderr}")
-
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -251,7 +251,8 @@ class MailLab:
                                maildir_root=self.data_dir / "mail", trusted=f"{GW_TUN}/32",
                                mail_uid=MAIL_UID, run_as=MAIL_UID)
         write_users(self.passwd, USERS)
-        # One passwd-file for SMTP and IMAP: Dovecot's auth process (user dovecot) reads it by group.
+        # One passwd-file for SMTP and IMAP (Dovecot runs as the backend's user here; a root
+        # Dovecot's auth process, user dovecot, would read it by group).
         shutil.chown(self.passwd, MAIL_UID, "dovecot")
         self.passwd.chmod(0o640)
         self.data_dir.mkdir()
@@ -365,9 +366,8 @@ dmarc_rua = "postmaster@{HOME_DOMAIN}"
     def set_acme_challenge(self, challenge: str) -> None:
         """Switch ``[acme] challenge`` in backend.toml and restart the backend (a new PID) with it."""
         text = self.backend_conf.read_text()
-        new = re.sub(r'(?m)^challenge = ".*"$', f'challenge = "{challenge}"', text)
-        assert new != text or f'challenge = "{challenge}"' in text, "no [acme] challenge in backend.toml"
-        self.backend_conf.write_text(new)
+        assert re.search(r'(?m)^challenge = ', text), "no [acme] challenge in backend.toml (acme=False?)"
+        self.backend_conf.write_text(re.sub(r'(?m)^challenge = ".*"$', f'challenge = "{challenge}"', text))
         self.stop_backend()
         self.start_backend()
 
