@@ -243,6 +243,8 @@ After=network-online.target homemx-tunnel.service
 User={layout.user}
 Group={layout.user}
 ExecStart={layout.venv}/bin/homemx-backend run -c {layout.etc}/backend.toml
+# `systemctl reload homemx-backend`: the certificate, users and DKIM keys without a restart (docs/tls.md).
+ExecReload=/bin/kill -HUP $MAINPID
 CapabilityBoundingSet=
 AmbientCapabilities=
 ReadWritePaths={layout.data}

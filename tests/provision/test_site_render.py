@@ -248,3 +248,10 @@ def test_acme_site_mistakes(patch, key):
     with pytest.raises(SiteError) as e:
         site_from_dict({**BASE, "site": {**BASE["site"], **patch}})
     assert e.value.key == key
+
+
+def test_backend_unit_reloads_with_sighup(tmp_path):
+    # `systemctl reload homemx-backend` must reach Backend.reload (certificate, users, DKIM keys);
+    # without ExecReload systemd refuses the verb ("Job type reload is not applicable").
+    unit = render.backend_unit(site_from_dict(BASE), HostLayout(root=str(tmp_path)))
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit
