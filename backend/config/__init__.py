@@ -352,6 +352,18 @@ class HTTPConfig(_Table):
         return self
 
 
+class APIConfig(_Table):
+    """``[api]``: the HTTP send API for homelab apps (backend/http/api.py, docs/api.md): on the LAN,
+    never through the gateway unless ``listen`` is an address the gateway forwards to."""
+
+    enabled: StrictBool = False
+    listen: HostPort | None = None  # e.g. the LAN address, port 8025
+    tls: StrictBool = False  # serve HTTPS with the server certificate ([tls] or ACME)
+    max_message_size: Annotated[int, PlainValidator(parse_size)] = 25 * 1024 * 1024
+    # sandbox keys: messages are stored here (a Maildir), never delivered; default data_dir/sandbox/Maildir
+    sandbox_maildir: FilePath | None = None
+
+
 class _UsersTable(_Table):
     passwd_file: FilePath
     maildir_root: FilePath | None = None  # default: data_dir/mail
@@ -386,6 +398,7 @@ class _BackendFile(_Table):
     auth: AuthConfig = AuthConfig()
     rspamd: RspamdConfig | None = None
     http: HTTPConfig = HTTPConfig()
+    api: APIConfig = APIConfig()
 
     @field_validator("listener", mode="wrap")
     @classmethod
@@ -442,6 +455,7 @@ class BackendConfig:
     rspamd: RspamdConfig | None = None
     acme: ACMEConfig = ACMEConfig()
     http: HTTPConfig = HTTPConfig()
+    api: APIConfig = APIConfig()
 
     @property
     def acme_dir(self) -> Path:
@@ -522,4 +536,5 @@ def config_from_dict(raw: dict, path: Path) -> BackendConfig:
         rspamd=doc.rspamd,
         acme=doc.acme,
         http=doc.http,
+        api=doc.api,
     )

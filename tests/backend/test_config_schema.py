@@ -160,6 +160,6 @@ def test_every_key_is_documented():
     from backend.config import _BackendFile
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
-    tables = {"server", "tls", "listener", "domain", "users", "dkim", "delivery", "gateway", "dns", "auth", "rspamd", "acme", "http"}
+    tables = {"server", "tls", "listener", "domain", "users", "dkim", "delivery", "gateway", "dns", "auth", "rspamd", "acme", "http", "api"}
     undocumented = {k for k in _keys(_BackendFile) - tables if f"\n{k} = " not in doc}
     assert undocumented == set()
