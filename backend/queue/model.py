@@ -34,6 +34,7 @@ class NewMessage:
     id: str | None = None  # pre-assigned queue id (the Received header names it); None: assign one
     spool: str | None = None  # body already durable in spool/<spool> (see Queue.spool_large)
     folder: str | None = None  # local recipients get it in this Maildir++ folder ("Junk"); None: the inbox
+    api_key: str | None = None  # id of the HTTP API key that sent it (its webhook gets the outcomes); None: not the API
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class QueueEntry:
     recipients: tuple[Recipient, ...] = field(default=())
     delay_dsn_sent: bool = False
     folder: str | None = None
+    api_key: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -74,6 +76,7 @@ class QueueEntry:
             "auth_user": self.auth_user,
             "size": self.size,
             "folder": self.folder,
+            "api_key": self.api_key,
             "recipients": [
                 {
                     "id": r.id,

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from backend.queue.model import STATES, QueueEntry, Recipient
 
-MESSAGE_COLUMNS = "id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent, folder"
+MESSAGE_COLUMNS = "id, created, sender, listener, client_addr, auth_user, size, delay_dsn_sent, folder, api_key"
 RECIPIENT_COLUMNS = (
     "id, message_id, address, orig_address, domain, local, state, attempts, next_attempt, last_attempt, last_reply"
 )
@@ -88,4 +88,4 @@ def _recipient(r) -> Recipient:
 
 
 def _entry(row, rcpts: list[Recipient]) -> QueueEntry:
-    return QueueEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tuple(rcpts), bool(row[7]), row[8])
+    return QueueEntry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], tuple(rcpts), bool(row[7]), row[8], row[9])

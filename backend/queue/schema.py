@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS message (
     content     BLOB NOT NULL,            -- CRLF-canonical, Received (and DKIM) headers included
     spool       TEXT,                     -- set: the body is in spool/<this> and content is empty
     delay_dsn_sent INTEGER NOT NULL DEFAULT 0,
-    folder      TEXT                      -- local delivery into this Maildir++ folder (Junk); NULL: the inbox
+    folder      TEXT,                     -- local delivery into this Maildir++ folder (Junk); NULL: the inbox
+    api_key     TEXT                      -- id of the HTTP API key that sent it (issue 18); NULL: not sent through the API
 );
 CREATE TABLE IF NOT EXISTS recipient (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -68,3 +69,5 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE message ADD COLUMN spool TEXT")
     if "folder" not in cols:  # a database from before the Junk folder (issue 13)
         conn.execute("ALTER TABLE message ADD COLUMN folder TEXT")
+    if "api_key" not in cols:  # a database from before the HTTP send API (issue 18)
+        conn.execute("ALTER TABLE message ADD COLUMN api_key TEXT")
