@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tests.lab.ports import free_port
+from tests.lab.process import stop_session
 
 KNOTD_BIN = "/usr/sbin/knotd"
 DIG_BIN = "dig"
@@ -117,16 +117,7 @@ class Knot:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_session(proc)
         self.log_file.close()
 
     def close(self) -> None:

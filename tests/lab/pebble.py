@@ -25,7 +25,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.lab.ports import free_port
+from tests.lab.process import stop_session
 
 PEBBLE_BIN = "/usr/bin/pebble"
 READY_TIMEOUT = 20.0
@@ -220,16 +220,7 @@ class Pebble:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_session(proc)
         self.log_file.close()
 
     def close(self) -> None:

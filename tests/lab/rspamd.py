@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -53,6 +52,7 @@ import dns.rcode
 
 from backend.auth.rspamd import rspamd_local_config
 from tests.lab.ports import free_port
+from tests.lab.process import stop_session
 
 RSPAMD_BIN = "/usr/bin/rspamd"
 RSPAMC_BIN = "/usr/bin/rspamc"
@@ -182,17 +182,7 @@ class RedisServer:
             return ""
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        stop_session(self.proc, grace=10)
 
 
 class Rspamd:
@@ -342,16 +332,7 @@ class Rspamd:
         if proc is None:
             return
         # SIGTERM to the main process: it stops its workers and waits for them.
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of our session left behind
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_session(proc, grace=10)
 
     def close(self) -> None:
         self.stop()
