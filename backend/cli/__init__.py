@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "backend.cli.status",  # status (one screen; exit 1 when something needs attention)
     "backend.cli.dmarc",  # dmarc report (DMARC aggregate reports received)
     "backend.cli.cert",  # cert status, cert renew --now (ACME)
+    "backend.cli.apikey",  # apikey create/list/revoke (the HTTP send API, backend/http/api.py)
 ]
 
 
