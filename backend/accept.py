@@ -60,6 +60,7 @@ class Incoming:
     rcpt_to: tuple[str, ...] = ()  # the addresses as the client gave them (a single one is traced)
     max_received: int = 30  # more Received fields than this: a mail loop (RFC 5321 6.3)
     conn_id: str = "-"  # for the log line
+    api_key: str | None = None  # the HTTP send API's key that sent it (backend/http/api.py): its webhook hears the outcomes
 
 
 class Refused(Exception):
@@ -143,6 +144,7 @@ class Acceptor:
             auth_user=m.auth_user,
             id=qid,
             folder=folder,
+            api_key=m.api_key,
         )
         try:
             if self.signer is not None and m.kind != MX:

@@ -133,6 +133,19 @@ class BackendMetrics:
             "homemx_backend_http_connections", "HTTP face connections by listener (http, https) and outcome",
             ["listener", "outcome"], registry=r,
         )
+        # The HTTP send API (backend/http/api.py), by key id ("-": no valid key). One series per key
+        # the operator created, so the label stays small.
+        self.api_requests = Counter(
+            "homemx_backend_api_requests", "HTTP API requests by key and status", ["key", "status"], registry=r
+        )
+        self.api_messages = Counter(
+            "homemx_backend_api_messages", "Messages accepted through the HTTP API by key and mode", ["key", "mode"],
+            registry=r,
+        )
+        self.api_rejections = Counter(
+            "homemx_backend_api_rejections", "HTTP API requests refused by key and reason (the problem type)",
+            ["key", "reason"], registry=r,
+        )
         # Certificates from ACME (backend/tls/renew.py).
         self.cert_expiry = Gauge(
             "homemx_backend_cert_expiry_timestamp_seconds", "Not-after of the live server certificate (Unix time)",

@@ -13,6 +13,8 @@ import ssl
 from backend.auth import inbound
 from backend.deliver import outbound
 from backend.http.server import HTTPFace
+from backend.http.api import APIServer
+from backend.http.apikeys import KeyStore
 from backend.accept import Acceptor
 from backend.config import BackendConfig
 from backend.dns.selfcheck import DNSSelfCheck
@@ -62,6 +64,7 @@ class Backend:
         self.acceptor: Acceptor | None = None  # the one accept pipeline every front end calls
         self.checks: inbound.InboundChecks | None = None  # SPF/DKIM/DMARC/ARC and rspamd on mx (auth/)
         self.http_face: HTTPFace | None = None  # the web face (backend/http/), when [http] enabled
+        self.api: APIServer | None = None  # the HTTP send API (backend/http/api.py), when [api] enabled
         # Pending ACME answers: the HTTP face serves http-01 tokens, the TLS holder tls-alpn-01 (443).
         self.challenges = Challenges()
         self.renewer: renew.Renewer | None = None  # ACME issuance and renewal (backend/tls/renew.py)
@@ -149,6 +152,13 @@ class Backend:
                 self.http_face = HTTPFace(cfg, tls_context=https_tls, challenges=self.challenges,
                                           metrics=self.metrics, proxy_timeout=self.proxy_timeout)
                 await self.http_face.start()
+            if cfg.api.enabled:
+                # On the LAN, clients connect directly: no PROXY; HTTPS with the certificate SMTP serves.
+                keys = await self.run_blocking(KeyStore, cfg.server.data_dir / "apikeys.sqlite3")
+                self.api = APIServer(cfg, acceptor=self.acceptor, directory=directory, queue=self.queue, keys=keys,
+                                     metrics=self.metrics, run_blocking=self.run_blocking,
+                                     tls_context=tls if cfg.api.tls else None)
+                await self.api.start()
         except Exception:
             await self.stop()
             raise
@@ -218,7 +228,10 @@ class Backend:
             self.sessions.drain(grace),
             self.runner.drain(grace) if self.runner is not None else asyncio.sleep(0),
             self.http_face.close(grace) if self.http_face is not None else asyncio.sleep(0),
+            self.api.close(grace) if self.api is not None else asyncio.sleep(0),
         )
+        if self.api is not None:
+            self.api.keys.close()
         if self.remote is not None and hasattr(self.remote, "close"):
             await self.remote.close()  # QUIT idle outbound sessions
         if self.checks is not None:

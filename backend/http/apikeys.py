@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS sent (
     key_id  TEXT NOT NULL,
     mode    TEXT NOT NULL,
     recipients TEXT NOT NULL,              -- JSON list of the envelope recipients
+    tags    TEXT NOT NULL,                 -- JSON list, as the request gave them
     created REAL NOT NULL
 );
 """
@@ -241,7 +242,7 @@ class KeyStore:
                                    (key_id, idem_key)).fetchone()
         return (row[0], row[1], json.loads(row[2])) if row else None
 
-    def record_sent(self, message_id: str, key_id: str, mode: str, recipients: list[str],
+    def record_sent(self, message_id: str, key_id: str, mode: str, recipients: list[str], tags: list[str],
                     idem: tuple[str, str, int, dict] | None = None) -> None:
         """Remember that ``key_id`` sent ``message_id`` (GET /v1/messages/{id} answers only its
         sender) and, with an Idempotency-Key (idem_key, fingerprint, status, body), the answer;
@@ -250,8 +251,8 @@ class KeyStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO sent (id, key_id, mode, recipients, created) VALUES (?,?,?,?,?)",
-                                 (message_id, key_id, mode, json.dumps(recipients), now))
+                self._db.execute("INSERT INTO sent (id, key_id, mode, recipients, tags, created) VALUES (?,?,?,?,?,?)",
+                                 (message_id, key_id, mode, json.dumps(recipients), json.dumps(tags), now))
                 if idem is not None:
                     idem_key, fingerprint, status, body = idem
                     self._db.execute(
@@ -262,9 +263,9 @@ class KeyStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def sent(self, message_id: str) -> tuple[str, str, list[str], float] | None:
-        """(key id, mode, recipients, created) of a message sent through the API, or None."""
+    def sent(self, message_id: str) -> tuple[str, str, list[str], float, list[str]] | None:
+        """(key id, mode, recipients, created, tags) of a message sent through the API, or None."""
         with self._lock:
-            row = self._db.execute("SELECT key_id, mode, recipients, created FROM sent WHERE id = ?",
+            row = self._db.execute("SELECT key_id, mode, recipients, created, tags FROM sent WHERE id = ?",
                                    (message_id,)).fetchone()
-        return (row[0], row[1], json.loads(row[2]), row[3]) if row else None
+        return (row[0], row[1], json.loads(row[2]), row[3], json.loads(row[4])) if row else None

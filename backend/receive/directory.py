@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from backend.config import BackendConfig
+from backend.queue.model import NewRecipient
 from backend.receive.users import UserDB
 
 MAX_ALIAS_DEPTH = 8  # alias chains deeper than this are a configuration loop
@@ -56,6 +57,15 @@ class Directory:
         if dom.catch_all and dom.catch_all != address:
             return self._resolve(dom.catch_all.lower(), depth + 1, expanded)
         return None
+
+    def recipients(self, address: str) -> list[NewRecipient] | None:
+        """The queue recipients a RCPT of ``address`` (parsed, local@domain) becomes: the final
+        destinations of a local address (aliases expanded), the address itself when it is remote;
+        None when nobody here receives it (550 5.1.1 at RCPT, 400 in the HTTP API)."""
+        targets = self.resolve(address) if self.is_local_domain(address.rpartition("@")[2]) else [address]
+        if targets is None:
+            return None
+        return [NewRecipient(address=t, orig_address=address, local=self.is_mailbox(t)) for t in targets]
 
     def is_mailbox(self, address: str) -> bool:
         return self.users.exists(address)

@@ -106,15 +106,11 @@ class Handler:
         if self.kind == "mx" and not local:
             server._reject("relay_denied")
             return R.R554_RELAY_DENIED
-        if local:
-            targets = d.resolve(str(addr))
-            if targets is None:
-                server._reject("unknown_user")
-                return R.R550_NO_SUCH_USER
-        else:
-            targets = [str(addr)]
-        for t in targets:
-            resolved.append(NewRecipient(address=t, orig_address=str(addr), local=d.is_mailbox(t)))
+        targets = d.recipients(str(addr))
+        if targets is None:
+            server._reject("unknown_user")
+            return R.R550_NO_SUCH_USER
+        resolved.extend(targets)
         envelope.resolved = resolved  # type: ignore[attr-defined]
         envelope.rcpt_tos.append(str(addr))
         envelope.rcpt_options.extend(options)

@@ -4,15 +4,40 @@ idempotent retries, a table of bad requests that queue nothing, a SIGKILL right 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
+import email
+import email.policy
 import hashlib
 import json
+import re
 import sqlite3
 import stat
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
+import aiohttp
 import pytest
+import pytest_asyncio
+from prometheus_client import generate_latest
 
+from backend.dkim import keys as dkim_keys
 from backend.http.apikeys import APIKeyError, KeyStore
-from tests.backend.helpers import listener_block, run_cli, write_config
+from tests.backend.helpers import (
+    ALICE,
+    BOB,
+    DOMAIN,
+    listener_block,
+    maildir_files,
+    run_cli,
+    running_backend,
+    wait_for,
+    write_config,
+)
+from tests.conftest import require_tool
+from tests.lab.dkim import verify_all
 
 # -- keys ---------------------------------------------------------------------------------------
 
@@ -83,3 +108,359 @@ def test_cli_create_prints_the_token_once_list_and_revoke(tmp_path):
     assert r.returncode == 1 and "no key" in r.stderr
     r = run_cli("apikey", "create", "-c", str(cfg), "--name", "x", "--sender", "x@example.org", "--mode", "bcc")
     assert r.returncode == 1 and "needs --bcc-to" in r.stderr
+
+
+# -- the API over real sockets ------------------------------------------------------------------
+
+REMOTE = "friend@remote.example"
+
+
+@dataclasses.dataclass
+class Lab:
+    tmp: Path
+    cfg: Path
+    dkim_keys: dict
+    backend: object = None
+    tokens: dict = dataclasses.field(default_factory=dict)  # key name -> (APIKey, token)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.backend.api.bound_port()}"
+
+    def auth(self, name: str = "prod") -> dict:
+        return {"Authorization": f"Bearer {self.tokens[name][1]}"}
+
+    def sandbox_files(self) -> list[Path]:
+        new = self.tmp / "data" / "sandbox" / "Maildir" / "new"
+        return sorted(new.iterdir()) if new.exists() else []
+
+    def queued(self) -> list:
+        return self.backend.queue.list()
+
+
+KEYS = {
+    "prod": dict(senders=["app@example.org", "@apps.example.org"]),
+    "sandbox": dict(senders=["app@example.org"], mode="sandbox"),
+    "redirect": dict(senders=["app@example.org"], mode="redirect", redirect_to=[BOB]),
+    "bcc": dict(senders=["app@example.org"], mode="bcc", bcc_to=[BOB]),
+    "slow": dict(senders=["app@example.org"], rate_per_minute=2),
+    "other": dict(senders=["other@example.org"]),
+}
+
+
+def api_config(tmp: Path, port: int = 0, lan_port: int = 0) -> tuple[Path, dict]:
+    g = dkim_keys.generate_key(DOMAIN, "s1", "ed25519", tmp)
+    keys = {"ed25519": (SimpleNamespace(domain=DOMAIN, selector="s1", algorithm="ed25519", private_key=g.path),
+                        g.txt_value)}
+    extra = (f'[api]\nenabled = true\nlisten = "127.0.0.1:{port}"\n\n'
+             f'[[dkim]]\ndomain = "{DOMAIN}"\nselector = "s1"\nalgorithm = "ed25519"\nprivate_key = "{g.path}"\n')
+    cfg = write_config(tmp, listener_block("lan", "lan", f"127.0.0.1:{lan_port}", trusted_networks=["127.0.0.0/8"]),
+                       extra=extra)
+    return cfg, keys
+
+
+def make_keys(tmp: Path) -> dict:
+    store = KeyStore(tmp / "data" / "apikeys.sqlite3")
+    out = {name: store.create(name, **kw)[:2] for name, kw in KEYS.items()}
+    store.close()
+    return out
+
+
+@pytest_asyncio.fixture
+async def lab(tmp_path):
+    cfg, keys = api_config(tmp_path)
+    lab = Lab(tmp_path, cfg, keys, tokens=make_keys(tmp_path))
+    async with running_backend(cfg) as b:
+        lab.backend = b
+        yield lab
+
+
+async def post(lab: Lab, doc, key: str = "prod", headers: dict | None = None, raw: bytes | None = None):
+    h = {**lab.auth(key), **(headers or {})}
+    async with aiohttp.ClientSession() as s:
+        if raw is not None:
+            h.setdefault("Content-Type", "message/rfc822")
+            async with s.post(lab.url + "/v1/messages", data=raw, headers=h) as r:
+                return r.status, await r.json(content_type=None), r.headers
+        async with s.post(lab.url + "/v1/messages", json=doc, headers=h) as r:
+            return r.status, await r.json(content_type=None), r.headers
+
+
+async def get(lab: Lab, path: str, key: str = "prod"):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(lab.url + path, headers=lab.auth(key)) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def header_fields(message: bytes, name: str) -> list[str]:
+    header = message.replace(b"\r\n", b"\n").partition(b"\n\n")[0].decode()
+    unfolded = re.sub(r"\n[ \t]+", " ", header)
+    return [line.split(":", 1)[1].strip() for line in unfolded.split("\n") if line.lower().startswith(name.lower() + ":")]
+
+
+MESSAGE = {
+    "from": "Home App <app@example.org>",
+    "to": [ALICE, REMOTE],
+    "subject": "Backup done ✓",
+    "text": "The nightly backup finished.\n",
+    "html": "<p>The nightly backup <b>finished</b>.</p>",
+    "attachments": [{"filename": "log.txt", "content_type": "text/plain",
+                     "content": base64.b64encode(b"all good\n").decode()},
+                    {"filename": "r.bin", "content": base64.b64encode(bytes(range(256))).decode()}],
+    "headers": {"X-App": "backup"},
+    "tags": ["backup", "nightly"],
+}
+
+
+@pytest.mark.asyncio
+async def test_production_send_is_queued_signed_traced_delivered_and_reported(lab):
+    status, body, _ = await post(lab, MESSAGE)
+    assert status == 202, body
+    qid = body["id"]
+    assert body["recipients"] == [ALICE, REMOTE] and body["mode"] == "production"
+    # Durable by the time of the 202: the queue has it, with the key that sent it.
+    entry = lab.backend.queue.get(qid)
+    assert entry.api_key == lab.tokens["prod"][0].id and entry.listener == "api"
+    assert {r.address for r in entry.recipients} == {ALICE, REMOTE}
+    stored = lab.backend.queue.content(qid)
+    assert verify_all(stored, lab.dkim_keys) == [True]  # signed as a submission is
+    received = header_fields(stored, "Received")[0]
+    assert "with HTTP id " + qid in received and "[127.0.0.1]" in received
+    assert header_fields(stored, "Date") and header_fields(stored, "Message-ID")
+    files = await wait_for(lambda: maildir_files(lab.tmp, ALICE))
+    msg = email.message_from_bytes(files[0].read_bytes(), policy=email.policy.default)
+    assert msg["Subject"] == "Backup done ✓" and msg["X-App"] == "backup"
+    assert msg["From"].addresses[0].addr_spec == "app@example.org"
+    assert msg.get_body(("plain",)).get_content() == "The nightly backup finished.\n"
+    assert "<b>finished</b>" in msg.get_body(("html",)).get_content()
+    atts = {a.get_filename(): a.get_content() for a in msg.iter_attachments()}
+    assert atts == {"log.txt": "all good\n", "r.bin": bytes(range(256))}
+    # What became of it, per recipient; another key cannot see it.
+    status, st = await wait_for_status(lab, qid, lambda st: {r["address"]: r["state"] for r in st["recipients"]}
+                                       .get(ALICE) == "delivered")
+    rs = {r["address"]: r for r in st["recipients"]}
+    assert rs[REMOTE]["state"] in ("queued", "deferred") and st["tags"] == ["backup", "nightly"]
+    assert st["sender"] == "app@example.org" and isinstance(st["webhooks"], list)
+    status, problem = await get(lab, f"/v1/messages/{qid}", key="other")
+    assert status == 404 and problem["type"] == "/v1/problems/not-found"
+    metrics = generate_latest(lab.backend.metrics.registry).decode()
+    key_id = lab.tokens["prod"][0].id
+    assert f'homemx_backend_api_messages_total{{key="{key_id}",mode="production"}} 1.0' in metrics
+    assert f'homemx_backend_api_requests_total{{key="{key_id}",status="202"}} 1.0' in metrics
+
+
+async def wait_for_status(lab: Lab, qid: str, predicate):
+    deadline = time.monotonic() + 10
+    while True:
+        status, st = await get(lab, f"/v1/messages/{qid}")
+        assert status == 200, st
+        if predicate(st):
+            return status, st
+        assert time.monotonic() < deadline, st
+        await asyncio.sleep(0.05)
+
+
+async def curl(*args: str) -> tuple[int, dict | None, str]:
+    """curl as a user would run it; (status, JSON body, headers)."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-D", "-", "-o", "/dev/stdout", "--max-time", "20", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    head, _, body = out.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body.strip() else None, head
+
+
+@pytest.mark.asyncio
+async def test_curl_json_and_raw_message(lab, tmp_path):
+    require_tool("curl")
+    status, body, _ = await curl(
+        "-H", f"Authorization: Bearer {lab.tokens['prod'][1]}", "-H", "Content-Type: application/json",
+        "--data", json.dumps({"from": "app@example.org", "to": ALICE, "subject": "from curl", "text": "hi"}),
+        lab.url + "/v1/messages")
+    assert status == 202, body
+    raw = (b"From: Cron <app@example.org>\nTo: alice@example.org\nBcc: bob@example.org\n"
+           b"X-Homemx-Original-Recipients: forged@example.org\nSubject: raw\n\nraw body\n")
+    (tmp_path / "msg.eml").write_bytes(raw)
+    status, body2, _ = await curl(
+        "-H", f"Authorization: Bearer {lab.tokens['prod'][1]}", "-H", "Content-Type: message/rfc822",
+        "--data-binary", f"@{tmp_path / 'msg.eml'}", lab.url + "/v1/messages")
+    assert status == 202, body2
+    assert body2["recipients"] == [ALICE, BOB]
+    files = await wait_for(lambda: len(maildir_files(lab.tmp, ALICE)) == 2 and maildir_files(lab.tmp, BOB))
+    got = files[0].read_bytes()
+    assert b"raw body" in got and not header_fields(got, "Bcc")  # RFC 5322 3.6.3: the Bcc field is not sent
+    assert not header_fields(got, "X-Homemx-Original-Recipients")  # a forged one is dropped
+    assert lab.backend.queue.get(body2["id"]).sender == "app@example.org"
+
+
+@pytest.mark.asyncio
+async def test_sandbox_keeps_the_message_and_queues_nothing(lab):
+    status, body, _ = await post(lab, {**MESSAGE, "bcc": "carol@remote.example"}, key="sandbox")
+    assert status == 202, body
+    assert body["mode"] == "sandbox"
+    assert lab.queued() == []  # never queued, never delivered
+    [f] = lab.sandbox_files()
+    content = f.read_bytes()
+    assert header_fields(content, "X-Homemx-Sandbox-Recipients") == [f"{ALICE}, {REMOTE}, carol@remote.example"]
+    assert header_fields(content, "Subject") and header_fields(content, "Message-ID")
+    assert body["id"] in header_fields(content, "Received")[0]
+    status, st = await get(lab, f"/v1/messages/{body['id']}", key="sandbox")
+    assert status == 200 and {r["state"] for r in st["recipients"]} == {"captured"}
+    assert maildir_files(lab.tmp, ALICE) == []
+
+
+@pytest.mark.asyncio
+async def test_redirect_replaces_every_recipient_and_names_the_originals(lab):
+    status, body, _ = await post(lab, {**MESSAGE, "cc": "carol@remote.example"}, key="redirect")
+    assert status == 202 and body["recipients"] == [BOB], body
+    [entry] = lab.queued()
+    assert [r.address for r in entry.recipients] == [BOB]
+    [f] = await wait_for(lambda: maildir_files(lab.tmp, BOB))
+    got = f.read_bytes()
+    assert header_fields(got, "X-Homemx-Original-Recipients") == [f"{ALICE}, {REMOTE}, carol@remote.example"]
+    assert maildir_files(lab.tmp, ALICE) == []
+
+
+@pytest.mark.asyncio
+async def test_bcc_mode_delivers_and_archives_a_copy(lab):
+    status, body, _ = await post(lab, {**MESSAGE, "to": ALICE}, key="bcc")
+    assert status == 202 and body["recipients"] == [ALICE, BOB], body
+    await wait_for(lambda: maildir_files(lab.tmp, ALICE) and maildir_files(lab.tmp, BOB))
+    archived = maildir_files(lab.tmp, BOB)[0].read_bytes()
+    assert header_fields(archived, "To") == [ALICE] and not header_fields(archived, "Bcc")
+
+
+@pytest.mark.asyncio
+async def test_idempotent_retry_returns_the_first_answer_and_queues_nothing(lab):
+    h = {"Idempotency-Key": "order-42"}
+    first = await post(lab, MESSAGE, headers=h)
+    # A retry, and two concurrent ones: all get the first answer.
+    again = await asyncio.gather(*(post(lab, MESSAGE, headers=h) for _ in range(3)))
+    assert first[0] == 202 and all(a[0] == 202 and a[1] == first[1] for a in again)
+    assert all(a[2].get("Idempotent-Replayed") == "true" for a in again)
+    assert [e.id for e in lab.queued()] == [first[1]["id"]]
+    # The same key with another body is a client bug, not a retry.
+    status, problem, _ = await post(lab, {**MESSAGE, "subject": "other"}, headers=h)
+    assert status == 422 and problem["type"] == "/v1/problems/idempotency-key-reused"
+    # Keys are per API key: another key may use the same string.
+    status, body, _ = await post(lab, {**MESSAGE, "from": "other@example.org"}, key="other", headers=h)
+    assert status == 202 and body["id"] != first[1]["id"]
+    assert len(lab.queued()) == 2
+
+
+@pytest.mark.asyncio
+async def test_idempotent_concurrent_first_requests_queue_one_message(lab):
+    h = {"Idempotency-Key": "race"}
+    answers = await asyncio.gather(*(post(lab, MESSAGE, headers=h) for _ in range(5)))
+    assert {a[0] for a in answers} == {202} and len({a[1]["id"] for a in answers}) == 1
+    assert len(lab.queued()) == 1
+
+
+BAD = [
+    # (description, key or None for no Authorization, content type, body, status, problem type)
+    ("no key", None, "application/json", MESSAGE, 401, "unauthorized"),
+    ("unknown key", "hmx_" + "x" * 43, "application/json", MESSAGE, 401, "unauthorized"),
+    ("malformed JSON", "prod", "application/json", b'{"from": ', 400, "malformed-json"),
+    ("not an object", "prod", "application/json", b"[1]", 400, "malformed-json"),
+    ("no from", "prod", "application/json", {"to": ALICE, "text": "x"}, 400, "missing-field"),
+    ("no recipient", "prod", "application/json", {"from": "app@example.org", "text": "x"}, 400, "missing-field"),
+    ("no body", "prod", "application/json", {"from": "app@example.org", "to": ALICE}, 400, "missing-field"),
+    ("unknown field", "prod", "application/json", {**MESSAGE, "priority": 1}, 400, "invalid-field"),
+    ("invalid to", "prod", "application/json", {**MESSAGE, "to": "not an address"}, 400, "invalid-address"),
+    ("percent hack", "prod", "application/json", {**MESSAGE, "to": "a%b@remote.example"}, 400, "invalid-address"),
+    ("address literal", "prod", "application/json", {**MESSAGE, "cc": "a@[192.0.2.1]"}, 400, "invalid-address"),
+    ("unknown local user", "prod", "application/json", {**MESSAGE, "to": "nobody@example.org"}, 400,
+     "unknown-recipient"),
+    ("header injection", "prod", "application/json", {**MESSAGE, "subject": "x\r\nBcc: evil@remote.example"}, 400,
+     "invalid-field"),
+    ("own header", "prod", "application/json", {**MESSAGE, "headers": {"DKIM-Signature": "x"}}, 400, "invalid-field"),
+    ("bad base64", "prod", "application/json", {**MESSAGE, "attachments": [{"filename": "a", "content": "!!"}]},
+     400, "invalid-field"),
+    ("too many recipients", "prod", "application/json",
+     {**MESSAGE, "to": [f"u{i}@remote.example" for i in range(101)]}, 400, "too-many-recipients"),
+    ("sender not allowed", "prod", "application/json", {**MESSAGE, "from": "alice@example.org"}, 403,
+     "sender-not-allowed"),
+    # The key allows @apps.example.org, but homemx signs and sends for its own domains only (the
+    # accept pipeline's lan rule).
+    ("sender not ours", "prod", "application/json", {**MESSAGE, "from": "x@apps.example.org"}, 403,
+     "sender-not-allowed"),
+    ("sender of another key", "other", "application/json", MESSAGE, 403, "sender-not-allowed"),
+    ("raw From not allowed", "prod", "message/rfc822", b"From: alice@example.org\r\nTo: bob@example.org\r\n\r\nx\r\n",
+     403, "sender-not-allowed"),
+    ("raw without From", "prod", "message/rfc822", b"To: bob@example.org\r\n\r\nx\r\n", 400, "malformed-message"),
+    ("wrong content type", "prod", "text/plain", b"hello", 415, "unsupported-media-type"),
+    ("too large", "prod", "application/json",
+     {**MESSAGE, "text": "x" * (64 * 1024)}, 413, "too-large"),
+]
+
+
+@pytest.mark.asyncio
+async def test_bad_requests_get_their_problem_and_queue_nothing(tmp_path):
+    cfg, _ = api_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[api]\n", '[api]\nmax_message_size = "32k"\n'))
+    tokens = make_keys(tmp_path)
+    revoked = KeyStore(tmp_path / "data" / "apikeys.sqlite3")
+    rkey, rtoken, _ = revoked.create("old", ["app@example.org"])
+    revoked.revoke(rkey.id)
+    revoked.close()
+    rows = BAD + [("revoked key", rtoken, "application/json", MESSAGE, 401, "unauthorized")]
+    async with running_backend(cfg) as b:
+        url = f"http://127.0.0.1:{b.api.bound_port()}/v1/messages"
+        async with aiohttp.ClientSession() as s:
+            for what, key, ctype, body, status, kind in rows:
+                token = tokens[key][1] if key in tokens else key
+                h = {"Content-Type": ctype, **({"Authorization": f"Bearer {token}"} if token else {})}
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                async with s.post(url, data=data, headers=h) as r:
+                    problem = await r.json(content_type=None)
+                    assert (r.status, problem["type"]) == (status, "/v1/problems/" + kind), (what, problem)
+                    assert r.headers["Content-Type"] == "application/problem+json", what
+                    assert problem["status"] == status and problem["title"] and problem["detail"], what
+        assert b.queue.list() == []
+        assert not (tmp_path / "data" / "sandbox").exists()
+        metrics = generate_latest(b.metrics.registry).decode()
+        assert 'homemx_backend_api_rejections_total{key="-",reason="unauthorized"} 3.0' in metrics
+
+
+@pytest.mark.asyncio
+async def test_over_the_rate_limit_is_429_with_retry_after(lab):
+    for _ in range(2):
+        assert (await post(lab, MESSAGE, key="slow"))[0] == 202
+    status, problem, headers = await post(lab, MESSAGE, key="slow")
+    assert status == 429 and problem["type"] == "/v1/problems/rate-limited"
+    assert 1 <= int(headers["Retry-After"]) <= 30  # 2 a minute: a token every 30 s
+    assert len(lab.queued()) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_queue_that_cannot_commit_is_503_and_nothing_is_queued(lab):
+    # A real fault: the queue's writer refuses once it is closed (what a dead writer thread does).
+    lab.backend.queue.close()
+    status, problem, _ = await post(lab, MESSAGE)
+    assert status == 503 and problem["type"] == "/v1/problems/unavailable"
+    with sqlite3.connect(lab.tmp / "data" / "queue.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM message").fetchone()[0] == 0
+
+
+@pytest.mark.asyncio
+async def test_openapi_lists_exactly_the_served_routes(lab):
+    from backend.http.api import ROUTES
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(lab.url + "/v1/openapi.json") as r:
+            assert r.status == 200
+            doc = await r.json()
+    assert doc["openapi"].startswith("3.1")
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == {(m, p) for m, p, _ in ROUTES}
+    # And the served routes answer (not 404) where the document says.
+    for method, path, _ in ROUTES:
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, lab.url + path.replace("{id}", "0123456789ABCDEF0")) as r:
+                assert r.status != 404 or path.endswith("{id}"), (method, path, r.status)
+    status, problem = await get(lab, "/v1/nothing")
+    assert status == 404 and problem["type"] == "/v1/problems/not-found"
+    async with aiohttp.ClientSession() as s:
+        async with s.delete(lab.url + "/v1/messages") as r:
+            assert r.status == 405 and r.headers["Allow"] == "POST"
