@@ -580,8 +580,7 @@ class APIServer:
         length = request.content_length
         if length is not None and length > self.body_limit:
             raise Problem(413, "too-large", f"the body is larger than {self.body_limit} bytes")
-        async with asyncio.timeout(self.timeout):
-            body = await request.read()
+        body = await request.read()  # within the connection's deadline (_Connection)
         # The rest runs as a task of its own: a client that goes away cancels the handler, never
         # a commit half-way (as receive/handler.py shields the SMTP dot). A request with the
         # Idempotency-Key of one being answered waits for that one, then gets its stored answer;

@@ -13,8 +13,10 @@ import hashlib
 import json
 import re
 import sqlite3
+import ssl
 import stat
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +36,12 @@ from tests.backend.helpers import (
     run_cli,
     running_backend,
     wait_for,
+    wait_for_sync,
     write_config,
 )
 from tests.conftest import require_tool
+from tests.lab.backend import Daemon, daemons  # noqa: F401 - fixture
+from tests.lab.ports import free_port
 from tests.lab.dkim import verify_all
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -464,3 +469,79 @@ async def test_openapi_lists_exactly_the_served_routes(lab):
     async with aiohttp.ClientSession() as s:
         async with s.delete(lab.url + "/v1/messages") as r:
             assert r.status == 405 and r.headers["Allow"] == "POST"
+
+
+def test_sigkill_right_after_the_202_still_delivers_after_restart(tmp_path, daemons):
+    """A real `homemx-backend run`, killed with SIGKILL as soon as the 202 is read. Alice's Maildir
+    cannot be made (a file stands where its directory goes), so the message cannot have been
+    delivered before the kill: what the restarted daemon delivers came from the durable queue."""
+    api_port, lan_port = free_port(), free_port()
+    cfg, _ = api_config(tmp_path, api_port, lan_port)
+    tokens = make_keys(tmp_path)
+    blocker = tmp_path / "data" / "mail" / DOMAIN / "alice"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")
+    d = Daemon(cfg).start(api_port)
+    daemons.append(d)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}/v1/messages", method="POST",
+        data=json.dumps({"from": "app@example.org", "to": ALICE, "subject": "kill9", "text": "survives"}).encode(),
+        headers={"Authorization": f"Bearer {tokens['prod'][1]}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=20) as r:
+        assert r.status == 202
+        qid = json.loads(r.read())["id"]
+    d.kill9()
+    blocker.unlink()
+    d2 = Daemon(cfg).start(api_port)
+    daemons.append(d2)
+    assert run_cli("queue", "retry", "-c", str(cfg)).returncode == 0  # the blocked attempt deferred it
+    [f] = wait_for_sync(lambda: maildir_files(tmp_path, ALICE), 20)
+    assert b"survives" in f.read_bytes() and qid.encode() in f.read_bytes()
+    # The restarted daemon knows which key sent it.
+    req = urllib.request.Request(f"http://127.0.0.1:{api_port}/v1/messages/{qid}",
+                                 headers={"Authorization": f"Bearer {tokens['prod'][1]}"})
+    st = wait_for_sync(lambda: (lambda s: s if s["recipients"][0]["state"] == "delivered" else None)(
+        json.loads(urllib.request.urlopen(req, timeout=10).read())), 20)
+    assert st["recipients"][0]["address"] == ALICE
+
+
+@pytest.mark.asyncio
+async def test_https_with_the_server_certificate(tmp_path):
+    cfg, keys = api_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[api]\n", "[api]\ntls = true\n"))
+    tokens = make_keys(tmp_path)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+    ctx.check_hostname = False  # the certificate names mail.example.org; we connect to 127.0.0.1
+    async with running_backend(cfg) as b:
+        url = f"https://127.0.0.1:{b.api.bound_port()}/v1/messages"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json={"from": "app@example.org", "to": ALICE, "text": "over TLS"}, ssl=ctx,
+                              headers={"Authorization": f"Bearer {tokens['prod'][1]}"}) as r:
+                assert r.status == 202
+                qid = (await r.json())["id"]
+            with pytest.raises(aiohttp.ClientError):  # no plain HTTP on that port
+                async with s.get(url.replace("https", "http")):
+                    pass
+        assert "with HTTPS id " + qid in header_fields(b.queue.content(qid), "Received")[0]
+        assert verify_all(b.queue.content(qid), keys) == [True]
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_never_finishes_its_request_is_cut_off(tmp_path):
+    cfg, _ = api_config(tmp_path)
+    cfg.write_text(cfg.read_text() + '\n[http]\ntimeout = "1s"\n')
+    token = make_keys(tmp_path)["prod"][1]
+    async with running_backend(cfg) as b:
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.api.bound_port())
+        # Headers that never end (aiohttp's keep-alive timer), then a body that never ends (ours).
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing answered
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.api.bound_port())
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert b.queue.list() == []
