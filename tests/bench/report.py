@@ -1,4 +1,4 @@
-"""Benchmark report: runs B1–B7 in one go and prints one table of homemx's figures beside the peer's (HAProxy, Postfix, OpenSSL), their ratio and the issue's target, also written as JSON.
+"""Benchmark report: runs B1–B8 in one go and prints one table of homemx's figures beside the peer's (HAProxy, Postfix, OpenSSL), their ratio and the issue's target, also written as JSON.
 
     python -m tests.bench report [--quick] [--only B3,B6] [--out DIR]     (./dev bench runs this)
 
@@ -155,7 +155,21 @@ def run_inbound(quick: bool, out: Path) -> list[dict]:
     return rows
 
 
-RUNNERS = {"B1": run_gateway, "B4": run_dkim, "B3": run_accept, "B5": run_e2e, "B6": run_fairness, "B7": run_inbound}
+def run_api(quick: bool, out: Path) -> list[dict]:
+    from tests.bench import api_bench
+
+    path = out / "api.json"
+    api_bench.main((["--messages", "500", "--single", "100"] if quick else []) + ["--json", str(path)])
+    r = json.loads(path.read_text())
+    return [
+        _row("B8", f"API msgs/s, {n} client{'s' if n > 1 else ''} (vs SMTP lan)", r["api"][f"c{n}"]["msgs_per_s"],
+             r["smtp"][f"c{n}"]["msgs_per_s"], "SMTP lan", "-", None, "msg/s")
+        for n in (1, 10)
+    ]
+
+
+RUNNERS = {"B1": run_gateway, "B4": run_dkim, "B3": run_accept, "B5": run_e2e, "B6": run_fairness, "B7": run_inbound,
+           "B8": run_api}
 
 
 def fmt(v) -> str:
