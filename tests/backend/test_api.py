@@ -284,6 +284,9 @@ async def test_curl_json_and_raw_message(lab, tmp_path):
         "--data", json.dumps({"from": "app@example.org", "to": ALICE, "subject": "from curl", "text": "hi"}),
         lab.url + "/v1/messages")
     assert status == 202, body
+    # No tags, no Idempotency-Key: the queue alone says which key sent it.
+    assert (await get(lab, f"/v1/messages/{body['id']}"))[0] == 200
+    assert (await get(lab, f"/v1/messages/{body['id']}", key="other"))[0] == 404
     raw = (b"From: Cron <app@example.org>\nTo: alice@example.org\nBcc: bob@example.org\n"
            b"X-Homemx-Original-Recipients: forged@example.org\nSubject: raw\n\nraw body\n")
     (tmp_path / "msg.eml").write_bytes(raw)
