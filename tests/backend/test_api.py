@@ -11,6 +11,7 @@ import email
 import email.policy
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import ssl
@@ -548,3 +549,41 @@ async def test_a_client_that_never_finishes_its_request_is_cut_off(tmp_path):
         assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
         assert b.queue.list() == []
+
+
+DOCS_API = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+
+
+@pytest.mark.asyncio
+async def test_the_curl_examples_of_docs_api_md_work_as_written(tmp_path):
+    """Every ```sh example of docs/api.md that talks to $HOMEMX_API, run by bash as written."""
+    require_tool("curl")
+    blocks = [b.split("```", 1)[0] for b in DOCS_API.read_text().split("```sh\n")[1:]]
+    examples = [b for b in blocks if "$HOMEMX_API" in b]
+    assert len(examples) == 5
+    cfg, _ = api_config(tmp_path)
+    store = KeyStore(tmp_path / "data" / "apikeys.sqlite3")
+    _, token, _ = store.create("nas", ["nas@example.org"])
+    store.close()
+    async with running_backend(cfg) as b:
+        env = {"PATH": os.environ["PATH"], "HOMEMX_API": f"http://127.0.0.1:{b.api.bound_port()}",
+               "HOMEMX_TOKEN": token}
+        answers = []
+        for example in examples:
+            proc = await asyncio.create_subprocess_exec(
+                "bash", "-e", "-o", "pipefail", "-c", example, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, (example, err)
+            answers.append(json.loads(out))
+            if "id" in answers[-1] and "MESSAGE_ID" not in env:
+                env["MESSAGE_ID"] = answers[-1]["id"]
+        sends = [a for a, e in zip(answers, examples) if "/v1/messages\"" in e]
+        assert len(sends) == 3 and all(a["recipients"] == [ALICE] for a in sends), answers
+        status = next(a for a, e in zip(answers, examples) if "$MESSAGE_ID" in e)
+        assert status["id"] == sends[0]["id"] and status["tags"] == ["backup"]
+        assert any("openapi" in a for a in answers)
+        files = await wait_for(lambda: len(maildir_files(tmp_path, ALICE)) == 3 and maildir_files(tmp_path, ALICE))
+        got = b"".join(f.read_bytes() for f in files)
+        assert b"sda,42%" in got or base64.b64encode(b"disk,free\nsda,42%\n") in got
+        assert b"sdb: 8 reallocated sectors." in got
