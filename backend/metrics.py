@@ -192,6 +192,15 @@ class BackendMetrics:
             "homemx_backend_tlsrpt_reports", "TLS-RPT reports by outcome (queued, skipped, failed)", ["outcome"],
             registry=r,
         )
+        # Delivery webhooks of API keys (backend/http/webhooks.py).
+        self.webhook_deliveries = Counter(
+            "homemx_backend_webhook_deliveries",
+            "Webhook POSTs by key and result (sent: 2xx; retry: failed, tried again later; gave_up: the last one)",
+            ["key", "result"], registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "homemx_backend_webhook_pending", "Webhook events not yet accepted by their receiver", registry=r
+        )
 
     def watch_queue(self, stats: Callable[[], tuple[dict[str, int], float | None]], now: Callable[[], float] = time.time) -> None:
         self.registry.register(_QueueCollector(stats, now))

@@ -22,6 +22,7 @@ from backend.receive.directory import Directory
 from backend.metrics import BackendMetrics
 from backend.queue.store import Queue
 from backend.queue.runner import QueueRunner, wake_path
+from backend.http.webhooks import WebhookSender
 from backend.reports.tlsrpt import Reporter as TLSReporter
 from backend.receive.authlimit import AuthLimiter
 from backend.receive.context import PROXY_TIMEOUT, ListenerContext
@@ -55,6 +56,8 @@ class Backend:
         self.servers: list[asyncio.base_events.Server] = []
         self.runner: QueueRunner | None = None
         self._runner_task: asyncio.Task | None = None
+        self.webhooks: WebhookSender | None = None  # delivery events of API keys (backend/http/webhooks.py)
+        self._webhooks_task: asyncio.Task | None = None
         self._tlsrpt_task: asyncio.Task | None = None  # daily TLS-RPT reports (backend/reports/tlsrpt.py)
         self.dns_self_check: DNSSelfCheck | None = None  # [dns] self_check_interval (backend/dns/selfcheck.py)
         self._self_check_task: asyncio.Task | None = None
@@ -169,6 +172,11 @@ class Backend:
         self.runner = QueueRunner(cfg, self.queue, self.metrics, self.run_blocking, remote=self.remote)
         await self.runner.listen_for_wakeups(wake_path(cfg.queue_db))
         self._runner_task = asyncio.create_task(self.runner.run(), name="queue-runner")
+        if cfg.api.enabled:
+            # Its own task and client: a slow or dead receiver never holds up a delivery.
+            self.webhooks = await self.run_blocking(WebhookSender.from_config, cfg, self.queue, self.metrics,
+                                                    self.run_blocking)
+            self._webhooks_task = asyncio.create_task(self.webhooks.run(), name="webhooks")
         if getattr(self.remote, "resolver", None) is not None:
             # RFC 8460: each finished day's TLS report, to the domains that publish _smtp._tls.
             reporter = TLSReporter(cfg, self.queue, self.metrics, self.run_blocking, self.remote.resolver, self.signer)
@@ -215,6 +223,15 @@ class Backend:
             self._self_check_task.cancel()  # a run in progress finishes in its thread, unawaited
         if self._tlsrpt_task is not None:
             self._tlsrpt_task.cancel()  # between rounds, or a round that is sent again later
+        if self._webhooks_task is not None:
+            # POSTs under way are cancelled: their next attempt is planned, the event stays pending.
+            self._webhooks_task.cancel()
+            try:
+                await self._webhooks_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - cancelled, or died (logged by asyncio)
+                pass
+        if self.webhooks is not None:
+            self.webhooks.keys.close()
         if self._runner_task is not None:
             self._runner_task.cancel()
             try:

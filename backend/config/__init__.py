@@ -362,6 +362,12 @@ class APIConfig(_Table):
     max_message_size: Annotated[int, PlainValidator(parse_size)] = 25 * 1024 * 1024
     # sandbox keys: messages are stored here (a Maildir), never delivered; default data_dir/sandbox/Maildir
     sandbox_maildir: FilePath | None = None
+    # Delivery webhooks (backend/http/webhooks.py): the wait after each failed POST (the last one
+    # repeats), when an event is given up, and how long one POST may take.
+    webhook_retry_schedule: Annotated[tuple[float, ...], PlainValidator(_retry_schedule)] = (
+        10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
+    webhook_give_up_after: Duration = 3 * 86400.0
+    webhook_timeout: Duration = 10.0
 
 
 class _UsersTable(_Table):

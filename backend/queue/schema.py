@@ -45,6 +45,25 @@ CREATE TABLE IF NOT EXISTS recipient (
 );
 CREATE INDEX IF NOT EXISTS recipient_due ON recipient(state, next_attempt);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message_id);
+-- Delivery webhooks of API keys (backend/http/webhooks.py): one row per event, written in the commit
+-- that records the recipient's outcome. No foreign key: an event outlives its purged message.
+CREATE TABLE IF NOT EXISTS webhook_event (
+    id           TEXT PRIMARY KEY,        -- evt_<hex>, the receiver's de-duplication key
+    api_key      TEXT NOT NULL,           -- the key whose webhook_url gets it
+    message_id   TEXT NOT NULL,
+    recipient    TEXT NOT NULL,
+    event        TEXT NOT NULL,           -- delivered, deferred, bounced
+    created      REAL NOT NULL,
+    payload      TEXT NOT NULL,           -- the JSON body, fixed when the event happened
+    state        TEXT NOT NULL,           -- pending, sent, failed (given up)
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_attempt REAL,
+    last_error   TEXT,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_event_due ON webhook_event(state, next_attempt);
+CREATE INDEX IF NOT EXISTS webhook_event_message ON webhook_event(message_id);
 """
 
 

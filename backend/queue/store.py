@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from backend.http import webhooks
 from backend.queue import reads, schema, spool
 from backend.queue.model import (
     QUEUED, STATES, NewMessage, QueueEntry, QueueError, Recipient, new_queue_id,
@@ -69,6 +70,8 @@ class Queue:
         self._closed = False
         # Listeners get told when new work is queued (the runner wakes up instead of polling).
         self.on_enqueued: Callable[[], None] | None = None
+        # ... and when outcomes brought webhook events (backend/http/webhooks.py WebhookSender).
+        self.on_webhook_events: Callable[[], None] | None = None
         # Without group commit (tests, the CLI), each write is its own transaction on the caller's thread.
         self._writer = GroupCommitWriter(self._run_ops, self._notify) if group_commit else None
 
@@ -257,8 +260,10 @@ class Queue:
 
         Either everything is durable when this returns, or nothing is (it raises): a crash can
         never leave a recipient bounced without its DSN queued, nor a delay notice marked sent
-        without the notice (issue 11 point 2). It is one group-commit operation, so it batches
-        with other writes like any of them. Returns the queue ids of ``dsns``, in order.
+        without the notice (issue 11 point 2). The webhook events of messages sent through an API
+        key (delivered, deferred, bounced: backend/http/webhooks.py) are written in the same commit,
+        so no outcome is ever recorded without its event. It is one group-commit operation, so it
+        batches with other writes like any of them. Returns the queue ids of ``dsns``, in order.
         """
         rows = list(outcomes)
         for _, state, _, _ in rows:
@@ -282,11 +287,18 @@ class Queue:
                 " updated = ? WHERE id = ? AND state != 'held'",
                 planned,
             )
+            events = webhooks.record_events(conn, now, [(rid, state) for rid, state, _, _ in rows])
             if delay_dsn_for is not None:
                 conn.execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (delay_dsn_for,))
-            return [insert(conn, now) for insert in inserts]
+            return [insert(conn, now) for insert in inserts], events
 
-        return self._write(record, notify=bool(inserts))  # type: ignore[return-value]
+        qids, events = self._write(record, notify=bool(inserts))  # type: ignore[misc]
+        if events and self.on_webhook_events is not None:
+            try:
+                self.on_webhook_events()
+            except Exception:  # noqa: BLE001 - a wake-up must never fail a write
+                log.exception("on_webhook_events callback failed")
+        return qids
 
     def content(self, message_id: str) -> bytes:
         row = self._conn().execute("SELECT content, spool FROM message WHERE id = ?", (message_id,)).fetchone()
@@ -317,6 +329,17 @@ class Queue:
         """Remember that the message's one "delayed" notice went out (prefer ``record_outcomes``,
         which does this in the same commit as the notice itself)."""
         self.record_outcomes([], delay_dsn_for=message_id)
+
+    # -- other tables of the queue database ----------------------------------------------------
+
+    def transact(self, op: Callable[[sqlite3.Connection, float], object]) -> object:
+        """Run ``op(conn, now)`` in one commit through the writer, like the queue's own writes
+        (the webhook events table, backend/http/webhooks.py). Blocking; returns what ``op`` returns."""
+        return self._write(op)
+
+    def read(self, op: Callable[[sqlite3.Connection], object]) -> object:
+        """Run ``op(conn)`` on this thread's read connection (no transaction opened)."""
+        return op(self._conn())
 
     # -- reading -------------------------------------------------------------------------------
 
