@@ -50,7 +50,6 @@ from typing import Any, Awaitable, Callable, Iterable
 import aiohttp
 
 from backend.http.apikeys import KeyStore
-from backend.queue import schema
 from backend.queue.model import BOUNCED, DEFERRED, DELIVERED
 
 log = logging.getLogger("homemx.webhooks")
@@ -100,8 +99,7 @@ def record_events(conn: sqlite3.Connection, now: float, outcomes: Iterable[tuple
 
 def webhook_status(source: Any, message_id: str) -> list[dict]:
     """The webhook events of a message and how their delivery went, oldest first, for ``GET
-    /v1/messages/{id}``. ``source``: the Queue, a connection to the queue database, or the
-    BackendConfig (its queue database is opened for this read). Blocking."""
+    /v1/messages/{id}``. ``source``: the Queue, or a connection to the queue database. Blocking."""
 
     def query(conn: sqlite3.Connection) -> list[dict]:
         rows = conn.execute(
@@ -117,13 +115,7 @@ def webhook_status(source: Any, message_id: str) -> list[dict]:
 
     if isinstance(source, sqlite3.Connection):
         return query(source)
-    if hasattr(source, "read"):  # the Queue
-        return source.read(query)
-    conn = schema.connect(source.queue_db)
-    try:
-        return query(conn)
-    finally:
-        conn.close()
+    return source.read(query)  # the Queue
 
 
 # ---------------------------------------------------------------- signing

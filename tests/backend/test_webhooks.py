@@ -17,6 +17,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -154,13 +155,14 @@ def api_config(tmp_path: Path, *, extra: str = "", schedule: str = '["10s"]', ti
     )
 
 
-def make_key(tmp_path: Path, webhook_url: str | None) -> tuple[str, str | None]:
+def make_key(tmp_path: Path, webhook_url: str | None, with_token: bool = False):
+    """A key as ``apikey create`` makes it: (id, webhook secret), and its token when asked."""
     store = KeyStore(tmp_path / "data" / "apikeys.sqlite3")
     try:
-        key, _token, secret = store.create("app", [f"@{DOMAIN}"], webhook_url=webhook_url)
+        key, token, secret = store.create("app", [f"@{DOMAIN}"], webhook_url=webhook_url)
     finally:
         store.close()
-    return key.id, secret
+    return (key.id, secret, token) if with_token else (key.id, secret)
 
 
 def message(api_key: str | None, rcpt: str = ALICE, local: bool = True, subject: str = "hello") -> NewMessage:
@@ -341,6 +343,31 @@ async def test_a_hanging_receiver_does_not_hold_up_mail(tmp_path):
             # The first event's POST still hangs while the next message was delivered.
             [status] = webhook_status(b.queue, first)
             assert status["state"] == "pending" and status["attempts"] == 1 and not receiver.events
+    finally:
+        await receiver.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_message_posted_to_the_api_gets_its_event_with_its_tags_and_the_status_shows_it(tmp_path):
+    receiver = Receiver("")
+    key, receiver.secret, token = make_key(tmp_path, receiver.url, with_token=True)
+    await receiver.start()
+    try:
+        async with running_backend(api_config(tmp_path)) as b:
+            url = f"http://127.0.0.1:{b.api.bound_port()}/v1/messages"
+            auth = {"Authorization": f"Bearer {token}"}
+            doc = {"from": f"app@{DOMAIN}", "to": [ALICE], "subject": "backup", "text": "done\n", "tags": ["nightly"]}
+            async with aiohttp.ClientSession() as s:
+                async with s.post(url, json=doc, headers=auth) as r:
+                    assert r.status == 202, await r.text()
+                    qid = (await r.json())["id"]
+                [event] = await wait_for(lambda: receiver.events)
+                assert event["message_id"] == qid and event["event"] == "delivered" and event["tags"] == ["nightly"]
+                await wait_for(lambda: webhook_status(b.queue, qid)[0]["state"] == "sent")
+                async with s.get(f"{url}/{qid}", headers=auth) as r:
+                    [hook] = (await r.json())["webhooks"]
+            assert hook["id"] == event["id"] and hook["state"] == "sent" and hook["attempts"] == 1
+            assert b.queue.get(qid).api_key == key
     finally:
         await receiver.stop()
 
