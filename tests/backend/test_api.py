@@ -401,6 +401,8 @@ BAD = [
     ("wrong content type", "prod", "text/plain", b"hello", 415, "unsupported-media-type"),
     ("too large", "prod", "application/json",
      {**MESSAGE, "text": "x" * (64 * 1024)}, 413, "too-large"),
+    ("body over the read limit", "prod", "application/json",
+     {**MESSAGE, "text": "x" * (160 * 1024)}, 413, "too-large"),
 ]
 
 
@@ -430,6 +432,26 @@ async def test_bad_requests_get_their_problem_and_queue_nothing(tmp_path):
         assert not (tmp_path / "data" / "sandbox").exists()
         metrics = generate_latest(b.metrics.registry).decode()
         assert 'homemx_backend_api_rejections_total{key="-",reason="unauthorized"} 3.0' in metrics
+
+
+@pytest.mark.asyncio
+async def test_a_chunked_body_over_the_limit_is_413_and_queues_nothing(tmp_path):
+    cfg, _ = api_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("[api]\n", '[api]\nmax_message_size = "32k"\n'))
+    token = make_keys(tmp_path)["prod"][1]
+
+    async def chunks():  # no Content-Length: only reading finds out
+        yield b'{"from": "app@example.org", "to": "alice@example.org", "text": "'
+        for _ in range(40):
+            yield b"x" * 4096
+        yield b'"}'
+
+    async with running_backend(cfg) as b:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{b.api.bound_port()}/v1/messages", data=chunks(),
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}) as r:
+                assert r.status == 413 and (await r.json(content_type=None))["type"] == "/v1/problems/too-large"
+        assert b.queue.list() == []
 
 
 @pytest.mark.asyncio
