@@ -372,6 +372,23 @@ async def test_a_message_posted_to_the_api_gets_its_event_with_its_tags_and_the_
         await receiver.stop()
 
 
+@pytest.mark.asyncio
+async def test_a_receiver_that_does_not_answer_in_time_is_cut_off_and_tried_again(tmp_path):
+    receiver = Receiver("")
+    key, receiver.secret = make_key(tmp_path, receiver.url)
+    receiver.hang = True
+    await receiver.start()
+    try:
+        async with running_backend(api_config(tmp_path, timeout="200ms", schedule='["100ms"]')) as b:
+            qid = await b.run_blocking(b.queue.enqueue, message(key))
+            [status] = await wait_for(lambda: [s for s in webhook_status(b.queue, qid) if s["attempts"] >= 2])
+            assert status["state"] == "pending" and status["last_error"] == "no answer within 0.2 s"
+            await wait_for(lambda: len(receiver.arrived) >= 2)  # the retry reached it too
+            assert not receiver.events  # none was ever answered
+    finally:
+        await receiver.stop()
+
+
 # ---------------------------------------------------------------- a crash between the outcome and the POST
 
 
