@@ -226,7 +226,8 @@ def build_from_json(body: bytes) -> Outgoing:
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise Problem(400, "invalid-field", "headers: an object of strings")
     tags = doc.get("tags") or []
-    if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(isinstance(t, str) and _TAG.match(t) for t in tags):
+    if (not isinstance(tags, list) or len(tags) > MAX_TAGS
+            or not all(isinstance(t, str) and _TAG.match(t) for t in tags)):
         raise Problem(400, "invalid-field", f"tags: at most {MAX_TAGS} strings of letters, digits and _.:-")
     attachments = doc.get("attachments") or []
     if not isinstance(attachments, list):
@@ -576,7 +577,8 @@ class APIServer:
             raise Problem(400, "invalid-field", "Idempotency-Key: 1 to 255 visible ASCII characters")
         ctype = request.content_type
         if ctype not in ("application/json", "message/rfc822"):
-            raise Problem(415, "unsupported-media-type", f"Content-Type {ctype!r}: send application/json or message/rfc822")
+            raise Problem(415, "unsupported-media-type",
+                          f"Content-Type {ctype!r}: send application/json or message/rfc822")
         length = request.content_length
         if length is not None and length > self.body_limit:
             raise Problem(413, "too-large", f"the body is larger than {self.body_limit} bytes")
@@ -687,7 +689,8 @@ class APIServer:
             await self.run_blocking(maildir.deliver, self.sandbox, m.content, qid, prefix)
         except OSError as e:
             log.error("conn=%s sandbox Maildir %s: %s", m.conn_id, self.sandbox, e)
-            raise Problem(503, "unavailable", "the sandbox cannot store the message now", {"Retry-After": "60"}) from None
+            raise Problem(503, "unavailable", "the sandbox cannot store the message now",
+                          {"Retry-After": "60"}) from None
         log.info("conn=%s client=%s captured %s in the sandbox from=<%s> rcpts=%d size=%d", m.conn_id,
                  m.client_addr, qid, m.sender, len(m.recipients), len(m.content))
         return qid

@@ -201,7 +201,8 @@ async def get(lab: Lab, path: str, key: str = "prod"):
 def header_fields(message: bytes, name: str) -> list[str]:
     header = message.replace(b"\r\n", b"\n").partition(b"\n\n")[0].decode()
     unfolded = re.sub(r"\n[ \t]+", " ", header)
-    return [line.split(":", 1)[1].strip() for line in unfolded.split("\n") if line.lower().startswith(name.lower() + ":")]
+    return [line.split(":", 1)[1].strip() for line in unfolded.split("\n")
+            if line.lower().startswith(name.lower() + ":")]
 
 
 MESSAGE = {

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         g = dkim_keys.generate_key("example.org", "s1", "ed25519", work)
         api_port = free_port()
         extra = (f'[api]\nenabled = true\nlisten = "127.0.0.1:{api_port}"\n\n'
-                 f'[[dkim]]\ndomain = "example.org"\nselector = "s1"\nalgorithm = "ed25519"\nprivate_key = "{g.path}"\n\n'
+                 f'[[dkim]]\ndomain = "example.org"\nselector = "s1"\nalgorithm = "ed25519"\n'
+                 f'private_key = "{g.path}"\n\n'
                  '[delivery]\npaused = true\nnameservers = ["127.0.0.1"]\ndns_port = 9\n')
         listeners = listener_block("lan", "lan", "127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"])
         be = Backend(work, listeners=listeners, extra=extra)
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"benchmark": "api", "message_bytes": SIZE, "cpus": os.cpu_count(), **figures}
     results["ratio_c1"] = round(figures["api"]["c1"]["msgs_per_s"] / figures["smtp"]["c1"]["msgs_per_s"], 3)
     results["ratio_c10"] = round(figures["api"]["c10"]["msgs_per_s"] / figures["smtp"]["c10"]["msgs_per_s"], 3)
-    print(f"\nB8 HTTP send API vs SMTP lan ({os.cpu_count()} CPUs, {SIZE} B body, kept-alive connections, DKIM ed25519, "
+    print(f"\nB8 HTTP send API vs SMTP lan ({os.cpu_count()} CPUs, {SIZE} B body, kept-alive connections, "
+          "DKIM ed25519, "
           f"{platform.python_implementation()} {platform.python_version()})")
     print(f"{'':16} {'msgs/s @1':>10} {'p50 ms':>8} {'msgs/s @10':>11} {'p50 ms':>8} {'p99 ms':>8}")
     for name, label in (("api", "API (202)"), ("smtp", "SMTP lan (250)")):
