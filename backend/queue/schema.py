@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS message (
     spool       TEXT,                     -- set: the body is in spool/<this> and content is empty
     delay_dsn_sent INTEGER NOT NULL DEFAULT 0,
     folder      TEXT,                     -- local delivery into this Maildir++ folder (Junk); NULL: the inbox
-    api_key     TEXT                      -- id of the HTTP API key that sent it (issue 18); NULL: not sent through the API
+    api_key     TEXT                      -- the HTTP API key that sent it (issue 18); NULL: not the API
 );
 CREATE TABLE IF NOT EXISTS recipient (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,

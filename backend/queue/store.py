@@ -163,8 +163,8 @@ class Queue:
         def insert(conn: sqlite3.Connection, now: float) -> str:
             qid = msg.id or new_queue_id(now)
             conn.execute(
-                "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content, spool, folder,"
-                " api_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO message (id, created, sender, listener, client_addr, auth_user, size, content, spool,"
+                " folder, api_key) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (qid, now, msg.sender, msg.listener, msg.client_addr, msg.auth_user, len(msg.content),
                  b"" if msg.spool else msg.content, msg.spool, msg.folder, msg.api_key),
             )
