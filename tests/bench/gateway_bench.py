@@ -106,6 +106,18 @@ def smtp_source(port: int, sessions: int, messages: int, size: int) -> float:
     return time.perf_counter() - t0
 
 
+def read_banner(sock: socket.socket) -> bytes:
+    """Read up to the end of the first line; a connection closed before that raises
+    ConnectionError (a bare ``recv`` returning b"" forever would spin at 100% CPU)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(100)
+        if not chunk:
+            raise ConnectionError(f"connection closed before the banner (got {data!r})")
+        data += chunk
+    return data
+
+
 def idle_connections(port: int, pid: int, count: int) -> float:
     """KiB of RSS the proxy process gains per idle relayed SMTP session (banner received)."""
     time.sleep(0.5)
@@ -118,9 +130,7 @@ def idle_connections(port: int, pid: int, count: int) -> float:
             s.connect(("127.0.0.1", port))
             socks.append(s)
         for s in socks:  # every session is fully spliced: the sink's banner came through
-            data = b""
-            while not data.endswith(b"\r\n"):
-                data += s.recv(100)
+            read_banner(s)
         time.sleep(1.0)
         after = rss_kib(pid)
     finally:
