@@ -28,7 +28,7 @@ from backend.local import maildir
 from backend.config import BackendConfig
 from backend.metrics import BackendMetrics
 from backend.queue.model import DELIVERED, DEFERRED, Recipient
-from backend.queue.store import Queue
+from backend.queue.store import NEW_REMOTE, NEW_WORK, Queue
 from backend.queue.writer import QueueClosed
 from backend.reports import dmarc as dmarc_reports
 
@@ -133,8 +133,13 @@ class QueueRunner:
         self._wake_path: Path | None = None
         self.dmarc_rua = dmarc_reports.rua_addresses(config)  # mail to these is read as DMARC reports
 
-    def poke(self) -> None:
-        """Thread-safe wake-up (the queue's writer thread calls it after a commit)."""
+    def poke(self, what: str = NEW_WORK) -> None:
+        """Thread-safe wake-up (the queue's writer thread calls it after a commit). Work only remote
+        delivery can take does not wake a runner that would not claim it (remote delivery paused
+        or absent): claim_due and next_due_time would find nothing new, once per commit. Those
+        recipients are claimed when delivery resumes (the restart after the config change)."""
+        if what == NEW_REMOTE and self._local_only():
+            return
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.wakeup.set)

@@ -29,6 +29,11 @@ from backend.queue.writer import GroupCommitWriter, QueueClosed
 
 log = logging.getLogger("homemx.queue")
 
+# What a commit brought, passed to ``on_enqueued``: work only remote delivery can take (a runner
+# whose remote delivery is paused need not look), or anything else (local recipients, a retry).
+NEW_REMOTE = "remote"
+NEW_WORK = "any"
+
 
 class Queue:
     """The queue, stored in SQLite. Thread-safe; all methods block (call them from worker threads).
@@ -36,8 +41,8 @@ class Queue:
     What any store of the queue must provide (a PostgreSQL one would be a sibling class with the
     same methods and the records of backend/queue/model.py):
     - receiving: ``spool_large`` (make a large body durable first), ``enqueue`` (blocking) and
-      ``submit`` (a future), both durable before they return a queue id, ``on_enqueued`` called
-      after a commit that brought new work;
+      ``submit`` (a future), both durable before they return a queue id, ``on_enqueued(what)``
+      called after a commit that brought new work (NEW_REMOTE or NEW_WORK);
     - delivery: ``claim_due`` (plans the next attempt *before* the attempt), ``next_due_time``,
       ``content``, ``record_outcomes`` (outcomes and their DSNs in one commit), ``set_result``,
       ``mark_delay_dsn_sent``;
@@ -69,7 +74,7 @@ class Queue:
             schema.migrate(conn)
         self._closed = False
         # Listeners get told when new work is queued (the runner wakes up instead of polling).
-        self.on_enqueued: Callable[[], None] | None = None
+        self.on_enqueued: Callable[[str], None] | None = None
         # ... and when outcomes brought webhook events (backend/http/webhooks.py WebhookSender).
         self.on_webhook_events: Callable[[], None] | None = None
         # Without group commit (tests, the CLI), each write is its own transaction on the caller's thread.
@@ -113,13 +118,13 @@ class Queue:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write(self, op: Callable[[sqlite3.Connection, float], object], notify: bool = False) -> object:
+    def _write(self, op: Callable[[sqlite3.Connection, float], object], notify: str | None = None) -> object:
         if self._writer is None:
             if self._closed:
                 raise QueueClosed("the queue is closed")
             result = self._run_ops([op])[0]
             if notify:
-                self._notify()
+                self._notify(notify)
             return result
         return self._writer.submit(op, notify).result()
 
@@ -149,14 +154,14 @@ class Queue:
 
     def enqueue(self, msg: NewMessage) -> str:
         """Store a message durably and return its queue id. Returns only after the fsync."""
-        return self._write(self._insert_op(msg), notify=True)  # type: ignore[return-value]
+        return self._write(self._insert_op(msg), notify=_new_work(msg))  # type: ignore[return-value]
 
     def submit(self, msg: NewMessage) -> concurrent.futures.Future:
         """Hand a message to the group-commit writer without blocking; the future's result is the
         queue id, set once the message is durable (asyncio callers await ``asyncio.wrap_future``)."""
         if self._writer is None:
             raise RuntimeError("submit() needs the group-commit writer")
-        return self._writer.submit(self._insert_op(msg), notify=True)
+        return self._writer.submit(self._insert_op(msg), notify=_new_work(msg))
 
     @staticmethod
     def _insert_op(msg: NewMessage) -> Callable[[sqlite3.Connection, float], str]:
@@ -292,7 +297,7 @@ class Queue:
                 conn.execute("UPDATE message SET delay_dsn_sent = 1 WHERE id = ?", (delay_dsn_for,))
             return [insert(conn, now) for insert in inserts], events
 
-        qids, events = self._write(record, notify=bool(inserts))  # type: ignore[misc]
+        qids, events = self._write(record, notify=NEW_WORK if inserts else None)  # type: ignore[misc]
         if events and self.on_webhook_events is not None:
             try:
                 self.on_webhook_events()
@@ -419,9 +424,13 @@ class Queue:
         spool.unlink(self.spool_dir, spools)
         return cur.rowcount
 
-    def _notify(self) -> None:
+    def _notify(self, what: str = NEW_WORK) -> None:
         if self.on_enqueued is not None:
             try:
-                self.on_enqueued()
+                self.on_enqueued(what)
             except Exception:  # noqa: BLE001 - a wake-up must never fail a write
                 log.exception("on_enqueued callback failed")
+
+
+def _new_work(msg: NewMessage) -> str:
+    return NEW_WORK if any(r.local for r in msg.recipients) else NEW_REMOTE

@@ -37,10 +37,10 @@ class QueueClosed(QueueError):
 
 class GroupCommitWriter:
     """The writer thread. ``run_ops(ops)`` runs a list of operations in ONE transaction and returns
-    their results (raising leaves nothing written); ``notify()`` wakes the runner after a commit
-    that brought new work."""
+    their results (raising leaves nothing written); ``notify(what)`` wakes the runner after a commit
+    that brought new work, once per batch for each distinct ``what`` its operations were submitted with."""
 
-    def __init__(self, run_ops: Callable[[list[Op]], list], notify: Callable[[], None]):
+    def __init__(self, run_ops: Callable[[list[Op]], list], notify: Callable[[object], None]):
         self._run_ops = run_ops
         self._notify = notify
         self._pending: stdqueue.Queue = stdqueue.Queue()
@@ -53,8 +53,9 @@ class GroupCommitWriter:
         self._thread = threading.Thread(target=self._loop, name="queue-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, op: Op, notify: bool = False) -> concurrent.futures.Future:
-        """Hand ``op`` to the writer; ``notify``: wake the runner once it is committed (new work).
+    def submit(self, op: Op, notify: object = None) -> concurrent.futures.Future:
+        """Hand ``op`` to the writer; ``notify`` (when set): what new work it brings, passed to
+        ``notify()`` once it is committed.
         Raises QueueClosed at once when the writer takes no more work."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
@@ -146,12 +147,13 @@ class GroupCommitWriter:
                     continue
                 _settle(fut, result=result)
                 if notify:
-                    self._notify()
+                    self._notify(notify)
             return
         for (_, fut, _), result in zip(batch, results):
             _settle(fut, result=result)
-        if any(notify for _, _, notify in batch):
-            self._notify()
+        # One wake-up per batch and kind of work, not one per message (a batch holds up to MAX_BATCH).
+        for what in {notify for _, _, notify in batch if notify}:
+            self._notify(what)
 
 
 def _settle(fut: concurrent.futures.Future, result: object = None, exc: BaseException | None = None) -> None:

@@ -274,3 +274,47 @@ async def test_the_runner_stops_when_cancelled_as_a_wake_up_arrives(tmp_path):
             assert task in done and task.cancelled()
     finally:
         q.close()
+
+
+# ---------------------------------------------------------------- wake-ups that bring nothing to claim
+
+
+@pytest.mark.asyncio
+async def test_remote_only_mail_does_not_wake_a_runner_that_cannot_deliver_it(tmp_path):
+    """Issue 17: with remote delivery paused (or absent) the runner claims local recipients only,
+    so a commit of mail for remote recipients brings it nothing. It used to wake the runner for a
+    claim_due and next_due_time per commit (the writer's busiest hours: the B3 benchmark runs
+    paused). Three remote-only messages, then one for bob: bob's arrives in his Maildir, and the
+    runner made exactly two rounds (the first at start, one for bob's message)."""
+    from backend.config import load_config
+    from backend.metrics import BackendMetrics
+    from backend.queue.runner import QueueRunner
+
+    q = Queue(tmp_path / "q.db")
+    rounds = 0
+    asleep = asyncio.Event()
+
+    async def run_blocking(fn, *args):
+        nonlocal rounds
+        rounds += fn == q.claim_due
+        result = await asyncio.to_thread(fn, *args)
+        if fn == q.next_due_time:
+            asleep.set()
+        return result
+
+    cfg = load_config(write_config(tmp_path, listener_block("lan", "lan", **LAN)))
+    runner = QueueRunner(cfg, q, BackendMetrics(), run_blocking)  # no RemoteDelivery: local only
+    task = asyncio.create_task(runner.run())
+    try:
+        await asyncio.wait_for(asleep.wait(), 10)
+        remote = (NewRecipient("friend@remote.test", "friend@remote.test", False),)
+        for _ in range(3):
+            await asyncio.wrap_future(q.submit(NewMessage(ALICE, remote, b"Subject: r\r\n\r\nremote\r\n", "lan")))
+        local = (NewRecipient(BOB, BOB, True),)
+        await asyncio.wrap_future(q.submit(NewMessage(ALICE, local, f"Subject: l\r\n\r\n{MARKER}\r\n".encode(), "lan")))
+        await wait_for(lambda: maildir_files(tmp_path, BOB))
+        assert rounds == 2
+    finally:
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        q.close()
