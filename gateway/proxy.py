@@ -1,7 +1,7 @@
 """The edge proxy at work: listeners, per-connection admission and pre-greeting, the upstream dial with its PROXY v2 header, the two-way splice, and graceful drain.
 
-Every connection runs one handler task (plus one pump task while splicing); every phase has a
-deadline; the handler catches its own exceptions and logs them with its connection id, so one bad
+Every connection runs one handler task (a splice between two real sockets stays in that task; other
+streams, as in unit tests, get one extra pump task); every phase has a deadline; the handler catches its own exceptions and logs them with its connection id, so one bad
 connection never takes down another or the server.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import select
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -405,6 +407,8 @@ class Gateway:
         session; ``reset_is_close`` decides whether that was a normal end. ``last_from`` says which
         side spoke last before the splice began (the banner relayed by the pre-greeting).
         """
+        if isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
+            return await self._relay(cfg, conn, client.socket, upstream.socket, last_from)
         idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
         failed: str | None = None  # CLIENT or UPSTREAM: the side whose socket broke
         eof = {CLIENT: False, UPSTREAM: False}
@@ -453,6 +457,99 @@ class Gateway:
         if failed is None or reset_is_close(failed, eof, last_from, writing):
             return OUT_RELAYED
         return OUT_RESET
+
+    async def _relay(self, cfg: ListenerConfig, conn: _Conn, csock, usock, last_from: str | None) -> str:
+        """``_splice`` for two real sockets in this one task: the same rules (one chunk in flight
+        per direction, FIN becomes shutdown(SHUT_WR), shared idle deadline, ``reset_is_close``),
+        but one readiness wait covers both sockets through a per-connection epoll descriptor, and
+        reads and writes are non-blocking calls. A second pump task and its nursery cost about a
+        third of the memory of an idle relayed connection and a share of the CPU per session."""
+        fds = {CLIENT: csock.fileno(), UPSTREAM: usock.fileno()}
+        socks = {CLIENT: csock, UPSTREAM: usock}
+        other = {CLIENT: UPSTREAM, UPSTREAM: CLIENT}
+        # Bytes written to a side, counted as the kernel takes them (as send_all does).
+        counters = {UPSTREAM: self.metrics.bytes.labels(cfg.name, "client_to_upstream"),
+                    CLIENT: self.metrics.bytes.labels(cfg.name, "upstream_to_client")}
+        eof = {CLIENT: False, UPSTREAM: False}  # this side sent FIN
+        pending = {CLIENT: b"", UPSTREAM: b""}  # read from the other side, not yet written to this one
+        shut = {CLIENT: False, UPSTREAM: False}  # FIN passed on to this side
+        registered = {CLIENT: None, UPSTREAM: None}  # epoll mask, None = not registered
+        failed: str | None = None  # the side whose socket broke
+        size = cfg.buffer_size
+        deadline = trio.current_time() + cfg.idle_timeout
+        ep = select.epoll(2)
+        try:
+            while not (shut[CLIENT] and shut[UPSTREAM]):
+                progress = False
+                for src, dst in ((CLIENT, UPSTREAM), (UPSTREAM, CLIENT)):
+                    side = dst
+                    try:
+                        if pending[dst]:
+                            n = os.write(fds[dst], pending[dst])
+                            self._count(conn, counters[dst], dst, n)
+                            pending[dst] = pending[dst][n:]
+                            progress = True
+                        if pending[dst] or eof[src]:
+                            continue
+                        side = src
+                        data = os.read(fds[src], size)
+                        progress = True
+                        side = dst
+                        if not data:
+                            eof[src] = True
+                            socks[dst].shutdown(socket.SHUT_WR)
+                            shut[dst] = True
+                            continue
+                        last_from = src
+                        pending[dst] = data
+                        n = os.write(fds[dst], data)
+                        self._count(conn, counters[dst], dst, n)
+                        pending[dst] = data[n:]
+                    except BlockingIOError:
+                        pass
+                    except OSError:  # reset, broken pipe: nothing more can flow either way
+                        failed = side
+                        break
+                if failed is not None:
+                    break
+                if progress:
+                    deadline = trio.current_time() + cfg.idle_timeout
+                    continue
+                for s_ in (CLIENT, UPSTREAM):
+                    want = (0 if eof[s_] or pending[other[s_]] else select.EPOLLIN) | (
+                        select.EPOLLOUT if pending[s_] else 0)
+                    if want == registered[s_] or (want == 0 and registered[s_] is None):
+                        continue
+                    if registered[s_] is None:
+                        ep.register(fds[s_], want)
+                    else:
+                        ep.modify(fds[s_], want)
+                    registered[s_] = want
+                with trio.move_on_at(deadline) as idle:
+                    await trio.lowlevel.wait_readable(ep.fileno())
+                if idle.cancelled_caught:
+                    return OUT_IDLE
+                for fd, events in ep.poll(0):
+                    s_ = CLIENT if fd == fds[CLIENT] else UPSTREAM
+                    if registered[s_] == 0 and events & (select.EPOLLERR | select.EPOLLHUP):
+                        # HUP/ERR are reported even with no interest: a side we neither read nor
+                        # write (until the other side sends) must not wake this loop forever.
+                        ep.unregister(fd)
+                        registered[s_] = None
+        finally:
+            ep.close()
+        writing = {CLIENT: bool(pending[CLIENT]), UPSTREAM: bool(pending[UPSTREAM])}
+        if failed is None or reset_is_close(failed, eof, last_from, writing):
+            return OUT_RELAYED
+        return OUT_RESET
+
+    @staticmethod
+    def _count(conn: _Conn, counter, dst: str, n: int) -> None:
+        counter.inc(n)
+        if dst == UPSTREAM:
+            conn.up += n
+        else:
+            conn.down += n
 
     async def _reply_and_close(self, client, data: bytes) -> None:
         """Write one reply, send FIN, and briefly drain the client so unread input does not turn
