@@ -46,11 +46,12 @@ from typing import Awaitable, Callable, Sequence
 import dkim as dkimpy
 import dns.exception
 import dns.name
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError, Relaxed, strip_trailing_lines
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError, Relaxed
 from dkim.crypto import HASH_ALGORITHMS
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from backend.auth.results import DKIMVerdict
+from backend.dkim.canon import BODY_SLICE, canonical_body  # noqa: F401  (BODY_SLICE: part of this API)
 from backend.dns.lookup import DNSTempError
 
 # A message may carry any number of signatures, and each costs a key lookup and a hash of the whole
@@ -76,14 +77,6 @@ DKIMPY_LOG.propagate = False
 _FIELD_NAME_RE = re.compile(rb"([\x21-\x7e]+?):")
 _HEADER_END_RE = re.compile(rb"\r?\n\r?\n")
 _WSP_RE = re.compile(rb"\s+")
-_LINE_END_RE = re.compile(rb"\r?\n")
-_TRAILING_WSP_RE = re.compile(rb"[\t ]+\r\n")
-# Only WSP runs that are not already one space change (RFC 6376 3.4.4); dkimpy's "[\t ]+" rewrites
-# every single space and takes twice as long (the signer, backend/dkim/sign.py, does the same).
-_WSP_RUN_NOT_SINGLE_SPACE_RE = re.compile(rb"\t[\t ]*| [\t ]+")
-# Body canonicalisation slice (see canonical_body): each regex call on a slice of text holds the
-# GIL for a few milliseconds at most.
-BODY_SLICE = 256 * 1024
 
 RunBlocking = Callable[..., Awaitable]
 
@@ -246,31 +239,6 @@ def split_message(message: bytes) -> tuple[bytes, bytes]:
     if m is None:
         return message + b"\r\n\r\n", b""
     return message[: m.start()] + b"\r\n\r\n", message[m.end() :]
-
-
-def canonical_body(body: bytes, relaxed: bool, slice_size: int = BODY_SLICE) -> bytes:
-    """RFC 6376 3.4.3 (simple) or 3.4.4 (relaxed) canonical form of a body as received (CRLF or
-    bare LF line ends), byte for byte what dkimpy's ``rfc822_parse`` and Simple/Relaxed give.
-
-    Done in slices cut after a LF: every step is line-local except dropping the trailing empty
-    lines, done once at the end. Between slices the event loop's thread gets the GIL back, where
-    one regex call over a 25 MB body would hold it (and stall the loop) for most of a second.
-    """
-    crlf = body.count(b"\n") == body.count(b"\r\n")
-    parts = []
-    start = 0
-    while start < len(body):
-        end = body.find(b"\n", start + slice_size)
-        end = len(body) if end < 0 else end + 1
-        part = body[start:end]
-        if not crlf:
-            part = _LINE_END_RE.sub(b"\r\n", part)  # as dkimpy: lines split on CR? LF, joined with CRLF
-        if relaxed:
-            part = _WSP_RUN_NOT_SINGLE_SPACE_RE.sub(b" ", _TRAILING_WSP_RE.sub(b"\r\n", part))
-        parts.append(part)
-        start = end
-    out = strip_trailing_lines(b"".join(parts))
-    return b"" if relaxed and out == b"\r\n" else out  # RFC 6376 3.4.4: an empty body stays empty
 
 
 def body_hash_matches(sig: dict[bytes, bytes], body: bytes, canonical: dict[bool, bytes]) -> tuple[bool, int]:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import dkim as _dkimpy
-from dkim.canonicalization import CanonicalizationPolicy, Relaxed, strip_trailing_lines, strip_trailing_whitespace
+from dkim.canonicalization import CanonicalizationPolicy, Relaxed
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from backend.dkim.canon import body_digest
 from backend.dkim.keys import DKIMKeyLike, LoadedKey, load_key
 from backend.smtp.message import crlf_canonical, from_addresses, split_header
 
@@ -44,12 +45,12 @@ OVERSIGNED_HEADERS = ("from",)
 # Theory of operation. dkimpy's DKIM.sign() canonicalises the body, builds the tag list, folds
 # it, hashes the canonical headers (hash_headers) and signs the digest. Two of those steps are
 # slow in pure Python: the RSA private-key operation (dkimpy's own bignum arithmetic, ~9 ms) and
-# relaxed body canonicalisation (re.sub(b"[\t ]+", b" ") rewrites every single space of a text
-# body: about half of the cost of signing a 1 MB message). ``_signature`` below is DKIM.sign()
-# for our fixed parameters (no l=, i=@d), written against dkimpy's lower-level pieces (the
+# body canonicalisation (dkimpy splits the whole message into lines, and its relaxed
+# re.sub(b"[\t ]+", b" ") stops at every single space of a text body). ``_signature`` below is
+# DKIM.sign() for our fixed parameters (no l=, i=@d), written against dkimpy's lower-level pieces (the
 # parsed ``headers``/``body``, ``fold``, ``RE_BTAG``, ``hash_headers``), with
-#   - the body canonicalised by ``_relaxed_body`` (only WSP runs that are not already one space
-#     are rewritten), and
+#   - the body canonicalised and hashed slice by slice by backend/dkim/canon.py (bytes-level
+#     operations; only WSP runs that are not already one space are rewritten), and
 #   - the digest signed by ``cryptography``: RSASSA-PKCS1-v1_5 (RFC 8017 8.2.1) through OpenSSL,
 #     Ed25519 (RFC 8032, what PyNaCl does for dkimpy).
 # Both signature schemes are deterministic, so the output is byte for byte what dkimpy's sign()
@@ -57,20 +58,6 @@ OVERSIGNED_HEADERS = ("from",)
 # These names are dkimpy internals: pyproject.toml pins dkimpy to the minor version tested.
 
 _HEADER_NAME = b"DKIM-Signature"
-_WSP_RUN_NOT_SINGLE_SPACE = re.compile(rb"\t[\t ]*| [\t ]+")
-
-
-def _relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4 relaxed body canonicalisation, byte-identical to dkimpy's Relaxed."""
-    body = _WSP_RUN_NOT_SINGLE_SPACE.sub(b" ", strip_trailing_whitespace(body))
-    body = strip_trailing_lines(body)
-    return b"" if body == b"\r\n" else body  # RFC 6376 3.4.4: an empty body canonicalises to nothing
-
-
-def _canonical_body(policy: CanonicalizationPolicy, body: bytes) -> bytes:
-    if policy.body_algorithm is Relaxed:
-        return _relaxed_body(body)
-    return policy.canonicalize_body(body)
 
 
 def _raw_signature(key: LoadedKey, digest: bytes) -> bytes:
@@ -93,7 +80,7 @@ def _signature(
     """
     policy = CanonicalizationPolicy.from_c_value(b"/".join(canonicalize))
     if body_hash is None:
-        body_hash = base64.b64encode(hashlib.sha256(_canonical_body(policy, parsed.body)).digest())
+        body_hash = base64.b64encode(body_digest(parsed.body, policy.body_algorithm is Relaxed))
     domain = key.domain.encode("ascii")
     fields = [
         (b"v", b"1"),
@@ -211,16 +198,20 @@ def make_signatures(
     include = headers_to_sign(message)
     if b"from" not in include[:-1]:
         raise ValueError("message has no From header: RFC 6376 5.4 requires From to be signed")
-    # One dkimpy object per call (never shared between threads): it parses the message once; the
-    # body is canonicalised and hashed once, every key signs that same bh=.
-    parsed = _dkimpy.DKIM(message, linesep=b"\r\n")
-    body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(parsed.body)).digest())
+    # One dkimpy object per call (never shared between threads); the body is canonicalised and
+    # hashed once, every key signs that same bh=. dkimpy parses only the header block: its
+    # rfc822_parse splits the whole message into lines (a regex pass and a list of lines for a
+    # 1 MB body). The body of a CRLF-canonical message is exactly the bytes after the blank line,
+    # what rfc822_parse would rejoin, and has CRLF line ends only.
+    header, body = split_header(message)
+    parsed = _dkimpy.DKIM(header, linesep=b"\r\n")
+    body_hash = base64.b64encode(body_digest(body, relaxed=True, crlf=True))
     signatures = []
     for entry in chosen:
         loaded = load_key(entry)
         if not _fast_rsa and loaded.algorithm == "rsa":
-            # Benchmark hook: dkimpy's own sign(), pure-Python RSA from the PEM bytes.
-            signatures.append(parsed.sign(
+            # Benchmark hook: dkimpy's own sign() on its own parse, pure-Python RSA from the PEM bytes.
+            signatures.append(_dkimpy.DKIM(message, linesep=b"\r\n").sign(
                 loaded.selector.encode("ascii"), loaded.domain.encode("ascii"), Path(entry.private_key).read_bytes(),
                 signature_algorithm=b"rsa-sha256", canonicalize=(b"relaxed", b"relaxed"), include_headers=include,
             ))  # fmt: skip

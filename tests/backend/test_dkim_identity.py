@@ -38,6 +38,11 @@ CORPUS = {
     "no final CRLF": HEAD + b"\r\nlast line without CRLF",
     "8bit": HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n\xc3\xa9t\xc3\xa9  \xe2\x82\xac\r\n",
     "long lines": HEAD + b"\r\n" + (b"word " * 180 + b"\r\n") * 3,
+    # Over 1 MB: several canonicalisation slices (backend/dkim/canon.py), cut inside runs of
+    # whitespace and of empty lines; ends in empty lines held back across a slice boundary.
+    "1 MB mixed": HEAD + b"\r\n" + (
+        b"word  \t " * 900 + b" \t \r\n" + b"bare LF line \t\n" + b"\r\n" * 40 + b"x\r\n \t\r\n"
+    ) * 140 + b"\r\n" * 70000 + b"\n\n \r\n",
 }
 
 
