@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import resource
 import select
 import socket
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ UPSTREAM = "upstream"
 REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is not waited for
 LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
 LINGER_DISCARD = 65536
+NOFILE_RESERVE = 256  # descriptors kept for listeners, logs, the metrics endpoint, DNS
 
 Connector = Callable[[tuple[str, int]], Awaitable[trio.abc.HalfCloseableStream]]
 
@@ -139,6 +141,12 @@ class Gateway:
                 clock=trio.current_time,
             )
         self.dnsbl = dnsbl
+        # The one-task relay holds a third descriptor per session (its epoll): use it only when
+        # max_connections sessions of three descriptors each fit under the open-files limit, so
+        # it never starves accept() of descriptors; otherwise the two-pump splice (two each).
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.one_task_relay = nofile == resource.RLIM_INFINITY or (
+            3 * config.limits.max_connections + NOFILE_RESERVE <= nofile)
         self._ids = itertools.count(1)
         self._drain = trio.Event()
         self.metrics_address: tuple[str, int] | None = None
@@ -407,7 +415,7 @@ class Gateway:
         session; ``reset_is_close`` decides whether that was a normal end. ``last_from`` says which
         side spoke last before the splice began (the banner relayed by the pre-greeting).
         """
-        if isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
+        if self.one_task_relay and isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
             return await self._relay(cfg, conn, client.socket, upstream.socket, last_from)
         idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
         failed: str | None = None  # CLIENT or UPSTREAM: the side whose socket broke
