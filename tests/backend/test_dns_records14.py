@@ -4,14 +4,13 @@ over real loopback HTTPS; the certificates on 465 and 993 checked over real TLS 
 
 The "gateway" is 127.0.0.1 ([gateway] public_ipv4), so every name resolves to loopback and every
 connection stays there; the public ports (443, 465, 993) are mapped to the test's own listeners
-through ConnectOptions.ports. Certificates come from a throwaway CA written here (leaf lifetimes
-in days are what the expiry checks are about), trusted through ConnectOptions.ca_file.
+through ConnectOptions.ports. Certificates come from a throwaway CA (tests/lab/delivery.py LabCA; leaf
+lifetimes in days are what the expiry checks are about), trusted through ConnectOptions.ca_file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import socket
 import ssl
 import threading
@@ -19,10 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from backend.config import load_config
 from backend.dkim import keys as dkim_keys
@@ -31,6 +26,7 @@ from backend.dns.lookup import DNSLookup
 from backend.dns.records import mta_sts_id, mta_sts_policy, render_ptr_records, render_records
 from tests.backend.helpers import write_cert
 from tests.conftest import require_tool
+from tests.lab.delivery import LabCA
 from tests.lab.nsd import NSD, reverse_zone_name, zone_text
 from tests.lab.ports import free_port
 
@@ -38,64 +34,6 @@ GW = "127.0.0.1"
 HOST = "mail.example.org"
 DOMAIN = "example.org"
 POLICY_NAME = "MTA-STS policy example.org"
-
-
-# ---------------------------------------------------------------- a CA whose leaves have a chosen lifetime
-
-
-class TestCA:
-    """A throwaway CA; ``context(names, days)`` is a server context with a leaf for ``names``
-    valid for ``days`` more days (negative: expired that long ago)."""
-
-    __test__ = False  # not a test class
-
-    def __init__(self, directory: Path):
-        self.dir = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "homemx dns-check test CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=30))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.ca_file = directory / "ca.pem"
-        self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-        self.serial = 0
-
-    def context(self, names: list[str], days: float = 90) -> ssl.SSLContext:
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        after = now + datetime.timedelta(days=days)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(min(now, after) - datetime.timedelta(days=20))
-            .not_valid_after(after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.serial += 1
-        cert_path, key_path = self.dir / f"leaf{self.serial}.crt", self.dir / f"leaf{self.serial}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(cert_path, key_path)
-        return ctx
 
 
 # ---------------------------------------------------------------- real TLS listeners on loopback
@@ -223,12 +161,12 @@ class Lab:
         self.records = render_records(self.config)
         self.ptr = render_ptr_records(self.config)
         self.ns = NSD(zones_from(self.records, self.ptr), address="127.0.0.1", port=port)
-        self.ca = TestCA(tmp)
+        self.ca = LabCA(tmp)
         self.policy = mta_sts_policy(self.config, DOMAIN)
         names = [HOST, f"mta-sts.{DOMAIN}", f"autoconfig.{DOMAIN}"]
-        self.https = TLSListener(self.ca.context(names), body=lambda: self.policy)
-        self.smtps = TLSListener(self.ca.context(names))
-        self.imaps = TLSListener(self.ca.context([HOST]))
+        self.https = TLSListener(self.ca.server_context(*names, days=90), body=lambda: self.policy)
+        self.smtps = TLSListener(self.ca.server_context(*names, days=90))
+        self.imaps = TLSListener(self.ca.server_context(HOST, days=90))
 
     def serve(self, records: str | None = None, extra: str = "") -> None:
         self.ns.reload(zones_from(self.records if records is None else records, self.ptr, extra))
@@ -389,8 +327,8 @@ def test_policy_mx_not_covering_our_host_fails(fresh):
 
 def test_policy_behind_an_untrusted_certificate_fails(fresh):
     (fresh.tmp / "other-ca").mkdir(exist_ok=True)
-    other = TestCA(fresh.tmp / "other-ca")
-    server = TLSListener(other.context([f"mta-sts.{DOMAIN}"]), body=lambda: fresh.policy)
+    other = LabCA(fresh.tmp / "other-ca")
+    server = TLSListener(other.server_context(f"mta-sts.{DOMAIN}", days=90), body=lambda: fresh.policy)
     try:
         report, failed = fresh.check(fresh.options(p443=server.port))
     finally:
@@ -409,7 +347,7 @@ def test_policy_behind_an_untrusted_certificate_fails(fresh):
     ([HOST], 10, True, True, "renewal is overdue"),
 ])  # fmt: skip
 def test_certificate_on_465_names_and_days_left(fresh, names, days, ok, warn, words):
-    server = TLSListener(fresh.ca.context(names, days))
+    server = TLSListener(fresh.ca.server_context(*names, days=days))
     try:
         report, failed = fresh.check(fresh.options(p465=server.port))
     finally:

@@ -60,17 +60,20 @@ class LabCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, *more: str) -> tuple[Path, Path]:
+    def issue(self, name: str, *more: str, days: float = 1) -> tuple[Path, Path]:
+        """A leaf for ``name`` (and ``more``) valid for ``days`` more days (negative: expired that
+        long ago)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
+        after = now + datetime.timedelta(days=days)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(min(now, after) - datetime.timedelta(hours=1))
+            .not_valid_after(after)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in (name, *more)]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
@@ -86,8 +89,8 @@ class LabCA:
         key_path.chmod(0o600)
         return cert_path, key_path
 
-    def server_context(self, name: str, *more: str) -> ssl.SSLContext:
-        cert, key = self.issue(name, *more)
+    def server_context(self, name: str, *more: str, days: float = 1) -> ssl.SSLContext:
+        cert, key = self.issue(name, *more, days=days)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         return ctx
