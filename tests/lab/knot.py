@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Mapping
 
 from tests.lab.ports import free_port
-from tests.lab.process import stop_session
+from tests.lab.nsd import server_resolver
+from tests.lab.process import LabDaemon, stop_session
 
 KNOTD_BIN = "/usr/sbin/knotd"
 DIG_BIN = "dig"
@@ -34,7 +35,7 @@ class KnotError(Exception):
     """knotd did not start; the message carries its output."""
 
 
-class Knot:
+class Knot(LabDaemon):
     def __init__(self, zones: Mapping[str, str], *, address: str = "127.0.0.1"):
         self.zones = dict(zones)
         self.address = address
@@ -124,23 +125,6 @@ class Knot:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Knot":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def resolver(self, timeout: float = 3.0):
-        import dns.resolver
-
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers = [self.address]
-        r.port = self.port
-        r.timeout = r.lifetime = timeout
-        r.cache = None
-        return r
+        return server_resolver(self.address, self.port, timeout)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from tests.lab.ports import free_port
+from tests.lab.process import LabDaemon
 
 NSD_BIN = "/usr/sbin/nsd"
 NSD_CHECKZONE_BIN = "/usr/sbin/nsd-checkzone"
@@ -77,7 +78,20 @@ def reverse_zone_name(address: str) -> str:
     return ".".join(labels[1:] if ip.version == 4 else labels[16:])
 
 
-class NSD:
+def server_resolver(address: str, port: int, timeout: float = 3.0):
+    """A dnspython resolver that asks only the DNS server at ``address``:``port``, without a cache
+    (tests change zones and must see the new answers)."""
+    import dns.resolver
+
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = [address]
+    r.port = port
+    r.timeout = r.lifetime = timeout
+    r.cache = None
+    return r
+
+
+class NSD(LabDaemon):
     """One nsd instance with its own working directory; a context manager that always stops it."""
 
     def __init__(
@@ -220,27 +234,9 @@ class NSD:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "NSD":
-        if self.proc is None:
-            try:
-                self.start()
-            except BaseException:
-                self.close()
-                raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------ clients
 
     def resolver(self, timeout: float = 3.0):
         """A dnspython resolver that asks only this server (from the current namespace)."""
-        import dns.resolver
-
-        r = dns.resolver.Resolver(configure=False)
-        r.nameservers = [self.address]
-        r.port = self.port
-        r.timeout = r.lifetime = timeout
-        r.cache = None
-        return r
+        return server_resolver(self.address, self.port, timeout)

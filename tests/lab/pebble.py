@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.lab.ports import free_port
-from tests.lab.process import stop_session
+from tests.lab.process import LabDaemon, stop_session
 
 PEBBLE_BIN = "/usr/bin/pebble"
 READY_TIMEOUT = 20.0
@@ -92,7 +92,7 @@ def _tls_pair(address: str) -> tuple[bytes, bytes, bytes]:
     return ca.public_bytes(pem), leaf.public_bytes(pem), key_pem
 
 
-class Pebble:
+class Pebble(LabDaemon):
     """One Pebble with its own working directory; a context manager that always stops it."""
 
     def __init__(
@@ -227,13 +227,3 @@ class Pebble:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Pebble":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,3 +22,23 @@ def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+class LabDaemon:
+    """``with`` for a test daemon that has ``start()``, ``close()`` and ``proc`` (None while not
+    running): enter starts it unless it runs already, and a failed start is cleaned up before the
+    error goes on; exit always closes it."""
+
+    proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        if self.proc is None:
+            try:
+                self.start()
+            except BaseException:
+                self.close()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

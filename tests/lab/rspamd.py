@@ -52,7 +52,7 @@ import dns.rcode
 
 from backend.auth.rspamd import rspamd_local_config
 from tests.lab.ports import free_port
-from tests.lab.process import stop_session
+from tests.lab.process import LabDaemon, stop_session
 
 RSPAMD_BIN = "/usr/bin/rspamd"
 RSPAMC_BIN = "/usr/bin/rspamc"
@@ -185,7 +185,7 @@ class RedisServer:
         stop_session(self.proc, grace=10)
 
 
-class Rspamd:
+class Rspamd(LabDaemon):
     """One rspamd instance with its own directories and ports; a context manager that always stops it
     (and its own RefusingDNS and RedisServer)."""
 
@@ -346,17 +346,6 @@ class Rspamd:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "Rspamd":
-        if self.proc is None:
-            try:
-                self.start()
-            except BaseException:
-                self.close()
-                raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------ clients
 
