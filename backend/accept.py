@@ -117,11 +117,12 @@ class Acceptor:
         content, prefix, folder = m.content, self.received_header(m, qid), None
         if self.checks is not None:
             verify = m.kind == MX and self.config.auth.enabled
-            if verify or self.checks.scans(m.listener, m.kind):
+            scan = self.checks.scans(m.listener, m.kind)
+            if verify or scan:
                 env = Envelope(m.listener, m.client_addr, m.helo, m.sender,
                                tuple(r.address for r in m.recipients), m.auth_user, qid)
                 try:
-                    out = await self.checks.check(env, header, m.content, verify=verify)
+                    out = await self.checks.check(env, header, m.content, verify=verify, scan=scan)
                 except Exception as e:  # noqa: BLE001 - a bug in a check: 451 (the sender retries), never a lost message
                     log.error("conn=%s inbound checks failed: %s: %s", m.conn_id, type(e).__name__, e, exc_info=e)
                     raise Refused(R.R451_LOCAL_ERROR, "local_error") from e

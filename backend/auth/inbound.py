@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from backend.auth import headers as H
 from backend.auth.arc import verify_arc
 from backend.auth.dkim import verify_dkim
 from backend.auth.dmarc import MultipleFrom, evaluate_dmarc, from_domain_of
-from backend.auth.results import ARCVerdict, DMARCVerdict, Envelope, SpamVerdict, SPFVerdict
+from backend.auth.results import ARCVerdict, DMARCVerdict, Envelope, SPFVerdict
 from backend.auth.rspamd import RspamdClient, is_junk, smtp_reply_for
 from backend.auth.spf import verify_spf
 from backend.config import BackendConfig
@@ -48,10 +48,6 @@ class Outcome:
     prepend: bytes = b""
     header: bytes | None = None
     folder: str | None = None
-    spf: tuple[SPFVerdict, ...] = ()
-    dmarc: DMARCVerdict | None = None
-    spam: SpamVerdict | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 class InboundChecks:
@@ -79,21 +75,22 @@ class InboundChecks:
         if self.rspamd is not None:
             await self.rspamd.close()
 
-    async def check(self, env: Envelope, header: bytes, message: bytes, verify: bool = True) -> Outcome:
+    async def check(self, env: Envelope, header: bytes, message: bytes, verify: bool = True,
+                    scan: bool = True) -> Outcome:
         """Run the checks on ``message`` (CRLF, as received; ``header`` its header block).
-        ``verify`` False: only the spam filter (a listener whose mail is our own)."""
+        ``verify``: SPF/DKIM/ARC/DMARC (mx); ``scan``: rspamd, when configured (the caller asks
+        ``scans`` once per message: a listener named, or of a kind named, in scan_listeners)."""
         out = Outcome()
         if verify:
             stripped, removed = H.strip_untrusted(header, self.authserv_id)
             if removed:
                 out.header = stripped
-                out.notes.append(f"removed {removed} forged field(s)")
                 self.metrics.auth_forged_fields_removed.inc(removed)
             ar = await self._verify(env, header, message, out)
             if out.refuse:
                 return out
             out.prepend += ar
-        if self.rspamd is not None and self.scans(env.listener, "mx" if verify else ""):
+        if scan and self.rspamd is not None:
             await self._scan(env, out.prepend + message, out)
         return out
 
@@ -137,7 +134,6 @@ class InboundChecks:
                 ),
                 DMARCVerdict("temperror", from_domain, reason="timed out"),
             )
-        out.spf, out.dmarc = tuple(spf), dmarc
         self._count(spf, dkim, dmarc, arc)
         self.metrics.auth_seconds.observe(time.monotonic() - started)
         if dmarc is not None and dmarc.result != "pass":
@@ -168,7 +164,6 @@ class InboundChecks:
             message, ip=env.client_ip, helo=env.helo, sender=env.sender, recipients=env.recipients,
             user=env.auth_user, queue_id=env.queue_id, hostname=None,  # rspamd resolves the client's name itself
         )
-        out.spam = verdict
         reply = smtp_reply_for(verdict)
         if reply is not None:
             out.refuse = (reply, "spam_" + verdict.action.replace(" ", "_"))

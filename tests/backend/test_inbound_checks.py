@@ -223,3 +223,23 @@ async def test_dns_down_gives_temperror_results_and_the_message_is_accepted(tmp_
         [got] = await wait_for(lambda: folder_files(b, ALICE, None))
         ar = ar_of(got.replace(b"\n", b"\r\n"))
         assert "spf=temperror" in ar and "dmarc=temperror" in ar, ar
+
+
+@pytest.mark.asyncio
+async def test_scan_listeners_by_kind_scans_a_lan_listener_whatever_its_name(tmp_path):
+    """[rspamd] scan_listeners names listeners or kinds: a lan listener called "homelab" is scanned
+    when "lan" is listed (GTUBE refused), though its mail is never SPF/DMARC-checked."""
+    from tests.lab.rspamd import GTUBE_REJECT, Rspamd
+
+    with Rspamd() as rs:
+        cfg = write_config(tmp_path, listener_block("homelab", "lan", trusted_networks=["127.0.0.0/8"]),
+                           extra=f'[rspamd]\nurl = "{rs.url}"\nscan_listeners = ["lan"]\n')
+        async with running_backend(cfg) as b:
+            c = await session(b.bound_port("homelab"), "nas.lan")
+            try:
+                reply = await transaction(c, "nas@example.org", [ALICE],
+                                          message("NAS <nas@example.org>", "gtube") + GTUBE_REJECT + b"\r\n")
+            finally:
+                c.close()
+            assert reply.startswith("550 5.7.1"), reply
+            assert stored(b) == []
