@@ -91,7 +91,9 @@ class InboundChecks:
                 return out
             out.prepend += ar
         if scan and self.rspamd is not None:
-            await self._scan(env, out.prepend + message, out)
+            # rspamd sees the message as it will be stored: our fields on top, forged ones gone.
+            stored = message if out.header is None else out.header + message[len(header):]
+            await self._scan(env, out.prepend + stored, out)
         return out
 
     async def _verify(self, env: Envelope, header: bytes, message: bytes, out: Outcome) -> bytes:
