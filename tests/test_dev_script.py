@@ -50,3 +50,46 @@ def test_a_failed_install_still_restores_the_policy_and_undoes_the_enable(tmp_pa
     assert r.returncode == 3
     assert not (tmp_path / "policy-rc.d").exists()  # there was none before
     assert list((tmp_path / "system" / "multi-user.target.wants").iterdir()) == []
+
+
+def run_dev(tmp_path: Path, verb: str) -> tuple[subprocess.CompletedProcess, list[str], list[str]]:
+    """``dev VERB`` for real in bash on a copy of the script (its own root, no venv), with the system
+    tools it may call replaced by recorders: which packages it asks apt-get for, and whether anything
+    tried to stop, restart or signal a service. python3 fails, so the run ends after the system step."""
+    root, bin_, log = tmp_path / "root", tmp_path / "bin", tmp_path / "calls.log"
+    root.mkdir()
+    bin_.mkdir()
+    (root / "dev").write_text(DEV.read_text())
+    recorder = '#!/bin/sh\necho "$(basename "$0") $*" >> {log}\n{tail}\n'
+    stubs = {"dpkg-query": "exit 1",  # nothing is installed
+             "apt-get": '[ "$1" != install ] || [ "$("$DEV_POLICY_RC" start 2>/dev/null; echo $?)" = 101 ]'
+                        ' || echo "apt-get without policy" >> {log}',
+             "debconf-set-selections": "cat >/dev/null", "python3": "exit 1",
+             "service": "", "systemctl": "", "invoke-rc.d": "", "pkill": "", "killall": "", "kill": ""}
+    for name, tail in stubs.items():
+        p = bin_ / name
+        p.write_text(recorder.format(log=log, tail=tail.format(log=log)))
+        p.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_}:/usr/bin:/bin", DEV_POLICY_RC=str(tmp_path / "policy-rc.d"),
+               DEV_SYSTEMD_DIR=str(tmp_path / "system"))
+    r = subprocess.run(["bash", str(root / "dev"), verb], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    calls = log.read_text().splitlines() if log.exists() else []
+    installs = [c.split()[-len(c.split()) + 1:] for c in calls if c.startswith("apt-get install")]
+    return r, calls, [pkg for args in installs for pkg in args if not pkg.startswith("-")][1:]
+
+
+def test_demo_installs_only_python3_venv_and_touches_no_service(tmp_path):
+    r, calls, packages = run_dev(tmp_path, "demo")
+    assert "python3 -m venv failed" in r.stderr  # it got past the system step and stopped where we made it
+    assert packages == ["python3-venv"], calls
+    assert not [c for c in calls if c.split()[0] in ("service", "systemctl", "invoke-rc.d", "pkill", "killall", "kill")]
+    assert "apt-get without policy" not in calls
+
+
+def test_setup_installs_its_packages_with_starts_forbidden_and_stops_nothing(tmp_path):
+    r, calls, packages = run_dev(tmp_path, "setup")
+    assert "python3 -m venv failed" in r.stderr
+    assert {"postfix", "dovecot-imapd", "nsd", "haproxy", "openssh-server", "rspamd"} <= set(packages), calls
+    assert not [c for c in calls if c.split()[0] in ("service", "systemctl", "invoke-rc.d", "pkill", "killall", "kill")]
+    assert "apt-get without policy" not in calls
+    assert not (tmp_path / "policy-rc.d").exists()  # the temporary policy is gone again
