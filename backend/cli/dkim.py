@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     k.add_argument(
         "--selector",
         type=_selector,
-        help="selector (s=); with --algorithm both, SELECTOR-rsa and SELECTOR-ed25519. "
+        help="selector (s=); with --algorithm both, SELECTOR-rsa and SELECTOR-ed25519; when taken in --dir, "
+        "the next free one (SELECTOR-2, SELECTOR-3, ...). "
         "Default: dated, e.g. rsa2025a / ed2025a, then rsa2025b / ed2025b at the next rotation",
     )
     k.add_argument("--algorithm", choices=("rsa", "ed25519", "both"), default="both", help="default: both")
@@ -55,10 +56,9 @@ def cmd_keygen(args) -> int:
         if args.selector is None:
             # Rotation is a new key under a new selector (docs/dkim.md): the next free dated one.
             selectors = dkim_keys.free_default_selectors(args.domain, algorithms, args.dir)
-        elif len(algorithms) > 1:
-            selectors = {alg: f"{args.selector}-{alg}" for alg in algorithms}
         else:
-            selectors = {algorithms[0]: args.selector}
+            # An existing selector is never overwritten nor reused: the next free one (S-2, S-3, ...).
+            selectors = dkim_keys.free_named_selectors(args.domain, args.selector, algorithms, args.dir)
         for alg in algorithms:
             generated.append(dkim_keys.generate_key(args.domain, selectors[alg], alg, args.dir))
     except (FileExistsError, OSError) as e:
@@ -78,4 +78,8 @@ def cmd_keygen(args) -> int:
         print()
     for g in generated:
         print(f"wrote {g.path} (mode 0600)", file=sys.stderr)
+    asked = args.selector and (args.selector if len(algorithms) == 1 else f"{args.selector}-{algorithms[0]}")
+    taken = f" ({args.selector!r} was taken in {args.dir})" if asked and generated[0].selector != asked else ""
+    print(f"created selector{'s' if len(generated) > 1 else ''} {', '.join(g.selector for g in generated)} "
+          f"for {args.domain}{taken}", file=sys.stderr)
     return 0

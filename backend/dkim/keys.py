@@ -209,6 +209,26 @@ def free_default_selectors(
     raise FileExistsError(f"{directory}: every dated selector of the year is taken for {domain}: choose one with --selector")
 
 
+def free_named_selectors(
+    domain: str, base: str, algorithms: Sequence[str], directory: str | os.PathLike[str]
+) -> dict[str, str]:
+    """{algorithm: selector} for new keys under an operator-chosen selector ``base``: ``base`` itself
+    (``base-rsa``/``base-ed25519`` for several algorithms), else the first of ``base-2``, ``base-3``, ...
+    whose key files are not in ``directory`` yet. A selector is never reused for a new key (a
+    receiver may have cached the old record), so a second keygen moves on instead of failing."""
+
+    def named(stem: str) -> dict[str, str]:
+        return {alg: f"{stem}-{alg}" if len(algorithms) > 1 else stem for alg in algorithms}
+
+    for n in range(1, 1000):
+        chosen = named(base if n == 1 else f"{base}-{n}")
+        if any(len(sel) > 63 for sel in chosen.values()):
+            break  # RFC 1035 2.3.4: a label of at most 63 octets
+        if not any(key_file(directory, domain, sel, alg).exists() for alg, sel in chosen.items()):
+            return chosen
+    raise FileExistsError(f"{directory}: no free selector left after {base!r} for {domain}: choose another --selector")
+
+
 def generate_key(domain: str, selector: str, algorithm: str, directory: str | os.PathLike[str]) -> GeneratedKey:
     """Generate a private key into DIRECTORY/DOMAIN.SELECTOR.{rsa.pem,ed25519} (0600) and return its TXT record.
 

@@ -155,8 +155,29 @@ def test_keygen_writes_0600_keys_and_prints_matching_records(tmp_path, capsys):
         assert rec.public_key == dkim_keys.public_key_bytes(dkim_keys.load_private_key(f, alg))
         assert all(len(s) <= 255 for s in re.findall(r'"([^"]*)"', line))
     assert f'private_key = "{files[1]}"' in out
-    # A second run with the same selector never overwrites a key.
-    assert run_dkim_cli(["dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--dir", str(tmp_path)]) == 1
+
+
+def test_keygen_twice_with_one_selector_makes_the_next_free_selector(tmp_path, capsys):
+    """Issue 15 (9): a taken selector is neither overwritten nor an error: the next free one is made
+    and named (it was exit 1, "exists: choose another selector")."""
+    argv = ["dkim", "keygen", "--domain", "example.org", "--selector", "hmx", "--dir", str(tmp_path)]
+    assert run_dkim_cli(argv) == 0
+    first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert run_dkim_cli(argv) == 0
+    out, err = capsys.readouterr()
+    assert 'selector = "hmx-2-rsa"' in out and 'selector = "hmx-2-ed25519"' in out
+    assert "hmx-2-rsa._domainkey.example.org." in out and "hmx-2-ed25519._domainkey.example.org." in out
+    assert "created selectors hmx-2-rsa, hmx-2-ed25519 for example.org ('hmx' was taken in" in err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == sorted([*first, "example.org.hmx-2-rsa.rsa.pem", "example.org.hmx-2-ed25519.ed25519"])
+    assert all(after[name] == data for name, data in first.items())  # the first keys untouched
+    # one algorithm: the selector itself, then SELECTOR-2
+    one = ["dkim", "keygen", "--domain", "example.net", "--selector", "s1", "--algorithm", "rsa", "--dir", str(tmp_path)]
+    assert run_dkim_cli(one) == 0 and run_dkim_cli(one) == 0
+    out, err = capsys.readouterr()
+    assert 'selector = "s1"' in out and 'selector = "s1-2"' in out
+    assert "created selector s1 for example.net\n" in err and "created selector s1-2 for example.net ('s1' was taken" in err
 
 
 def test_keygen_default_selectors_move_to_the_next_letter_at_each_rotation(tmp_path, capsys):
