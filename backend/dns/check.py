@@ -224,7 +224,9 @@ def check_dmarc(config: BackendConfig, lookup: DNSLookup, domain: str) -> tuple[
     if not rec.rua:
         notes.append("no rua (no aggregate reports)")
     if rec.policy == "none":
-        notes.append("p=none only monitors")
+        # The default, not a fault: a pass without a warning, with the next step named.
+        notes.append("p=none only monitors: move to p=quarantine once `homemx-backend dmarc report` "
+                     "shows no unknown source (docs/dns.md)")
     return True, ", ".join(notes)
 
 

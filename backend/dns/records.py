@@ -54,12 +54,16 @@ def spf_value(config: BackendConfig) -> str:
 
 
 def dmarc_rua(config: BackendConfig, domain: str) -> str:
-    # postmaster@ must exist anyway (RFC 5321 4.5.1), so it is a safe default report address.
+    """Where aggregate reports go: [dns] dmarc_rua, else postmaster@DOMAIN, which always exists
+    (RFC 5321 4.5.1; backend/receive/directory.py delivers it with no configuration) and whose
+    reports backend/reports/dmarc.py reads for ``homemx-backend dmarc report``."""
     return config.dns.dmarc_rua or f"postmaster@{domain}"
 
 
 def dmarc_value(config: BackendConfig, domain: str) -> str:
-    """RFC 7489 6.3. quarantine by default: strict enough to protect, forgiving while starting out."""
+    """RFC 7489 6.3. p=none by default: a new installation monitors first (reports arrive at the rua,
+    nothing of ours is junked while SPF/DKIM are being set up); moving to quarantine is the
+    documented next step (docs/dns.md) and ``dns check`` says so."""
     return f"v=DMARC1; p={config.dns.dmarc_policy}; rua=mailto:{dmarc_rua(config, domain)}"
 
 

@@ -133,7 +133,7 @@ def test_defaults_are_unchanged(tmp_path):
             d.smarthost_tls) == ((300, 900, 1800, 3600, 7200, 14400, 28800), 5 * 86400, 86400.0, 20, 4, 30.0, 300.0,
                                  25, "opportunistic", True, False, None, "starttls")
     assert cfg.maildir_root == tmp_path / "data" / "mail" and cfg.server.log_level == "debug"
-    assert cfg.dns.dmarc_policy == "quarantine" and cfg.gateway.public_ipv4 == ()
+    assert cfg.dns.dmarc_policy == "none" and cfg.gateway.public_ipv4 == ()
 
 
 def _keys(model) -> set[str]:

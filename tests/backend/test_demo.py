@@ -159,7 +159,7 @@ def test_demo_dns_serves_the_records_dns_records_prints(demo):
         assert [b"".join(t.strings).decode() for t in r.answer[0]] == [dkim_txt_record(rsa.private_key, "rsa")]
     r = ask("_dmarc.example.test", "TXT")
     assert [b"".join(t.strings).decode() for t in r.answer[0]] == [
-        "v=DMARC1; p=quarantine; rua=mailto:postmaster@example.test"]
+        "v=DMARC1; p=none; rua=mailto:postmaster@example.test"]
     r = ask("example.test", "TXT")
     assert [b"".join(t.strings).decode() for t in r.answer[0]] == ["v=spf1 ip4:192.0.2.25 -all"]
     r = ask("nothing.example.test", "TXT")  # RFC 2308: NXDOMAIN with the SOA, authoritative

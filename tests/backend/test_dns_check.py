@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -134,6 +135,27 @@ def test_records_output_loads_into_nsd_and_every_check_passes(lab):
     r = ns.resolver()
     txt = b"".join(r.resolve("rsa1._domainkey.example.org", "TXT")[0].strings).decode()
     assert txt == dkim_keys.dkim_txt_record(config.dkim[0].private_key, "rsa")
+
+
+def test_default_dmarc_record_is_p_none_with_a_local_rua_and_the_check_is_green(lab):
+    """Issue 15 (9): a new installation publishes p=none (it was p=quarantine) with rua to a local
+    mailbox, and ``dns check`` passes it without a warning while naming the next step."""
+    from backend.dns.records import dmarc_value
+
+    config, _, records, _, _ = lab
+    assert "dmarc_policy" not in config.path.read_text()  # the default, as a new user gets it
+    assert [l for l in records.splitlines() if l.startswith("_dmarc.example.org.\t")] == [
+        '_dmarc.example.org.\t3600\tIN\tTXT\t"v=DMARC1; p=none; rua=mailto:dmarc@example.org"']
+    # without [dns] dmarc_rua: postmaster@, which exists with no configuration (backend/receive/directory.py)
+    plain = dataclasses.replace(config, dns=config.dns.model_copy(update={"dmarc_rua": None}))
+    assert dmarc_value(plain, "example.org") == "v=DMARC1; p=none; rua=mailto:postmaster@example.org"
+    serve(lab)
+    report, failed = check(config)
+    assert failed == set(), report.table()
+    [dmarc] = [r for r in report.results if r.name == "DMARC example.org"]
+    assert dmarc.ok and not dmarc.warn and not report.warnings()
+    assert dmarc.detail.startswith("p=none, adkim=r, p=none only monitors: move to p=quarantine once "
+                                   "`homemx-backend dmarc report` shows no unknown source")
 
 
 def test_missing_ptr_is_detected(lab):
