@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import resource
 import select
 import socket
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from .dnsbl import DnsblChecker, dnspython_lookup
 from .limits import Admission, ClientLimiter, GlobalCap, REFUSE_RATE, client_key
 from .metrics import GatewayMetrics, serve_metrics
 from .proxyv2 import encode_proxy_v2
+from .relaypoll import shared_poll
 
 log = logging.getLogger("homemx.gateway")
 
@@ -45,7 +45,6 @@ UPSTREAM = "upstream"
 REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is not waited for
 LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
 LINGER_DISCARD = 65536
-NOFILE_RESERVE = 256  # descriptors kept for listeners, logs, the metrics endpoint, DNS
 
 Connector = Callable[[tuple[str, int]], Awaitable[trio.abc.HalfCloseableStream]]
 
@@ -141,12 +140,6 @@ class Gateway:
                 clock=trio.current_time,
             )
         self.dnsbl = dnsbl
-        # The one-task relay holds a third descriptor per session (its epoll): use it only when
-        # max_connections sessions of three descriptors each fit under the open-files limit, so
-        # it never starves accept() of descriptors; otherwise the two-pump splice (two each).
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.one_task_relay = nofile == resource.RLIM_INFINITY or (
-            3 * config.limits.max_connections + NOFILE_RESERVE <= nofile)
         self._ids = itertools.count(1)
         self._drain = trio.Event()
         self.metrics_address: tuple[str, int] | None = None
@@ -415,7 +408,7 @@ class Gateway:
         session; ``reset_is_close`` decides whether that was a normal end. ``last_from`` says which
         side spoke last before the splice began (the banner relayed by the pre-greeting).
         """
-        if self.one_task_relay and isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
+        if isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
             return await self._relay(cfg, conn, client.socket, upstream.socket, last_from)
         idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
         failed: str | None = None  # CLIENT or UPSTREAM: the side whose socket broke
@@ -469,27 +462,31 @@ class Gateway:
     async def _relay(self, cfg: ListenerConfig, conn: _Conn, csock, usock, last_from: str | None) -> str:
         """``_splice`` for two real sockets in this one task: the same rules (one chunk in flight
         per direction, FIN becomes shutdown(SHUT_WR), shared idle deadline, ``reset_is_close``),
-        but one readiness wait covers both sockets through a per-connection epoll descriptor, and
-        reads and writes are non-blocking calls. A second pump task and its nursery cost about a
+        but one readiness wait covers both sockets through the run's shared epoll
+        (gateway.relaypoll: two descriptors per session, as for two pumps), and reads and writes
+        are non-blocking calls. A second pump task and its nursery cost about a
         third of the memory of an idle relayed connection and a share of the CPU per session."""
-        fds = {CLIENT: csock.fileno(), UPSTREAM: usock.fileno()}
-        socks = {CLIENT: csock, UPSTREAM: usock}
-        other = {CLIENT: UPSTREAM, UPSTREAM: CLIENT}
+        # Per-side state in two-element lists indexed 0 = client, 1 = upstream: an idle relayed
+        # connection keeps this frame alive, and lists are a quarter of the size of dicts.
+        fds = (csock.fileno(), usock.fileno())
+        socks = (csock, usock)
         # Bytes written to a side, counted as the kernel takes them (as send_all does).
-        counters = {UPSTREAM: self.metrics.bytes.labels(cfg.name, "client_to_upstream"),
-                    CLIENT: self.metrics.bytes.labels(cfg.name, "upstream_to_client")}
-        eof = {CLIENT: False, UPSTREAM: False}  # this side sent FIN
-        pending = {CLIENT: b"", UPSTREAM: b""}  # read from the other side, not yet written to this one
-        shut = {CLIENT: False, UPSTREAM: False}  # FIN passed on to this side
-        registered = {CLIENT: None, UPSTREAM: None}  # epoll mask, None = not registered
-        failed: str | None = None  # the side whose socket broke
+        counters = (self.metrics.bytes.labels(cfg.name, "upstream_to_client"),
+                    self.metrics.bytes.labels(cfg.name, "client_to_upstream"))
+        eof = [False, False]  # this side sent FIN
+        pending = [b"", b""]  # read from the other side, not yet written to this one
+        shut = [False, False]  # FIN passed on to this side
+        failed: int | None = None  # the side whose socket broke
+        last = {CLIENT: 0, UPSTREAM: 1, None: None}[last_from]
         size = cfg.buffer_size
         deadline = trio.current_time() + cfg.idle_timeout
-        ep = select.epoll(2)
+        poll = shared_poll()
+        waiter = poll.register(fds)
         try:
-            while not (shut[CLIENT] and shut[UPSTREAM]):
+            while not (shut[0] and shut[1]):
                 progress = False
-                for src, dst in ((CLIENT, UPSTREAM), (UPSTREAM, CLIENT)):
+                for src in (0, 1):
+                    dst = 1 - src
                     side = dst
                     try:
                         if pending[dst]:
@@ -508,7 +505,7 @@ class Gateway:
                             socks[dst].shutdown(socket.SHUT_WR)
                             shut[dst] = True
                             continue
-                        last_from = src
+                        last = src
                         pending[dst] = data
                         n = os.write(fds[dst], data)
                         self._count(conn, counters[dst], dst, n)
@@ -523,38 +520,26 @@ class Gateway:
                 if progress:
                     deadline = trio.current_time() + cfg.idle_timeout
                     continue
-                for s_ in (CLIENT, UPSTREAM):
-                    want = (0 if eof[s_] or pending[other[s_]] else select.EPOLLIN) | (
-                        select.EPOLLOUT if pending[s_] else 0)
-                    if want == registered[s_] or (want == 0 and registered[s_] is None):
-                        continue
-                    if registered[s_] is None:
-                        ep.register(fds[s_], want)
-                    else:
-                        ep.modify(fds[s_], want)
-                    registered[s_] = want
+                masks = [(0 if eof[i] or pending[1 - i] else select.EPOLLIN) | (select.EPOLLOUT if pending[i] else 0)
+                         for i in (0, 1)]
                 with trio.move_on_at(deadline) as idle:
-                    await trio.lowlevel.wait_readable(ep.fileno())
+                    await poll.wait(waiter, masks)
                 if idle.cancelled_caught:
                     return OUT_IDLE
-                for fd, events in ep.poll(0):
-                    s_ = CLIENT if fd == fds[CLIENT] else UPSTREAM
-                    if registered[s_] == 0 and events & (select.EPOLLERR | select.EPOLLHUP):
-                        # HUP/ERR are reported even with no interest: a side we neither read nor
-                        # write (until the other side sends) must not wake this loop forever.
-                        ep.unregister(fd)
-                        registered[s_] = None
         finally:
-            ep.close()
-        writing = {CLIENT: bool(pending[CLIENT]), UPSTREAM: bool(pending[UPSTREAM])}
-        if failed is None or reset_is_close(failed, eof, last_from, writing):
+            poll.unregister(waiter)
+        if failed is None:
+            return OUT_RELAYED
+        name = (CLIENT, UPSTREAM)
+        if reset_is_close(name[failed], dict(zip(name, eof)), None if last is None else name[last],
+                          dict(zip(name, (bool(p) for p in pending)))):
             return OUT_RELAYED
         return OUT_RESET
 
     @staticmethod
-    def _count(conn: _Conn, counter, dst: str, n: int) -> None:
+    def _count(conn: _Conn, counter, dst: int, n: int) -> None:
         counter.inc(n)
-        if dst == UPSTREAM:
+        if dst == 1:  # the upstream
             conn.up += n
         else:
             conn.down += n

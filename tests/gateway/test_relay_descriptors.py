@@ -1,17 +1,79 @@
-"""The one-task relay's extra descriptor never starves accept() (issue 17): the gateway uses it only
-when max_connections sessions of three descriptors each fit the open-files limit."""
+"""A relayed session holds two descriptors, its two sockets, whatever the open-files limit (issue 17):
+the one-task relay waits on the run's shared epoll (gateway.relaypoll), not on one of its own, so it
+is used at any limit and a tight limit no longer pushes the gateway back to two pump tasks."""
 
 from __future__ import annotations
 
-import resource
+import os
+import socket
+from functools import partial
+
+import pytest
+import trio
 
 from gateway.proxy import Gateway
-from tests.gateway.test_proxy_unit import make_config
+from tests.lab.gateway import bound, gateway_config, running
+
+SESSIONS = 40
 
 
-def test_one_task_relay_only_when_three_descriptors_per_session_fit():
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert Gateway(make_config(limits={"max_connections": 10})).one_task_relay
-    if soft != resource.RLIM_INFINITY:
-        # Two descriptors per session fit, three do not: keep the two-pump splice.
-        assert not Gateway(make_config(limits={"max_connections": soft // 2 - 200})).one_task_relay
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def held_upstream(task_status=trio.TASK_STATUS_IGNORED):
+    """A TCP upstream that accepts and keeps every connection open, silent."""
+    held = []
+
+    async def hold(stream):
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+@pytest.mark.trio
+async def test_idle_relayed_sessions_hold_two_descriptors_each_and_use_the_one_task_relay(monkeypatch):
+    relays = []
+    real_relay = Gateway._relay
+
+    async def relay_spy(self, *a):
+        relays.append(1)
+        return await real_relay(self, *a)
+
+    monkeypatch.setattr(Gateway, "_relay", relay_spy)
+    async with trio.open_nursery() as n:
+        up_port = await n.start(held_upstream)
+        cfg = gateway_config({"name": "imaps", "kind": "tcp", "listen": "127.0.0.1:0",
+                              "upstream": f"127.0.0.1:{up_port}", "max_per_client": 100, "rate": 1000,
+                              "burst": 100})
+        async with running(cfg) as gw:
+            _, port = bound(gw, "imaps")
+            clients = []
+            try:
+                for _ in range(3):  # warm up: the shared poll and the first sessions' allocations
+                    clients.append(socket.create_connection(("127.0.0.1", port)))
+                with trio.fail_after(10):
+                    while len(relays) < 3:
+                        await trio.sleep(0.01)
+                before = open_fds()
+                for _ in range(SESSIONS):
+                    clients.append(socket.create_connection(("127.0.0.1", port)))
+                with trio.fail_after(10):
+                    while len(relays) < SESSIONS + 3:
+                        await trio.sleep(0.01)
+                await trio.sleep(0.1)
+                # Per session: the client's own socket (this process), the gateway's accepted and
+                # upstream sockets, and the held upstream's accepted socket.
+                per_session = (open_fds() - before) / SESSIONS
+                assert per_session == 4, per_session
+                # Relayed through the sockets, not the two-pump splice.
+                assert len(relays) == SESSIONS + 3
+                for c in clients[:2]:  # the relay still moves data both ways and ends on FIN
+                    c.shutdown(socket.SHUT_WR)
+            finally:
+                for c in clients:
+                    c.close()
+        n.cancel_scope.cancel()
