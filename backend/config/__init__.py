@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +141,18 @@ class ListenerConfig(_Table):
     auth_max_failures: PositiveInt = 10  # per real client address per auth_failure_window
     auth_failure_window: Duration = 60.0
     auth_failure_delay: Duration = 1.0  # after the n-th failure in the window, wait n × this before replying (≤ 10 s)
+    # lan only (backend/smtp/masquerade.py): senders and recipients without a domain, with a
+    # single-label domain or with one of local_hostnames get this domain (default: the first
+    # [domain]), like Postfix's myorigin/masquerade_domains, instead of 501 5.1.3.
+    masquerade_domain: Domain | None = None
+    local_hostnames: Annotated[tuple[str, ...], PlainValidator(_list_of(lambda v: _hostname(v)))] = ()
 
     @model_validator(mode="after")
     def _trust_makes_sense(self) -> ListenerConfig:
         problems = []
+        for key in ("masquerade_domain", "local_hostnames"):
+            if self.kind != "lan" and getattr(self, key):
+                problems.append(((key,), f"only a lan listener rewrites addresses (this one is {self.kind})"))
         if self.proxy_protocol and not self.trusted_proxies:
             problems.append((("trusted_proxies",), "proxy_protocol = true needs at least one trusted proxy address"))
         if self.kind in ("submission", "submissions") and self.trusted_networks:
@@ -155,6 +164,14 @@ class ListenerConfig(_Table):
         if problems:
             raise fail(problems)
         return self
+
+
+def _hostname(v: Any) -> str:
+    """A host name of the LAN (``nas``, ``nas.home.arpa``): one label or more."""
+    text = _str(v).lower()
+    if not all(re.match(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", label) for label in text.split(".")):
+        raise ValueError(f"expected a host name such as nas or nas.home.arpa, got {text!r}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -441,6 +458,21 @@ class _BackendFile(_Table):
         if not domains:
             raise ValueError('at least one [domain."example.org"] table is required')
         return domains
+
+    @model_validator(mode="after")
+    def _masquerade_to_our_domains(self) -> _BackendFile:
+        # The rewritten sender must be one of ours: lan mail is accepted from our domains only and signed for them.
+        problems = []
+        for i, lc in enumerate(self.listener):
+            if lc.masquerade_domain is not None and lc.masquerade_domain not in self.domain:
+                problems.append((("listener", i, "masquerade_domain"),
+                                 f"{lc.masquerade_domain} is not one of the [domain] tables"))
+            for h in lc.local_hostnames:
+                if h in self.domain:
+                    problems.append((("listener", i, "local_hostnames"), f"{h} is a mail domain of ours, not a host"))
+        if problems:
+            raise fail(problems)
+        return self
 
 
 # ---------------------------------------------------------------- the loaded configuration

@@ -56,6 +56,11 @@ class ListenerContext:
         """The first configured domain: where mail to a bare ``<postmaster>`` goes."""
         return next(iter(self.config.domains))
 
+    @property
+    def masquerade_domain(self) -> str:
+        """lan: the domain unqualified and host-local addresses get (backend/smtp/masquerade.py)."""
+        return self.listener.masquerade_domain or self.primary_domain
+
 
 def _in_networks(host: str, networks) -> bool:
     ip = client_ip(host)

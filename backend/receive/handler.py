@@ -18,7 +18,8 @@ from backend.smtp.paths import (
     parse_address,
 )
 from backend.accept import Incoming, Refused
-from backend.smtp.message import crlf_canonical
+from backend.smtp.masquerade import masquerade_header
+from backend.smtp.message import crlf_canonical, split_header
 from backend.queue.model import NewRecipient
 from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
@@ -121,6 +122,10 @@ class Handler:
         content = envelope.original_content or b""
         if not getattr(envelope, "canonical", False):
             content = crlf_canonical(content)
+        if self.kind == "lan":
+            # From/Sender of root, root@nas → our domain, as the envelope was at MAIL (smtp/masquerade.py)
+            header, body = split_header(content)
+            content = masquerade_header(header, self.ctx.masquerade_domain, self.ctx.listener.local_hostnames) + body
         proto = "ESMTP" if session.extended_smtp else "SMTP"  # RFC 3848 names
         proto += "S" if server.tls_active else ""
         proto += "A" if session.authenticated else ""

@@ -43,6 +43,7 @@ from backend.smtp.paths import (
     parse_path,
     split_path_and_params,
 )
+from backend.smtp.masquerade import masquerade_path
 from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
 from backend.receive.handler import Handler
@@ -269,7 +270,10 @@ class HomeSMTP(SMTPTLS, SMTPAuth, SMTPData, SMTP):
             stripped = self._strip_command_keyword("FROM:", arg)
             if stripped is not None and not (self._auth_required and not self.session.authenticated):
                 try:
-                    path, _ = split_path_and_params(stripped)
+                    path, params = split_path_and_params(stripped)
+                    if self.ctx.listener.kind == "lan":
+                        # root, root@nas → root@<masquerade domain> (backend/smtp/masquerade.py)
+                        path, arg = self._masqueraded(path, params, "FROM:", arg)
                     parse_path(path, allow_null=True)
                 except PathError as e:
                     self._reject("bad_path")
@@ -288,12 +292,24 @@ class HomeSMTP(SMTPTLS, SMTPAuth, SMTPData, SMTP):
                         # postmaster of this server, i.e. of our primary domain.
                         path = f"<postmaster@{self.ctx.primary_domain}>"
                         arg = f"TO:{path} {params}".rstrip()
+                    elif self.ctx.listener.kind == "lan":
+                        path, arg = self._masqueraded(path, params, "TO:", arg)
                     parse_path(path)
                 except PathError as e:
                     self._reject("bad_path")
                     await self.push(e.reply)
                     return
         await super().smtp_RCPT(arg)
+
+    def _masqueraded(self, path: str, params: str, keyword: str, arg: str) -> tuple[str, str]:
+        """lan: the path with an unqualified or host-local address given our domain, and the command
+        argument rebuilt around it (unchanged when nothing needed rewriting)."""
+        lc = self.ctx.listener
+        new = masquerade_path(path, self.ctx.masquerade_domain, lc.local_hostnames)
+        if new == path:
+            return path, arg
+        log.debug("conn=%s masqueraded %s%s as %s", self.conn_id, keyword, path, new)
+        return new, f"{keyword}{new} {params}".rstrip()
 
     def _reject(self, reason: str) -> None:
         self.ctx.metrics.rejections.labels(self.ctx.listener.name, reason).inc()
