@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "backend.cli.dmarc",  # dmarc report (DMARC aggregate reports received)
     "backend.cli.cert",  # cert status, cert renew --now (ACME)
     "backend.cli.apikey",  # apikey create/list/revoke (the HTTP send API, backend/http/api.py)
+    "backend.cli.backup",  # backup DIR, restore DIR (backend/backup.py)
 ]
 
 
