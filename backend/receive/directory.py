@@ -7,6 +7,10 @@ from backend.queue.model import NewRecipient
 from backend.receive.users import UserDB
 
 MAX_ALIAS_DEPTH = 8  # alias chains deeper than this are a configuration loop
+# Role mailboxes every domain has with no configuration: postmaster (RFC 5321 4.5.1: MUST exist;
+# also the default DMARC rua, backend/dns/records.py) and abuse (RFC 2142 2, where blocklists and
+# receivers send complaints). A user, alias or catch-all of the domain takes precedence.
+ROLE_ADDRESSES = ("postmaster", "abuse")
 
 
 class Directory:
@@ -56,6 +60,9 @@ class Directory:
                 return out or None
         if dom.catch_all and dom.catch_all != address:
             return self._resolve(dom.catch_all.lower(), depth + 1, expanded)
+        if self._base(address).rpartition("@")[0] in ROLE_ADDRESSES:
+            admin = self.users.first_user(domain)
+            return [admin] if admin else None
         return None
 
     def recipients(self, address: str) -> list[NewRecipient] | None:
@@ -79,6 +86,6 @@ class Directory:
             return True
         local, _, domain = self._base(address).rpartition("@")
         dom = self.config.domains.get(domain)
-        if dom is None or local not in dom.aliases:
+        if dom is None or (local not in dom.aliases and local not in ROLE_ADDRESSES):
             return False
         return user in (self.resolve(f"{local}@{domain}") or [])

@@ -139,6 +139,13 @@ class UserDB:
     def exists(self, address: str) -> bool:
         return self.get(address) is not None
 
+    def first_user(self, domain: str) -> str | None:
+        """The first user of ``domain`` in the file (the first added: provisioning's first_user),
+        else the first user of the file; None when there is no user at all."""
+        users = list(self._reload())
+        domain = domain.lower()
+        return next((a for a in users if a.rpartition("@")[2] == domain), users[0] if users else None)
+
     def all(self) -> list[User]:
         return sorted(self._reload(strict=True).values(), key=lambda u: u.address)
 
@@ -158,7 +165,9 @@ class UserDB:
 
     def _write(self, users: dict[str, User]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"{u.address}:{u.password_hash}::::::\n" for u in sorted(users.values(), key=lambda u: u.address)]
+        # In the order users were added (a new one goes last): the first line stays the first user,
+        # who receives postmaster@ and abuse@ by default (first_user, backend/receive/directory.py).
+        lines = [f"{u.address}:{u.password_hash}::::::\n" for u in users.values()]
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".passwd.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
