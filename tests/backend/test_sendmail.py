@@ -150,3 +150,17 @@ def test_prepare_keeps_existing_fields_and_takes_arguments_with_dash_t():
     # no header at all: the first line is body, a blank line is put before it
     m = parse_message([b"just text", b"more"])
     assert m.fields == [] and m.body == [b"just text", b"more"]
+
+
+def test_a_file_with_only_the_lan_listener_is_enough_and_a_wildcard_means_this_host(tmp_path):
+    """What the operator guide offers users who cannot read backend.toml (0640 root:homemx)."""
+    from backend.cli.sendmail import ConfigProblem, lan_server
+
+    p = tmp_path / "lan.toml"
+    p.write_text('[server]\nhostname = "mail.example.org"\n\n[[listener]]\nname = "home"\nkind = "lan"\n'
+                 'listen = "0.0.0.0:2525"\n')
+    s = lan_server(str(p))
+    assert (s.host, s.port, s.hostname, str(s)) == ("127.0.0.1", 2525, "mail.example.org", "127.0.0.1:2525")
+    p.write_text('[[listener]]\nname = "mx"\nkind = "mx"\nlisten = "[::]:25"\n')
+    with pytest.raises(ConfigProblem, match='no \\[\\[listener\\]\\] with kind = "lan"'):
+        lan_server(str(p))
