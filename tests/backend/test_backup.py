@@ -40,9 +40,11 @@ AS_MAIL_USER = ["setpriv", f"--reuid={MAIL_UID}", f"--regid={MAIL_UID}", "--clea
 DATA = "server.data_dir"
 
 
-def home_config(home: Path, *, lan_port: int, nameserver: tuple[str, int] | None, remote_port: int) -> Path:
+def home_config(home: Path, *, lan_port: int, nameserver: tuple[str, int] | None, remote_port: int,
+                owners: bool = True) -> Path:
     """A home like a provisioned one, but every path relative to the config's folder (so the
-    restored config, put in another folder, names that folder's files)."""
+    restored config, put in another folder, names that folder's files). ``owners``: hand data
+    and keys to the mail user (as root)."""
     write_cert(home / "tls")
     write_users(home / "passwd", {ALICE: ALICE_PW})
     r = run_cli("dkim", "keygen", "--domain", "example.org", "--selector", "s1", "--algorithm", "ed25519",
@@ -91,8 +93,10 @@ mta_sts = false
 retry_schedule = ["1s"]
 """)
     cfg.chmod(0o644)
-    # As provisioning leaves them: the daemon's user owns its data and keys; Dovecot's group reads the users file.
     (home / "data").mkdir()
+    if not owners:
+        return cfg
+    # As provisioning leaves them: the daemon's user owns its data and keys; Dovecot's group reads the users file.
     for p in (home / "data", home / "dkim", home / "tls" / "key.pem", key):
         shutil.chown(p, MAIL_UID, MAIL_UID)
     shutil.chown(home / "passwd", MAIL_UID, "dovecot")
@@ -284,3 +288,74 @@ async def test_backup_while_the_daemon_accepts_mail_then_restore_on_a_new_home_s
         await receivers.close()
         for d in (old, new, store):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_restore_checks_every_checksum_refuses_a_non_empty_data_dir_and_keeps_secrets_0600(tmp_path):
+    """No daemon here: the state a box accumulates (a Maildir message, an API key store, ACME account and
+    certificate with its live symlink, DKIM and TLS keys) backed up and restored, and each refusal."""
+    from backend.local.maildir import deliver
+    from backend.tls import acme, certfiles
+    from backend.tls.selfsigned import make_self_signed
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home_config(home, lan_port=free_port(), nameserver=None, remote_port=9, owners=False)
+    maildir = home / "data" / "mail" / "example.org" / "alice" / "Maildir"
+    deliver(maildir, message("kept", ALICE), uuid.uuid4().hex)
+    r = run_cli("apikey", "create", "--name", "app", "--sender", ALICE, "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    acme_dir = home / "data" / "acme"
+    certfiles.install(acme_dir, *make_self_signed("mail.example.org", days=30))
+    acme.load_or_create_account_key(acme_dir)
+    secrets = ["data/apikeys.sqlite3", "data/acme/account.key", "tls/key.pem",
+               f"dkim/{next((home / 'dkim').iterdir()).name}"]
+    for rel in secrets:
+        assert mode(home / rel) == 0o600, rel
+
+    backup = tmp_path / "backup"
+    r = run_cli("backup", str(backup), "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert mode(backup) == 0o700
+    entries = {e["path"]: e for e in json.loads((backup / "manifest.json").read_text())["files"]}
+    assert entries[f"{DATA}/apikeys.sqlite3"]["mode"] == entries[f"{DATA}/acme/account.key"]["mode"] == "0600"
+    assert entries[f"{DATA}/acme/live"]["type"] == "symlink"
+
+    # Into a new home: every secret 0600 again, the live certificate found through its symlink, the key store usable.
+    new_cfg = tmp_path / "new" / "backend.toml"
+    r = run_cli("restore", str(backup), "-c", str(new_cfg))
+    assert r.returncode == 0, r.stderr
+    for rel in secrets:
+        assert mode(new_cfg.parent / rel) == 0o600, rel
+        if not rel.endswith(".sqlite3"):  # a database is a snapshot (its header says rollback journal, not WAL)
+            assert (new_cfg.parent / rel).read_bytes() == (home / rel).read_bytes(), rel
+    live_key = certfiles.live_paths(new_cfg.parent / "data" / "acme")[1]
+    assert live_key.read_bytes() == certfiles.live_paths(acme_dir)[1].read_bytes() and mode(live_key.resolve()) == 0o600
+    r = run_cli("apikey", "list", "--json", "-c", str(new_cfg))
+    assert r.returncode == 0 and "app" in r.stdout, r.stderr
+    restored = new_cfg.parent / "data" / "mail" / "example.org" / "alice" / "Maildir" / "new"
+    assert [p.read_bytes() for p in restored.iterdir()] == [p.read_bytes() for p in (maildir / "new").iterdir()]
+
+    # The same target again: refused, one line naming the data directory; --force writes over it.
+    r = run_cli("restore", str(backup), "-c", str(new_cfg))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and str(new_cfg.parent / "data") in r.stderr and "not empty" in r.stderr, r.stderr
+    r = run_cli("restore", str(backup), "-c", str(new_cfg), "--force")
+    assert r.returncode == 0, r.stderr
+
+    # One byte changed in a copy of the backup: refused before anything is written, one line naming the file.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(backup, tampered, symlinks=True)
+    (victim,) = (tampered / DATA / "mail" / "example.org" / "alice" / "Maildir" / "new").iterdir()
+    content = bytearray(victim.read_bytes())
+    content[-3] ^= 0x01
+    victim.write_bytes(bytes(content))
+    third = tmp_path / "third" / "backend.toml"
+    r = run_cli("restore", str(tampered), "-c", str(third))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and str(victim) in r.stderr and "checksum mismatch" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not third.parent.exists()
+
+    # A backup never goes into a folder that holds something (an older backup, say).
+    r = run_cli("backup", str(backup), "-c", str(cfg))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(backup) in r.stderr, r.stderr
