@@ -8,6 +8,7 @@ command and reply so tests can prove no private key ever crossed the wire.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -29,7 +30,30 @@ USERSPACE_WG_PACKAGE = "wireguard-go"  # where the kernel has no WireGuard modul
 
 
 class ProvisionError(RuntimeError):
-    pass
+    """A step that failed on a host; ``str()`` is one line: ``ROLE (SSH): STEP: REASON``."""
+
+    def __init__(self, message: str, role: str = "", host: str = "", step: str = ""):
+        self.role, self.host, self.step, self.reason = role, host, step, " ".join(message.split())
+        where = f"{role} ({host})" if host else role
+        super().__init__(": ".join(x for x in (where, step, self.reason) if x))
+
+
+# What reaching a host can raise below Fabric: paramiko's own errors, sockets (refused, unreachable,
+# timeout, name resolution), and invoke's when a command cannot be started at all.
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import invoke.exceptions
+    import paramiko
+
+    return (OSError, EOFError, paramiko.SSHException, invoke.exceptions.Failure, invoke.exceptions.ThreadException)
+
+
+def transport_reason(e: BaseException) -> str:
+    """One line for a connection failure: paramiko's "Unable to connect to port 22 on 127.0.0.1"
+    wraps the socket errors that say why (refused, unreachable); those are what a person can act on."""
+    errors = getattr(e, "errors", None)  # paramiko.ssh_exception.NoValidConnectionsError
+    if isinstance(errors, dict) and errors:
+        e = next(iter(errors.values()))
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 @dataclass
@@ -39,6 +63,8 @@ class Report:
     items: list[tuple[str, str, str]] = field(default_factory=list)
     restarts: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # (host, path, unified diff of what is there → what provisioning writes); a secret's is never shown
+    diffs: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, host: str, item: str, status: str) -> str:
         self.items.append((host, item, status))
@@ -50,6 +76,8 @@ class Report:
 
     def text(self) -> str:
         lines = [f"{h:<8} {item:<40} {st}" for h, item, st in self.items]
+        for h, path, diff in self.diffs:
+            lines += [f"{h:<8} diff {path}", *diff.splitlines()]
         lines += [f"{h:<8} restart {svc}" for h, svc in self.restarts]
         lines += self.notes
         lines.append("nothing changed" if not self.changed and not self.restarts else
@@ -66,32 +94,45 @@ class Remote:
         self.commands: list[str] = []
         self.replies: list[str] = []
         self.touched: set[str] = set()  # items that changed on this run (drives restarts)
+        self.step = "connect"  # what is being done, for the one-line error when it fails
+
+    def error(self, reason: str) -> ProvisionError:
+        return ProvisionError(reason, self.role, self.layout.ssh, self.step)
+
+    def _run(self, cmd: str):
+        self.commands.append(cmd)
+        try:
+            r = self.conn.run(cmd, hide=True, warn=True, in_stream=False)
+        except _transport_errors() as e:
+            raise self.error(transport_reason(e)) from None
+        self.replies.append(r.stdout + r.stderr)
+        return r
 
     def run(self, cmd: str, check: bool = True) -> str:
-        self.commands.append(cmd)
-        r = self.conn.run(cmd, hide=True, warn=True, in_stream=False)
-        self.replies.append(r.stdout + r.stderr)
+        r = self._run(cmd)
         if check and r.exited != 0:
-            raise ProvisionError(f"{self.role}: `{cmd}` failed ({r.exited}): {(r.stderr or r.stdout).strip()}")
+            raise self.error(f"`{cmd}` failed ({r.exited}): {(r.stderr or r.stdout).strip()}")
         return r.stdout if r.exited == 0 else ""
 
     def ok(self, cmd: str) -> bool:
-        self.commands.append(cmd)
-        r = self.conn.run(cmd, hide=True, warn=True, in_stream=False)
-        self.replies.append(r.stdout + r.stderr)
-        return r.exited == 0
+        return self._run(cmd).exited == 0
 
     def upload(self, data: bytes, path: str) -> None:
         self.uploads.append(data)
-        self.conn.put(io.BytesIO(data), path)
+        try:
+            self.conn.put(io.BytesIO(data), path)
+        except _transport_errors() as e:
+            raise self.error(f"upload {path}: {transport_reason(e)}") from None
 
     def mark(self, item: str, status: str) -> str:
+        self.step = item
         self.report.add(self.role, item, status)
         if status != "unchanged":
             self.touched.add(item)
         return status
 
     def ensure_dir(self, path: str, mode: int, owner: str, group: str) -> str:
+        self.step = path
         cur = self.run(f"stat -c '%a %U %G' {shlex.quote(path)}", check=False).strip()
         if cur == f"{mode:o} {owner} {group}":
             return self.mark(path, "unchanged")
@@ -99,14 +140,23 @@ class Remote:
             self.run(f"install -d -m {mode:o} -o {owner} -g {group} {shlex.quote(path)}")
         return self.mark(path, "would change" if self.dry_run else "changed")
 
-    def ensure_file(self, path: str, data: bytes, mode: int, owner: str, group: str, item: str | None = None) -> str:
-        """Upload only when the content hash or mode/owner differs (never for secrets: those stay host-side)."""
+    def ensure_file(self, path: str, data: bytes, mode: int, owner: str, group: str, item: str | None = None,
+                    secret: bool | None = None) -> str:
+        """Upload only when the content hash or mode/owner differs (never for secrets: those stay host-side).
+
+        When the content differs from a file already there, the report holds a unified diff of it
+        (a hand edit shows, dry run or not) — except for a secret (by default: a file only its owner
+        may read), which says "secret, not shown" and whose content is never read back."""
         q = shlex.quote(path)
+        item = item or path
+        self.step = item
         cur = self.run(f"sha256sum {q} && stat -c '%a %U %G' {q}", check=False).split()
         want = [hashlib.sha256(data).hexdigest(), path, f"{mode:o}", owner, group]
-        item = item or path
         if cur == want:
             return self.mark(item, "unchanged")
+        if cur and cur[0] != want[0]:
+            self.report.diffs.append((self.role, path, self._diff(path, data, mode & 0o077 == 0 if secret is None
+                                                                  else secret)))
         if not self.dry_run:
             tmp = f"{path}.homemx-tmp"
             if not cur or cur[0] != want[0]:
@@ -117,8 +167,20 @@ class Remote:
                      f" && mv -f {shlex.quote(tmp)} {q}")
         return self.mark(item, "would change" if self.dry_run else "changed")
 
+    def _diff(self, path: str, data: bytes, secret: bool) -> str:
+        if secret:
+            return "secret, not shown"
+        try:
+            new = data.decode()
+            old = self.run(f"cat {shlex.quote(path)}")
+        except (UnicodeDecodeError, ProvisionError):
+            return "binary or unreadable, not shown"
+        return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                            f"{path} (on {self.role})", f"{path} (from site.toml)"))
+
     def hostside(self, action: str, **req) -> dict:
         """Run a provision.hostside action with the host's venv Python; only public results come back."""
+        self.step = action
         req.update(action=action, dry_run=self.dry_run)
         py = f"{self.layout.venv}/bin/python"
         if self.dry_run and not self.ok(f"test -x {py}"):
@@ -298,9 +360,13 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     else:
         r.report.notes.append("backend: no gateway public key yet: tunnel file not written (use the `both` task)")
     # DKIM: generated here, at home; only the TXT records come back
-    res = r.hostside("dkim_keys", domain=site.domain, keys=render.dkim_entries(site, lay))
-    if r.mark("dkim keys", res.get("keys", "would change")) == "changed":
-        for e in render.dkim_entries(site, lay):
+    # one hostside call per mail domain (site.domains adds domains); one report item for them all
+    results = [r.hostside("dkim_keys", domain=d, keys=render.dkim_entries(site, lay, d)) for d in site.all_domains]
+    res = {"keys": next((x.get("keys", "would change") for x in results if x.get("keys", "would change") != "unchanged"),
+                        "unchanged"),
+           "records": [line for x in results for line in x.get("records", [])]}
+    if r.mark("dkim keys", res["keys"]) == "changed":
+        for e in (e for d in site.all_domains for e in render.dkim_entries(site, lay, d)):
             r.run(f"chown {lay.user}:{lay.user} {shlex.quote(e['private_key'])} && chmod 600 {shlex.quote(e['private_key'])}")
     # With ACME (the default) the backend obtains its certificate itself, at home, and serves a
     # self-signed placeholder until the first one is issued: nothing to make here.
@@ -449,12 +515,25 @@ def connection(layout: HostLayout):
     """A Fabric connection to a host of the site file (its ssh target, optional ProxyCommand and key)."""
     from fabric import Connection
 
-    kw = {}
+    # a host that drops SSH fails within this many seconds instead of hanging the run
+    kw: dict = {"connect_timeout": CONNECT_TIMEOUT}
     if layout.ssh_proxy:
         kw["gateway"] = layout.ssh_proxy
     if layout.ssh_key:
         kw["connect_kwargs"] = {"key_filename": layout.ssh_key}
     return Connection(layout.ssh, **kw)
+
+
+CONNECT_TIMEOUT = 15
+
+
+def reachable(conn, layout: HostLayout, role: str) -> None:
+    """Open the SSH connection now (before anything is built), or raise a one-line ProvisionError
+    naming the host: ``gateway (root@vps.example.net): connect: [Errno 111] Connection refused``."""
+    try:
+        conn.open()
+    except _transport_errors() as e:
+        raise ProvisionError(transport_reason(e), role, layout.ssh, "connect") from None
 
 
 def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:

@@ -1,17 +1,19 @@
 """Pure rendering of everything provisioning writes that holds no secret: the daemons' TOML files and the hardened systemd units.
 
 Deterministic text (same Site → same bytes) so a second run can compare hashes and change nothing.
+The daemons' files are built as dicts (the [site] keys), merged with the site's ``[gateway.extra]`` /
+``[backend.extra]`` tables, checked with the daemons' own schemas (``rendered_problems``) and written
+as TOML by ``toml_text``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Any
 
 from .site import HostLayout, Site
-
-
-def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def ifname(site: Site, layout: HostLayout) -> str:
@@ -27,14 +29,15 @@ def wg_key_path(site: Site, layout: HostLayout) -> str:
     return f"{layout.etc}/wireguard/{ifname(site, layout)}.key"
 
 
-def dkim_entries(site: Site, layout: HostLayout) -> list[dict]:
-    """The [[dkim]] keys: one RSA and one Ed25519 selector, file names as backend.dkim.generate_key writes them."""
-    d = f"{layout.etc}/dkim"
+def dkim_entries(site: Site, layout: HostLayout, domain: str = "") -> list[dict]:
+    """The [[dkim]] keys of one domain (default: site.domain): one RSA and one Ed25519 selector, file
+    names as backend.dkim.generate_key writes them."""
+    d, domain = f"{layout.etc}/dkim", domain or site.domain
     return [
         {"selector": f"{site.dkim_selector}-rsa", "algorithm": "rsa",
-         "private_key": f"{d}/{site.domain}.{site.dkim_selector}-rsa.rsa.pem"},
+         "private_key": f"{d}/{domain}.{site.dkim_selector}-rsa.rsa.pem"},
         {"selector": f"{site.dkim_selector}-ed25519", "algorithm": "ed25519",
-         "private_key": f"{d}/{site.domain}.{site.dkim_selector}-ed25519.ed25519"},
+         "private_key": f"{d}/{domain}.{site.dkim_selector}-ed25519.ed25519"},
     ]
 
 
@@ -42,31 +45,128 @@ def tls_paths(layout: HostLayout) -> tuple[str, str]:
     return f"{layout.etc}/tls/fullchain.pem", f"{layout.etc}/tls/privkey.pem"
 
 
-def gateway_toml(site: Site) -> str:
+# ---------------------------------------------------------------- TOML out
+# No TOML writer is among homemx's dependencies (tomllib only reads); the daemons' files hold strings,
+# numbers, booleans, lists and tables only, which this writes in a fixed order: a table's own keys,
+# then its sub-tables and arrays of tables, in insertion order.
+
+_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON's string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }" if v else "{}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _is_tables(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _table_lines(path: list[str], table: dict, out: list[str], array: bool = False) -> None:
+    own = [(k, v) for k, v in table.items() if not isinstance(v, dict) and not _is_tables(v)]
+    subs = [(k, v) for k, v in table.items() if isinstance(v, dict) or _is_tables(v)]
+    name = ".".join(_key(k) for k in path)
+    if array:
+        out.append(f"[[{name}]]")
+    elif path and (own or not subs):  # a table with only sub-tables needs no header of its own
+        out.append(f"[{name}]")
+    out += [f"{_key(k)} = {_value(v)}" for k, v in own]
+    if own or array or (path and not subs):
+        out.append("")
+    for k, v in subs:
+        if isinstance(v, dict):
+            _table_lines([*path, k], v, out)
+        else:
+            for item in v:
+                _table_lines([*path, k], item, out, array=True)
+
+
+def toml_text(doc: dict, header: str = "") -> str:
+    """``doc`` as TOML text (deterministic: same dict, same bytes), after ``header`` comment lines."""
+    out = [f"# {line}" if line else "#" for line in header.splitlines()]
+    _table_lines([], doc, out)
+    return "\n".join(out)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` merged into ``base`` (neither changed): tables key by key, arrays of tables extended,
+    except that an entry whose ``name`` is already there (a [[listener]]) is merged into that one;
+    any other value of ``extra`` replaces the rendered one."""
+    out = dict(base)
+    for k, v in extra.items():
+        have = out.get(k)
+        if isinstance(have, dict) and isinstance(v, dict):
+            out[k] = merge(have, v)
+        elif _is_tables(have) and _is_tables(v):
+            items = list(have)
+            for entry in v:
+                at = next((i for i, e in enumerate(items) if "name" in entry and e.get("name") == entry["name"]), None)
+                if at is None:
+                    items.append(dict(entry))
+                else:
+                    items[at] = merge(items[at], entry)
+            out[k] = items
+        else:
+            out[k] = v
+    return out
+
+
+_OVERWRITTEN = ("written by provisioning (provision/render.py) from site.toml on every run: edits here are "
+                "overwritten.\nSet what you need in site.toml ([site] keys, or [{role}.extra]; docs/operator-guide.md).")
+
+
+def _listens(site: Site, port: int) -> list[str]:
+    """The gateway's public binds for a port: IPv4, and IPv6 where the VPS has a public IPv6 address."""
+    return [f"0.0.0.0:{port}", *([f"[::]:{port}"] if site.gateway_public_addr6 else [])]
+
+
+def gateway_config(site: Site) -> dict:
+    """gateway.toml as a dict: the [site] keys, then [gateway.extra] merged in."""
     b = site.backend_tunnel_addr
-    lines = [
-        "# homemx gateway: written by provisioning (provision/render.py); local edits are overwritten",
-        "[server]",
-        f"hostname = {_q(site.hostname)}",
+    server: dict[str, Any] = {"hostname": site.hostname}
+    if site.gateway_metrics_port:
         # Metrics on the tunnel address only: a Prometheus at home reaches them, the internet does not.
-        *([f'metrics_listen = "{site.gateway_tunnel_addr}:{site.gateway_metrics_port}"',
-           f"tunnel_interface = {_q(ifname(site, site.gateway))}"] if site.gateway_metrics_port else []),
-        "",
-    ]
+        server |= {"metrics_listen": f"{site.gateway_tunnel_addr}:{site.gateway_metrics_port}",
+                   "tunnel_interface": ifname(site, site.gateway)}
+    doc: dict[str, Any] = {"server": server}
+    if site.dnsbl_zones:
+        doc["dnsbl"] = {"zones": list(site.dnsbl_zones)}
+    mx_extra: dict[str, Any] = {"greet_wait": site.greet_wait}
+    if site.dnsbl_zones:
+        mx_extra["dnsbl"] = True
+    listeners = []
     for name, kind, port, up, extra in (
-        ("mx", "smtp", site.smtp_port, site.backend_mx_port, [f"greet_wait = {_q(site.greet_wait)}"]),
-        ("submission", "smtp", site.submission_port, site.backend_submission_port, ["submission = true"]),
+        ("mx", "smtp", site.smtp_port, site.backend_mx_port, mx_extra),
+        ("submission", "smtp", site.submission_port, site.backend_submission_port, {"submission": True}),
         ("submissions", "smtp", site.submissions_port, site.backend_submissions_port,
-         ["submission = true", "implicit_tls = true"]),
-        ("imaps", "tcp", site.imaps_port, site.backend_imaps_port, []),
+         {"submission": True, "implicit_tls": True}),
+        ("imaps", "tcp", site.imaps_port, site.backend_imaps_port, {}),
         # The home's web face (PROXY v2 like the rest): ACME http-01 and tls-alpn-01 reach home
         # here, and the MTA-STS policy and autoconfig are served; the gateway holds no key for it.
-        ("http", "tcp", site.http_port, site.backend_http_port, []),
-        ("https", "tcp", site.https_port, site.backend_https_port, []),
+        ("http", "tcp", site.http_port, site.backend_http_port, {}),
+        ("https", "tcp", site.https_port, site.backend_https_port, {}),
     ):
-        lines += ["[[listener]]", f"name = {_q(name)}", f"kind = {_q(kind)}",
-                  f'listen = ["0.0.0.0:{port}"]', f'upstream = "{b}:{up}"', *extra, ""]
-    return "\n".join(lines)
+        listeners.append({"name": name, "kind": kind, "listen": _listens(site, port), "upstream": f"{b}:{up}",
+                          **extra})
+    doc["listener"] = listeners
+    return merge(doc, site.gateway.extra)
+
+
+def gateway_toml(site: Site) -> str:
+    return toml_text(gateway_config(site), "homemx gateway: " + _OVERWRITTEN.format(role="gateway"))
 
 
 def acme_live_paths(layout: HostLayout) -> tuple[str, str]:
@@ -78,23 +178,6 @@ def dovecot_reload_trigger(layout: HostLayout) -> str:
     """The file the backend's reload_hook touches after each new certificate; a root path unit
     watching it reloads Dovecot (the backend, unprivileged and NoNewPrivileges, cannot signal it)."""
     return f"{layout.data}/acme/dovecot.reload"
-
-
-def backend_tls_tables(site: Site, layout: HostLayout) -> list[str]:
-    """[acme] (or [tls] with ACME off) and the web face's [http], on the tunnel address behind the
-    gateway's PROXY v2 (keys as in backend/config)."""
-    if site.acme:
-        lines = ["[acme]", "enabled = true", f"contact = {_q(site.contact)}",
-                 *([f"directory = {_q(site.acme_directory)}"] if site.acme_directory else []),
-                 'challenge = "http-01"',
-                 f"reload_hook = {_q('touch ' + dovecot_reload_trigger(layout))}", ""]
-    else:
-        cert, key = tls_paths(layout)
-        lines = ["[tls]", f"cert = {_q(cert)}", f"key = {_q(key)}", ""]
-    b = site.backend_tunnel_addr
-    return lines + ["[http]", "enabled = true", f'listen_http = "{b}:{site.backend_http_port}"',
-                    f'listen_https = "{b}:{site.backend_https_port}"', "proxy_protocol = true",
-                    f'trusted_proxies = ["{site.gateway_tunnel_addr}/32"]', ""]
 
 
 DOVECOT_TLS_CONF = "homemx-tls.conf"
@@ -135,40 +218,93 @@ ExecStart=/usr/bin/doveadm reload
     }
 
 
-def backend_toml(site: Site, layout: HostLayout) -> str:
+def backend_config(site: Site, layout: HostLayout) -> dict:
+    """backend.toml as a dict: the [site] keys, then [backend.extra] merged in."""
     g = site.gateway_tunnel_addr
     b = site.backend_tunnel_addr
-    lines = [
-        "# homemx backend: written by provisioning (provision/render.py); local edits are overwritten",
-        "[server]",
-        f"hostname = {_q(site.hostname)}",
-        f"data_dir = {_q(layout.data)}",
-        *([f"metrics_listen = {_q(site.backend_metrics_listen)}"] if site.backend_metrics_listen else []),
-        "",
-        *backend_tls_tables(site, layout),
-        "[users]",
-        f"passwd_file = {_q(layout.etc + '/passwd')}",
-        f"maildir_root = {_q(layout.data + '/mail')}",
-        "",
-        f"[domain.{_q(site.domain)}]",
-        f"aliases = {{ postmaster = [{_q(site.first_user)}] }}",
-        "",
-    ]
-    for name, kind, port in (("mx", "mx", site.backend_mx_port),
-                             ("submission", "submission", site.backend_submission_port),
-                             ("submissions", "submissions", site.backend_submissions_port)):
-        lines += ["[[listener]]", f"name = {_q(name)}", f"kind = {_q(kind)}", f'listen = "{b}:{port}"',
-                  "proxy_protocol = true", f'trusted_proxies = ["{g}/32"]', ""]
-    for e in dkim_entries(site, layout):
-        lines += ["[[dkim]]", f"domain = {_q(site.domain)}", f"selector = {_q(e['selector'])}",
-                  f"algorithm = {_q(e['algorithm'])}", f"private_key = {_q(e['private_key'])}", ""]
-    lines += ["[delivery]", f"source_address = {_q(b)}", "",
-              "[gateway]", f"public_ipv4 = [{_q(site.gateway_public_addr)}]", ""]
-    if site.dmarc_rua:
-        lines += ["[dns]", f"dmarc_rua = {_q(site.dmarc_rua)}", ""]
+    server: dict[str, Any] = {"hostname": site.hostname, "data_dir": layout.data}
+    if site.backend_metrics_listen:
+        server["metrics_listen"] = site.backend_metrics_listen
+    doc: dict[str, Any] = {"server": server}
+    if site.acme:
+        doc["acme"] = {"enabled": True, "contact": site.contact,
+                       **({"directory": site.acme_directory} if site.acme_directory else {}),
+                       "challenge": "http-01", "reload_hook": "touch " + dovecot_reload_trigger(layout)}
+    else:
+        cert, key = tls_paths(layout)
+        doc["tls"] = {"cert": cert, "key": key}
+    # the web face on the tunnel address behind the gateway's PROXY v2
+    doc["http"] = {"enabled": True, "listen_http": f"{b}:{site.backend_http_port}",
+                   "listen_https": f"{b}:{site.backend_https_port}", "proxy_protocol": True,
+                   "trusted_proxies": [f"{g}/32"]}
+    doc["users"] = {"passwd_file": layout.etc + "/passwd", "maildir_root": layout.data + "/mail"}
+    domains: dict[str, Any] = {}
+    for d in site.all_domains:
+        domains[d] = {"aliases": {"postmaster": [site.first_user]}}
+    for name, targets in site.aliases.items():
+        local, _, d = name.rpartition("@") if "@" in name else (name, "", site.domain)
+        domains[d]["aliases"][local] = list(targets)
+    if site.catch_all:
+        domains[site.domain]["catch_all"] = site.catch_all
+    doc["domain"] = domains
+    listeners = [{"name": name, "kind": name, "listen": f"{b}:{port}", "proxy_protocol": True,
+                  "trusted_proxies": [f"{g}/32"]}
+                 for name, port in (("mx", site.backend_mx_port), ("submission", site.backend_submission_port),
+                                    ("submissions", site.backend_submissions_port))]
+    if site.lan_listen:
+        listeners.append({"name": "lan", "kind": "lan", "listen": site.lan_listen,
+                          "trusted_networks": list(site.lan_trusted_networks)})
+    doc["listener"] = listeners
+    doc["dkim"] = [{"domain": d, **e} for d in site.all_domains for e in dkim_entries(site, layout, d)]
+    delivery: dict[str, Any] = {"source_address": b}
+    if site.smarthost:
+        delivery["smarthost"] = site.smarthost
+        if site.smarthost_hostname:
+            delivery["smarthost_hostname"] = site.smarthost_hostname
+        if site.smarthost_username:
+            delivery |= {"smarthost_username": site.smarthost_username,
+                         "smarthost_password_file": layout.path(site.smarthost_password_file)}
+    doc["delivery"] = delivery
+    doc["gateway"] = {"public_ipv4": [site.gateway_public_addr],
+                      **({"public_ipv6": [site.gateway_public_addr6]} if site.gateway_public_addr6 else {})}
+    dns = {**({"dmarc_rua": site.dmarc_rua} if site.dmarc_rua else {}),
+           **({"mta_sts_mode": site.mta_sts_mode} if site.mta_sts_mode else {})}
+    if dns:
+        doc["dns"] = dns
     if site.rspamd:
-        lines += backend_rspamd_table()
-    return "\n".join(lines)
+        doc["rspamd"] = backend_rspamd_config()
+    return merge(doc, site.backend.extra)
+
+
+def backend_toml(site: Site, layout: HostLayout) -> str:
+    return toml_text(backend_config(site, layout), "homemx backend: " + _OVERWRITTEN.format(role="backend"))
+
+
+def rendered_problems(site: Site) -> list[tuple[str, str]]:
+    """What the daemons' own schemas find wrong in the gateway.toml and backend.toml this site
+    renders, as (site key, reason): a typo in [backend.extra] is found on the operator's machine,
+    before anything is built or uploaded. Files the config names live on the host and are checked
+    there (``config check`` before a restart), so "cannot read" is not a problem here."""
+    from backend.config import ConfigError as BackendConfigError
+    from backend.config import config_from_dict as backend_check
+    from gateway.config import ConfigError as GatewayConfigError
+    from gateway.config import config_from_dict as gateway_check
+
+    problems = []
+    for role, build, check, error in (
+            ("gateway", lambda: gateway_config(site), gateway_check, GatewayConfigError),
+            ("backend", lambda: backend_config(site, site.backend), backend_check, BackendConfigError)):
+        try:
+            check(build(), Path(f"/nonexistent/{role}.toml"))
+        except error as e:
+            extra = getattr(site, role).extra
+            for key, reason in e.problems:
+                if reason.startswith("cannot read "):
+                    continue
+                top = re.split(r"[.\[]", key, maxsplit=1)[0].strip('"')
+                problems.append((f"{role}.extra.{key}", reason) if top in extra else
+                                (f"site ({role}.toml {key})", reason))
+    return problems
 
 
 _HARDENING = """NoNewPrivileges=yes
@@ -293,9 +429,9 @@ def rspamd_local_files() -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-def backend_rspamd_table() -> list[str]:
+def backend_rspamd_config() -> dict:
     """The backend's ``[rspamd]`` table (keys as in backend/config: the one place provisioning names them)."""
-    return ["[rspamd]", f"url = {_q('http://' + RSPAMD_WORKER)}", 'timeout = "5s"', "fail_closed = false", ""]
+    return {"url": "http://" + RSPAMD_WORKER, "timeout": "5s", "fail_closed": False}
 
 
 # Dovecot presents the backend's Maildir++ folder ".Junk" as the special-use Junk mailbox (RFC 6154),

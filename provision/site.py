@@ -1,8 +1,14 @@
-"""The operator's site file (site.toml): which hosts, which domain, which addresses and where things live on each host.
+"""The operator's site file (site.toml): which hosts, which domains, which addresses and where things live on each host.
 
 Declared as pydantic dataclasses (docs/development.md says why): unknown keys are errors, and every
 mistake in the file is reported at once, one ``FILE: KEY: REASON`` line each (``SiteError``). Every
 on-host path is configurable (``root`` prefixes them all) so two "hosts" can share one machine in tests.
+
+site.toml is the one place a provisioned pair is configured (docs/operator-guide.md, "Site keys"):
+provisioning rewrites backend.toml and gateway.toml from it on every run. The settings a home user
+makes are [site] keys; anything else the daemons accept goes in ``[gateway.extra]`` / ``[backend.extra]``,
+merged into the rendered files and checked against the daemons' own schemas when the site is loaded
+(provision.render.rendered_problems), before anything is built or uploaded.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import re
 import tomllib
 from dataclasses import field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError, field_validator
 from pydantic import dataclasses as pydantic_dataclasses
@@ -43,7 +49,8 @@ class SiteError(ValueError):
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # TOML 1.0 bare key; anything else is written quoted
 _EXPECTED = {"string_type": "str", "bool_type": "bool", "int_type": "int", "dict_type": "a table",
-             "dataclass_type": "a table", "dataclass_args_type": "a table"}
+             "dataclass_type": "a table", "dataclass_args_type": "a table", "list_type": "a list",
+             "tuple_type": "a list"}
 
 
 def key_path(loc: tuple[str | int, ...]) -> str:
@@ -102,6 +109,10 @@ class HostLayout:
     ifname: StrictStr = ""                   # tunnel interface name on this host (default: site.ifname)
     systemctl: StrictBool = True             # False: write units but never call systemctl (tests, containers)
     install_packages: StrictBool = True
+    # [gateway.extra] / [backend.extra]: merged into the rendered gateway.toml / backend.toml (tables
+    # key by key, arrays of tables extended, a [[listener]] of a rendered name changes that one);
+    # checked against the daemon's own schema when the site is loaded (provision.render).
+    extra: dict[StrictStr, Any] = field(default_factory=dict)
 
     @field_validator("root", "etc_dir", "data_dir", "venv_dir", "unit_dir")
     @classmethod
@@ -171,6 +182,21 @@ class Site:
     https_port: StrictInt = 443              # ... and HTTPS (MTA-STS policy, autoconfig, TLS-ALPN-01)
     backend_http_port: StrictInt = 2080      # the home's web face on the tunnel address
     backend_https_port: StrictInt = 2443
+    # What a home user configures beyond the one domain (docs/operator-guide.md, "Site keys"); the
+    # values are checked with the backend's own parsers (backend/config/values.py).
+    domains: tuple[StrictStr, ...] = ()      # more mail domains (each with its DKIM keys and postmaster@)
+    aliases: dict[StrictStr, StrictStr | tuple[StrictStr, ...]] = field(default_factory=dict)
+    #                                         "info" (of domain) or "info@other.example" → address(es)
+    catch_all: StrictStr = ""                # domain's unknown local parts go to this address ("": refused)
+    lan_listen: StrictStr = ""               # a lan listener for homelab apps, e.g. "192.168.1.10:2525"
+    lan_trusted_networks: tuple[StrictStr, ...] = ()  # may submit on it without AUTH, e.g. ["192.168.1.0/24"]
+    dnsbl_zones: tuple[StrictStr, ...] = ()  # the gateway refuses mx clients these DNSBLs list
+    mta_sts_mode: Literal["", "testing", "enforce"] = ""  # publish and serve an MTA-STS policy ("": none)
+    smarthost: StrictStr = ""                # relay outbound mail through HOST[:PORT] instead of MX delivery
+    smarthost_hostname: StrictStr = ""       # its TLS name when smarthost is an address (backend: smarthost_hostname)
+    smarthost_username: StrictStr = ""
+    smarthost_password_file: StrictStr = ""  # on the HOME host (you put it there, 0600): never uploaded
+    gateway_public_addr6: StrictStr = ""     # the VPS's public IPv6: the gateway listens on [::] too (AAAA)
     gateway: HostLayout = field(default_factory=HostLayout)
     backend: HostLayout = field(default_factory=HostLayout)
 
@@ -199,6 +225,78 @@ class Site:
             raise ValueError("expected an address user@domain")
         return v
 
+    @property
+    def all_domains(self) -> tuple[str, ...]:
+        """The mail domains, ``domain`` first."""
+        return (self.domain, *(d for d in self.domains if d != self.domain))
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from backend.config.values import parse_domain
+
+        return tuple(parse_domain(d) for d in v)
+
+    @field_validator("catch_all")
+    @classmethod
+    def _catch_all(cls, v: str) -> str:
+        from backend.config.values import _address
+
+        return _address(v) if v else v
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict) -> dict:
+        from backend.config.values import _addresses
+
+        return {name.lower(): _addresses(list(targets) if isinstance(targets, tuple) else targets)
+                for name, targets in v.items()}
+
+    @field_validator("lan_listen", "smarthost")
+    @classmethod
+    def _hostport(cls, v: str, info) -> str:
+        from backend.config.values import parse_hostport
+
+        if v:
+            # an address literal, as backend.toml wants it (smarthost_hostname names it for TLS)
+            port = parse_hostport(v, 587)[1] if info.field_name == "smarthost" else parse_hostport(v)[1]
+            if info.field_name == "lan_listen" and port < 1024:
+                raise ValueError(f"port {port}: the backend runs unprivileged, use a port above 1023 (e.g. 2525)")
+        return v
+
+    @field_validator("lan_trusted_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from backend.config.values import parse_network
+
+        for n in v:
+            parse_network(n)
+        return v
+
+    @field_validator("dnsbl_zones")
+    @classmethod
+    def _zones(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from backend.config.values import parse_domain
+
+        return tuple(parse_domain(z) for z in v)
+
+    @field_validator("smarthost_password_file")
+    @classmethod
+    def _host_file(cls, v: str) -> str:
+        if v and not v.startswith("/"):
+            raise ValueError("must be an absolute path on the home host")
+        return v
+
+    @field_validator("gateway_public_addr6")
+    @classmethod
+    def _ipv6(cls, v: str) -> str:
+        if v:
+            try:
+                ipaddress.IPv6Address(v)
+            except ValueError as e:
+                raise ValueError(f"not an IPv6 address ({e})") from None
+        return v
+
     @field_validator("prometheus_rules_dir")
     @classmethod
     def _rules_dir(cls, v: str) -> str:
@@ -222,6 +320,16 @@ class Site:
             problems.append((("tls_cert",), "your own certificate needs acme = false (ACME would replace it)"))
         if self.acme_contact and "@" not in self.acme_contact:
             problems.append((("acme_contact",), "expected an address user@domain"))
+        for name in self.aliases:
+            if "@" in name and name.rpartition("@")[2] not in self.all_domains:
+                problems.append((("aliases", name), "not in one of our domains (domain, domains)"))
+        if self.lan_trusted_networks and not self.lan_listen:
+            problems.append((("lan_trusted_networks",), "needs lan_listen (the lan listener they may submit on)"))
+        if (self.smarthost_username or self.smarthost_password_file) and not self.smarthost:
+            problems.append((("smarthost",), "missing: smarthost_username/smarthost_password_file are set"))
+        elif bool(self.smarthost_username) != bool(self.smarthost_password_file):
+            problems.append((("smarthost_password_file" if self.smarthost_username else "smarthost_username",),
+                             "smarthost_username and smarthost_password_file must be set together"))
         # Both ends take their address with this prefix length: one network, or no route between them.
         tunnel = ipaddress.IPv4Network(f"{self.gateway_tunnel_addr}/{self.tunnel_prefixlen}", strict=False)
         if self.backend_tunnel_addr == self.gateway_tunnel_addr:
@@ -243,7 +351,8 @@ def _site_key(loc: tuple[str | int, ...]) -> str:
 
 def site_from_dict(data: dict, file="site.toml") -> Site:
     """Build a Site from the parsed TOML: top-level [site] keys plus [gateway] and [backend] host tables.
-    Raises SiteError listing every problem of the file."""
+    Raises SiteError listing every problem of the file, including those of the gateway.toml and
+    backend.toml it renders (checked by the daemons' own schemas)."""
     problems = [(table, "unknown table (expected [site], [gateway], [backend])") for table in data if table not in TABLES]
     site_table = data.get("site", {})
     if not isinstance(site_table, dict):
@@ -256,18 +365,45 @@ def site_from_dict(data: dict, file="site.toml") -> Site:
         else:
             kw[key] = value
     kw.update({role: data[role] for role in ("gateway", "backend") if role in data})
+    site = None
     try:
         site = _SITE.validate_python(kw)
     except ValidationError as e:
         problems[:0] = [(_site_key(err["loc"]), error_reason(err)) for err in e.errors(include_url=False)]
+    if site is not None and not problems:
+        from provision.render import rendered_problems  # render imports this module
+
+        problems += rendered_problems(site)
     if problems:
         raise SiteError(file, problems=problems)
     return site
 
 
+# Files on the operator's machine that the site file names: a relative path is relative to the site
+# file's directory (not to wherever `fab` was started), as in the daemons' own config files.
+OPERATOR_FILES = (("site", "tls_cert"), ("site", "tls_key"), ("gateway", "ssh_key"), ("backend", "ssh_key"))
+
+
 def load_site(path: str | Path) -> Site:
+    """Read and check a site file; relative operator-side paths resolved against its directory, and
+    the certificate files it names readable."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise SiteError(path, "-", str(e)) from None
-    return site_from_dict(data, path)
+    base = Path(path).resolve().parent
+    for table, key in OPERATOR_FILES:
+        t = data.get(table)
+        if isinstance(t, dict) and isinstance(t.get(key), str) and t[key]:
+            t[key] = str(base / Path(t[key]).expanduser())  # an absolute path stays as it is
+    site = site_from_dict(data, path)
+    problems = []
+    for key in ("tls_cert", "tls_key"):
+        if value := getattr(site, key):
+            try:
+                Path(value).open("rb").close()
+            except OSError as e:
+                problems.append((f"site.{key}", f"cannot read {value}: {e.strerror}"))
+    if problems:
+        raise SiteError(path, problems=problems)
+    return site
