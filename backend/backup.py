@@ -89,7 +89,6 @@ class Summary:
     messages: int = 0  # in the queue snapshot
     spooled: int = 0
     dropped: list[str] = field(default_factory=list)  # queue ids deleted while the backup ran
-    problems: list[str] = field(default_factory=list)  # restore: warnings (config check)
 
 
 # ---------------------------------------------------------------- what is backed up
@@ -141,7 +140,8 @@ def _is_maildir(d: Path) -> bool:
 
 
 def _skipped_name(name: str) -> bool:
-    """Half-written files: write_atomic's ``.NAME.PID.RAND.tmp``, the users file's ``.passwd.XXXX``, spool's ``NAME.tmp``."""
+    """Half-written files: write_atomic's ``.NAME.PID.RAND.tmp``, the users file's ``.passwd.XXXX``,
+    spool's ``NAME.tmp``."""
     return name.endswith(".tmp") or name.startswith(".passwd.")
 
 
@@ -232,9 +232,12 @@ def make_backup(cfg: BackendConfig, target: Path, now: datetime.datetime | None 
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise BackupError(f"{target}: exists and is not an empty directory (a backup goes into a new one)")
+    roles = roles_of(cfg)
+    inside = next((r for r in roles if r.kind == "tree" and target.resolve().is_relative_to(r.original)), None)
+    if inside is not None:
+        raise BackupError(f"{target}: inside {inside.original}, which the backup copies (choose a folder outside it)")
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(target, 0o700)
-    roles = roles_of(cfg)
     w = _Writer(target)
     data = cfg.server.data_dir.resolve()
     try:
@@ -251,7 +254,8 @@ def make_backup(cfg: BackendConfig, target: Path, now: datetime.datetime | None 
                 w.directory(role.name, os.stat(role.original.parent))
                 w.copy(f"{role.name}/{role.original.name}", role.original)
     except PermissionError as e:
-        raise BackupError(f"cannot read {e.filename}: permission denied (run as root or as the backend's user)") from None
+        raise BackupError(f"cannot read {e.filename}: permission denied "
+                          "(run as root or as the backend's user)") from None
     except FileNotFoundError as e:
         raise BackupError(f"{e.filename}: missing (named in {cfg.path})") from None
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -391,6 +395,15 @@ def read_manifest(backup: Path) -> dict:
     if manifest.get("version") != FORMAT_VERSION:
         raise BackupError(f"{path}: backup format version {manifest.get('version')} is not supported "
                           f"(this homemx reads version {FORMAT_VERSION})")
+    try:
+        names = {r["name"] for r in manifest["roles"]}
+        ok = {"config", "server.data_dir"} <= names and all(
+            isinstance(e["path"], str) and e["type"] in ("file", "dir", "symlink") for e in manifest["files"])
+        ok = ok and any(e["path"].startswith("config/") and e["type"] == "file" for e in manifest["files"])
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise BackupError(f"{path}: incomplete manifest (roles, files or the config entry missing)")
     return manifest
 
 
@@ -414,8 +427,11 @@ def verify(backup: Path, manifest: dict) -> None:
 def _config_value(doc: dict, dotted: str) -> Any:
     node: Any = doc
     for part in dotted.split("."):
-        node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
-        if node is None:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
             return None
     return node
 

@@ -1,4 +1,6 @@
-"""CLI: ``backup DIR`` (a consistent snapshot while the daemon runs) and ``restore DIR`` (onto a fresh box); the work is in backend/backup.py."""
+"""CLI: ``backup DIR`` (a consistent snapshot while the daemon runs) and ``restore DIR`` (onto a fresh box).
+
+The work is in backend/backup.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from backend.config import ConfigError, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("backup", help="back up queue, mail, keys, users, config and ACME state into DIR (daemon may run)",
+    b = sub.add_parser("backup", help="back up queue, mail, keys, users, config and ACME state into DIR "
+                       "(the daemon may run)",
                        description="Write a consistent backup into DIR (new or empty; made 0700) while the daemon "
                        "runs: the queue and every SQLite store by SQLite's online backup, the spool files the "
                        "queue snapshot names, Maildirs (not tmp/), DKIM keys, the users file, the config, ACME "

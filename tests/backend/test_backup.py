@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backend.helpers import BACKEND_CLI, run_cli, wait_for, wait_for_sync, write_cert, write_users
+from tests.backend.helpers import run_cli, wait_for, wait_for_sync, write_cert, write_users
 from tests.conftest import require_root, require_tool
 from tests.lab.backend import Daemon
 from tests.lab.delivery import Receivers, Sink
@@ -253,7 +253,7 @@ async def test_backup_while_the_daemon_accepts_mail_then_restore_on_a_new_home_s
             new_key = new / key_entry["path"].replace("dkim.0.private_key/", "dkim/")
             assert mode(new_key) == 0o600 and new_key.stat().st_uid == MAIL_UID
             assert mode(new / "tls" / "key.pem") == 0o600
-            assert (new / "data").stat().st_uid == MAIL_UID and (new / "data" / "queue.sqlite3").stat().st_uid == MAIL_UID
+            assert (new / "data").stat().st_uid == (new / "data" / "queue.sqlite3").stat().st_uid == MAIL_UID
             assert (new / "passwd").stat().st_gid == grp.getgrnam("dovecot").gr_gid and mode(new / "passwd") == 0o640
 
             receivers.port = sink_port
@@ -359,3 +359,61 @@ def test_restore_checks_every_checksum_refuses_a_non_empty_data_dir_and_keeps_se
     # A backup never goes into a folder that holds something (an older backup, say).
     r = run_cli("backup", str(backup), "-c", str(cfg))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(backup) in r.stderr, r.stderr
+
+
+def test_backup_copies_exactly_the_spool_files_its_queue_snapshot_names(tmp_path):
+    """What the backup sees when the daemon deletes a message (record first, then its spool file) between
+    the queue snapshot and the spool copy, and when it spools a body whose record is not committed yet:
+    the backup holds no record without its body and no body without its record."""
+    from backend.queue.model import NewMessage, NewRecipient
+    from backend.queue.store import Queue
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home_config(home, lan_port=free_port(), nameserver=None, remote_port=9, owners=False)
+    q = Queue(home / "data" / "queue.sqlite3", group_commit=False)
+    ids = {}
+    for name in ("kept", "deleted"):
+        big = NewMessage(ALICE, (NewRecipient("bob@dest.test", "bob@dest.test", False),),
+                         message(name, "bob@dest.test", big_body(name)), "lan")
+        ids[name] = q.enqueue(q.spool_large(big))
+    spool = home / "data" / "spool"
+    conn = sqlite3.connect(home / "data" / "queue.sqlite3")
+    names = dict(conn.execute("SELECT id, spool FROM message"))
+    conn.close()
+    q.close()
+    (spool / names[ids["deleted"]]).unlink()  # its record is still in the database the backup copies
+    (spool / "ACCEPTED-LATER").write_bytes(b"a body whose record is not committed yet")
+    (spool / "HALF.tmp").write_bytes(b"half written")
+
+    backup = tmp_path / "backup"
+    r = run_cli("backup", str(backup), "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "1 deleted while it ran left out" in r.stdout
+    snap = sqlite3.connect(backup / DATA / "queue.sqlite3")
+    assert dict(snap.execute("SELECT id, spool FROM message")) == {ids["kept"]: names[ids["kept"]]}
+    assert snap.execute("SELECT count(*) FROM recipient WHERE message_id = ?", (ids["deleted"],)).fetchone()[0] == 0
+    assert snap.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    snap.close()
+    assert sorted(p.name for p in (backup / DATA / "spool").iterdir()) == [names[ids["kept"]]]
+    assert (backup / DATA / "spool" / names[ids["kept"]]).read_bytes() == (spool / names[ids["kept"]]).read_bytes()
+
+
+def test_backup_and_restore_refuse_with_one_line(tmp_path):
+    """A backup into the data directory it copies; a restore of a folder that is no (finished) backup."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home_config(home, lan_port=free_port(), nameserver=None, remote_port=9, owners=False)
+    r = run_cli("backup", str(home / "data" / "backups" / "one"), "-c", str(cfg))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "inside" in r.stderr, r.stderr
+    assert not (home / "data" / "backups").exists()
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    r = run_cli("restore", str(unfinished), "-c", str(tmp_path / "new" / "backend.toml"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert str(unfinished / "manifest.json") in r.stderr and "missing" in r.stderr
+    (unfinished / "manifest.json").write_text('{"format": "homemx-backup", "version": 1, "roles": []}')
+    r = run_cli("restore", str(unfinished), "-c", str(tmp_path / "new" / "backend.toml"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "incomplete manifest" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
