@@ -389,6 +389,7 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     if conf_status == "changed":
         # validated on the host, against the files it names, before anything restarts
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
+    sendmail_link(r)
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
     if site.prometheus_rules_dir:
         alert_rules(r, site)
@@ -402,6 +403,33 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
                                             "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
     return res.get("records", [])
+
+
+SENDMAIL = "/usr/sbin/sendmail"
+
+
+def sendmail_link(r: Remote) -> None:
+    """/usr/sbin/sendmail → the venv's homemx-sendmail, for cron, smartd, mdadm and NAS tools
+    (docs/operator-guide.md, Homelab apps): made only where nothing is there, or moved when it is
+    already a link to a homemx-sendmail. Another MTA's sendmail (Postfix, Exim, msmtp...) is never
+    replaced: the report says so."""
+    link, target = r.layout.path(SENDMAIL), f"{r.layout.venv}/bin/homemx-sendmail"
+    q = shlex.quote(link)
+    current = r.run(f"readlink -- {q}", check=False).strip()
+    if current == target:
+        r.mark(SENDMAIL, "unchanged")
+        return
+    ours = current.endswith("/homemx-sendmail")
+    if not ours and r.ok(f"test -e {q} || test -L {q}"):
+        what = f"a link to {current}" if current else "a file"
+        r.report.notes.append(f"{r.role}: {SENDMAIL} is {what} (another MTA's): left alone; homelab tools can "
+                              f"run {r.layout.venv_dir}/bin/homemx-sendmail instead")
+        return
+    if not r.dry_run:
+        # -n with -f replaces only our own old link; without ours, plain ln -s never overwrites
+        r.run(f"mkdir -p {shlex.quote(link.rsplit('/', 1)[0])} && "
+              f"ln -s{'fn' if ours else ''} -- {shlex.quote(target)} {q}")
+    r.mark(SENDMAIL, "would change" if r.dry_run else "changed")
 
 
 def alert_rules(r: Remote, site: Site) -> None:

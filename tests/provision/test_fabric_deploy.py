@@ -158,6 +158,10 @@ def test_first_run_files_keys_and_permissions(hosts):
     assert _mode(f"{bl.etc}/backend.toml") == ("0o640", "root", user)
     assert _mode(f"{bl.etc}/passwd") == ("0o640", "root", user)
     assert _mode(gl.etc) == ("0o750", "root", user)
+    # homelab tools' /usr/sbin/sendmail: the venv's homemx-sendmail where the host had none (home only)
+    assert os.readlink(f"{bl.root}/usr/sbin/sendmail") == f"{bl.venv}/bin/homemx-sendmail"
+    assert ("backend", "/usr/sbin/sendmail", "changed") in report.items
+    assert not os.path.lexists(f"{gl.root}/usr/sbin/sendmail")
     assert _mode(bl.data) == ("0o750", user, user)
     gkey, bkey = render.wg_key_path(site, gl), render.wg_key_path(site, bl)
     for p in (gkey, bkey, render.wg_conf_path(site, gl), render.wg_conf_path(site, bl),
