@@ -67,3 +67,29 @@ def test_another_mtas_sendmail_is_never_replaced_and_the_report_says_so(tmp_path
     sendmail_link(r)
     assert os.readlink(postfix) == "/etc/alternatives/mta"
     assert "a link to /etc/alternatives/mta" in r.report.notes[0]
+
+
+def test_site_toml_lan_listener_and_masquerade_keys_reach_the_config_sendmail_reads(tmp_path):
+    """What the operator guide says: lan_listen / lan_trusted_networks in [site], the masquerade keys
+    on the rendered "lan" listener through [[backend.extra.listener]]; the daemon's loader accepts the
+    result and homemx-sendmail finds the listener in it."""
+    from backend.cli.sendmail import lan_server
+    from backend.config import load_config
+    from provision import hostside, render
+    from provision.site import site_from_dict
+
+    site = site_from_dict({
+        "site": {"domain": "example.org", "hostname": "mail.example.org", "first_user": "alice@example.org",
+                 "gateway_public_addr": "203.0.113.10", "lan_listen": "192.168.1.10:2525",
+                 "lan_trusted_networks": ["192.168.1.0/24"]},
+        "gateway": {"ssh": "root@vps.example.net"},
+        "backend": {"ssh": "root@home.lan", "extra": {"listener": [
+            {"name": "lan", "masquerade_domain": "example.org", "local_hostnames": ["nas.home.arpa"]}]}},
+    })
+    lay = HostLayout(root=str(tmp_path))
+    hostside.dkim_keys({"domain": "example.org", "keys": render.dkim_entries(site, lay, "example.org")})
+    (tmp_path / "backend.toml").write_text(render.backend_toml(site, lay))
+    [lan] = [lc for lc in load_config(tmp_path / "backend.toml").listeners if lc.kind == "lan"]
+    assert (lan.masquerade_domain, lan.local_hostnames) == ("example.org", ("nas.home.arpa",))
+    s = lan_server(str(tmp_path / "backend.toml"))
+    assert (s.host, s.port, s.hostname) == ("192.168.1.10", 2525, "mail.example.org")
