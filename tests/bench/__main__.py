@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, str] = {
     "dkim_verify": "tests.bench.dkim_verify_bench",  # inbound DKIM/ARC verification cost alone, per size, keys from memory and nsd
     "chaos": "tests.bench.chaos",  # issue 11: 10k messages, vanishing clients, SIGKILLed backend; 0 lost, duplicates counted
     "fuzz": "tests.bench.fuzz",  # issue 11: SMTP commands and PROXY v2 headers fuzzed for N minutes; no thread died, no traceback
+    "queue_growth": "tests.bench.queue_growth_bench",  # B7: accept rate, first delivery, idle CPU, RSS, queue list/show with 0..1M deferred
+    "flood": "tests.bench.flood_bench",  # B8: 10k silent connections at the edge + a trickle of real SMTP, gateway vs HAProxy
     "report": "tests.bench.report",  # B1–B8 in one run: one table of figures, ratios vs peers and targets, JSON  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
 }
 
