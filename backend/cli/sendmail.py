@@ -315,7 +315,8 @@ def submit(server: Server, s: Submission, verbose: bool = False) -> str:
         smtp = smtplib.SMTP(server.host, server.port, local_hostname=socket.gethostname() or "localhost",
                             timeout=TIMEOUT)
     except smtplib.SMTPConnectError as e:
-        raise Failed(_exit_for(e.smtp_code), f"{server} refused the connection: {_reply(e.smtp_code, e.smtp_error)}") from None
+        reply = _reply(e.smtp_code, e.smtp_error)
+        raise Failed(_exit_for(e.smtp_code), f"{server} refused the connection: {reply}") from None
     except OSError as e:
         raise Failed(EX_TEMPFAIL, f"cannot connect to {server} ({server.where}): {e.strerror or e}") from None
     try:
@@ -351,7 +352,8 @@ def submit(server: Server, s: Submission, verbose: bool = False) -> str:
             pass  # the message is accepted; a lost QUIT changes nothing
         return _reply(code, msg)
     except smtplib.SMTPDataError as e:
-        raise Failed(_exit_for(e.smtp_code, e.smtp_error), f"{server} refused DATA: {_reply(e.smtp_code, e.smtp_error)}") from None
+        reply = _reply(e.smtp_code, e.smtp_error)
+        raise Failed(_exit_for(e.smtp_code, e.smtp_error), f"{server} refused DATA: {reply}") from None
     except smtplib.SMTPResponseException as e:
         raise Failed(_exit_for(e.smtp_code, e.smtp_error), f"{server}: {_reply(e.smtp_code, e.smtp_error)}") from None
     except (smtplib.SMTPServerDisconnected, OSError) as e:
