@@ -31,12 +31,14 @@ owners (by name, as root) and mtimes. Blocking functions; the CLI is backend/cli
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import grp
 import hashlib
 import json
 import os
 import pwd
+import shutil
 import sqlite3
 import stat
 import tomllib
@@ -192,16 +194,19 @@ class _Writer:
         dest = self._dest(rel)
         # mode=ro: the backup never writes the live database (SQLite itself gives a -shm it has
         # to create, as root, to the database's owner).
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            src.execute("PRAGMA busy_timeout=30000")
-            copy = sqlite3.connect(dest, isolation_level=None)
-            os.chmod(dest, 0o600)
-            src.backup(copy)  # pages=-1: one step under one read transaction, a committed state
-        finally:
-            src.close()
-        # The copy must stand alone: no -wal beside it in the backup.
-        copy.execute("PRAGMA journal_mode=DELETE")
+            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+            try:
+                src.execute("PRAGMA busy_timeout=30000")
+                copy = sqlite3.connect(dest, isolation_level=None)
+                os.chmod(dest, 0o600)
+                src.backup(copy)  # pages=-1: one step under one read transaction, a committed state
+            finally:
+                src.close()
+            # The copy must stand alone: no -wal beside it in the backup.
+            copy.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.Error as e:
+            raise BackupError(f"{source}: SQLite online backup failed: {e}") from None
         self._pending_sqlite = (rel, st)
         return copy
 
@@ -236,8 +241,21 @@ def make_backup(cfg: BackendConfig, target: Path, now: datetime.datetime | None 
     inside = next((r for r in roles if r.kind == "tree" and target.resolve().is_relative_to(r.original)), None)
     if inside is not None:
         raise BackupError(f"{target}: inside {inside.original}, which the backup copies (choose a folder outside it)")
+    existed = target.exists()
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(target, 0o700)
+    try:
+        return _write_backup(cfg, target, roles, now)
+    except BaseException:
+        # No half backup left behind (it would hold some of the secrets); a folder we were given stays, empty.
+        for child in target.iterdir() if existed else ():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if not existed:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _write_backup(cfg: BackendConfig, target: Path, roles: list[Role], now: datetime.datetime | None) -> Summary:
     w = _Writer(target)
     data = cfg.server.data_dir.resolve()
     try:
@@ -307,7 +325,11 @@ def _walk(w: _Writer, role: str, top: Path, skip: set[Path]) -> None:
     for dirpath, dirnames, filenames in os.walk(top):
         here = Path(dirpath)
         rel_dir = role if here == top else f"{role}/{here.relative_to(top)}"
-        w.directory(rel_dir, os.stat(here))
+        try:
+            w.directory(rel_dir, os.stat(here))
+        except FileNotFoundError:
+            dirnames[:] = []  # removed while we walked (a Maildir++ folder deleted over IMAP)
+            continue
         in_maildir = here.name in ("new", "cur") and _is_maildir(here.parent)
         keep = []
         for d in dirnames:
@@ -315,7 +337,8 @@ def _walk(w: _Writer, role: str, top: Path, skip: set[Path]) -> None:
             if sub.is_symlink():
                 w.symlink(f"{rel_dir}/{d}", sub, os.lstat(sub))
             elif sub in skip or (d == "tmp" and _is_maildir(here)):
-                w.directory(f"{rel_dir}/{d}", os.stat(sub))  # the folder itself, empty: its mode and owner
+                with contextlib.suppress(FileNotFoundError):  # the folder itself, empty: its mode and owner
+                    w.directory(f"{rel_dir}/{d}", os.stat(sub))
             else:
                 keep.append(d)
         dirnames[:] = sorted(keep, key=lambda d: (d != "new", d))  # new/ before cur/: moves go that way

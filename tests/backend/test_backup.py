@@ -18,6 +18,7 @@ import smtplib
 import sqlite3
 import ssl
 import stat
+import subprocess
 import tempfile
 import threading
 import uuid
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backend.helpers import run_cli, wait_for, wait_for_sync, write_cert, write_users
+from tests.backend.helpers import VENV_BIN, run_cli, wait_for, wait_for_sync, write_cert, write_users
 from tests.conftest import require_root, require_tool
 from tests.lab.backend import Daemon
 from tests.lab.delivery import Receivers, Sink
@@ -417,3 +418,31 @@ def test_backup_and_restore_refuse_with_one_line(tmp_path):
     r = run_cli("restore", str(unfinished), "-c", str(tmp_path / "new" / "backend.toml"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "incomplete manifest" in r.stderr, r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_backup_that_cannot_read_a_file_says_which_and_leaves_no_half_backup():
+    """Run as a user who can read the config and what it names, but not the ACME account key (0600, root's)."""
+    require_root()
+    require_tool("setpriv")
+    from backend.tls import acme
+
+    home = new_home("homemx-backup-perm-")
+    try:
+        cfg = home_config(home, lan_port=free_port(), nameserver=None, remote_port=9, owners=False)
+        for p in (home / "data", home / "tls", home / "dkim"):
+            p.chmod(0o755)
+        for p in (home / "passwd", home / "tls" / "key.pem", *(home / "dkim").iterdir()):
+            p.chmod(0o644)  # throwaway keys: readable, so that only the account key is not
+        (home / "data" / "acme").mkdir()
+        acme.load_or_create_account_key(home / "data" / "acme")
+        (home / "data" / "acme").chmod(0o755)
+        out = home / "out"
+        out.mkdir()
+        out.chmod(0o777)
+        r = subprocess.run([*AS_MAIL_USER, str(VENV_BIN / "homemx-backend"), "backup", str(out / "b"), "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "permission denied" in r.stderr and "account.key" in r.stderr, r.stderr
+        assert list(out.iterdir()) == []
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
