@@ -245,6 +245,9 @@ async def test_backup_while_the_daemon_accepts_mail_then_restore_on_a_new_home_s
             snap_conn.close()
             assert "queued-at-backup" in in_snapshot
 
+            # Never under a running daemon, even forced.
+            r = run_cli("restore", str(backup), "-c", str(cfg), "--force")
+            assert r.returncode == 1 and r.stderr.count("\n") == 1 and "daemon is running" in r.stderr, r.stderr
             daemon.stop()  # the old box is gone
 
             # A new, empty home: restore (as root), then the daemon as the mail user again.
