@@ -318,6 +318,7 @@ def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key
     if r.ensure_file(f"{lay.etc}/gateway.toml", render.gateway_toml(site).encode(), 0o640, "root", lay.user,
                      item="gateway.toml") == "changed":
         r.run(f"{lay.venv}/bin/homemx-gateway config check -c {lay.etc}/gateway.toml")
+    commands_on_path(r, site)
     if backend_public_key:
         res = r.hostside("tunnel_config", role="gateway", key_file=render.wg_key_path(site, lay),
                          conf_file=render.wg_conf_path(site, lay), peer_public_key=backend_public_key,
@@ -390,6 +391,7 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
         # validated on the host, against the files it names, before anything restarts
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
     sendmail_link(r)
+    commands_on_path(r, site)
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
     if site.prometheus_rules_dir:
         alert_rules(r, site)
@@ -430,6 +432,36 @@ def sendmail_link(r: Remote) -> None:
         r.run(f"mkdir -p {shlex.quote(link.rsplit('/', 1)[0])} && "
               f"ln -s{'fn' if ours else ''} -- {shlex.quote(target)} {q}")
     r.mark(SENDMAIL, "would change" if r.dry_run else "changed")
+
+
+BIN_DIR = "/usr/local/bin"
+PATHS_FILE = "homemx-paths.json"  # read by backend/cli/run.py and wireguard/cli.py
+
+
+def commands_on_path(r: Remote, site: Site) -> None:
+    """The README's commands as written on this host (issue 15.9): ``homemx-backend`` (home) or
+    ``homemx-gateway`` (VPS) in /usr/local/bin as a link to the venv's console script, and the venv's
+    homemx-paths.json naming this host's config and tunnel file, which the commands use without -c.
+    A file of that name that is not a link to a homemx script is never replaced: the report says so."""
+    lay, name = r.layout, f"homemx-{r.role}"
+    paths = {f"{r.role}_config": f"{lay.etc}/{r.role}.toml", "tunnel_config": render.wg_conf_path(site, lay)}
+    r.ensure_file(f"{lay.venv}/{PATHS_FILE}", (json.dumps(paths, indent=2) + "\n").encode(), 0o644, "root", "root",
+                  item="command defaults")
+    link, target = lay.path(f"{BIN_DIR}/{name}"), f"{lay.venv}/bin/{name}"
+    q = shlex.quote(link)
+    current = r.run(f"readlink -- {q}", check=False).strip()
+    item = f"{BIN_DIR}/{name}"
+    if current == target:
+        r.mark(item, "unchanged")
+        return
+    ours = current.endswith(f"/{name}")  # ours from an earlier venv place
+    if not ours and r.ok(f"test -e {q} || test -L {q}"):
+        what = f"a link to {current}" if current else "a file"
+        r.report.notes.append(f"{r.role}: {item} is {what}, not ours: left alone; run {lay.venv_dir}/bin/{name}")
+        return
+    if not r.dry_run:
+        r.run(f"mkdir -p {shlex.quote(link.rsplit('/', 1)[0])} && ln -s{'fn' if ours else ''} -- {shlex.quote(target)} {q}")
+    r.mark(item, "would change" if r.dry_run else "changed")
 
 
 def alert_rules(r: Remote, site: Site) -> None:

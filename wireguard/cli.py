@@ -11,8 +11,28 @@ from pathlib import Path
 
 from . import bringup, egress, keys, status as status_mod, wgquick
 
-DEFAULT_CONFIG = f"/etc/wireguard/{wgquick.DEFAULT_IFNAME}.conf"
-DEFAULT_KEY = f"/etc/wireguard/{wgquick.DEFAULT_IFNAME}.key"
+WG_QUICK_CONFIG = f"/etc/wireguard/{wgquick.DEFAULT_IFNAME}.conf"  # wg-quick's own place
+PROVISIONED_CONFIG = f"/etc/homemx/wireguard/{wgquick.DEFAULT_IFNAME}.conf"  # provisioning's (provision/render.py)
+# Written into the venv by provisioning (provision/deploy.py): this host's files, whatever its
+# interface name and root. The backend's CLI reads the same file (backend/cli/run.py).
+PATHS_FILE = "homemx-paths.json"
+
+
+def default_config() -> str:
+    """The wg-quick file the verbs use without -c: the one provisioning wrote, when it exists (named
+    in the venv's homemx-paths.json, else the standard provisioned path), else wg-quick's place."""
+    try:
+        named = json.loads((Path(sys.prefix) / PATHS_FILE).read_text(encoding="utf-8")).get("tunnel_config")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    for candidate in (named, PROVISIONED_CONFIG):
+        if isinstance(candidate, str) and candidate and os.path.isfile(candidate):
+            return candidate
+    return WG_QUICK_CONFIG
+
+
+DEFAULT_CONFIG = default_config()
+DEFAULT_KEY = str(Path(DEFAULT_CONFIG).with_suffix(".key"))  # provisioning keeps the key beside the file
 
 
 def register_tunnel_command(subparsers, role: str) -> argparse.ArgumentParser:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from backend.cli.run import DEFAULT_CONFIG  # the provisioned config, else /etc/homemx/backend.toml
 from backend.config import ConfigError, load_config
-
-DEFAULT_CONFIG = "/etc/homemx/backend.toml"
 
 
 def register(subparsers) -> None:

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+from pathlib import Path
 
 from backend.config import ConfigError, load_config
 from backend.logsetup import setup_logging
 
-DEFAULT_CONFIG = "/etc/homemx/backend.toml"
+# Written into the venv by provisioning (provision/deploy.py): where this host's files are, so the
+# commands work without -c on a host whose files are not in the standard places.
+PATHS_FILE = "homemx-paths.json"
+
+
+def provisioned_path(key: str, fallback: str) -> str:
+    """The path ``key`` of the venv's homemx-paths.json, else ``fallback``."""
+    try:
+        value = json.loads((Path(sys.prefix) / PATHS_FILE).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return fallback
+    return value if isinstance(value, str) and value else fallback
+
+
+DEFAULT_CONFIG = provisioned_path("backend_config", "/etc/homemx/backend.toml")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -432,3 +432,59 @@ def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
     assert "Subject: provisioned" in body and "through the tunnel" in body
     # the backend saw the real client (the internet host) thanks to the gateway's PROXY v2 header
     assert re.search(re.escape(topo.internet_addr), body)
+
+
+# ---------------------------------------------------------------- the README's on-host commands (issue 15.9)
+
+
+def readme_on_host_commands(role: str) -> list[str]:
+    """The command lines of README.md's block marked ``<!-- on-host ROLE ... -->``, as written."""
+    m = re.search(rf"<!-- on-host {role}\b[^>]*-->\s*```sh\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert m, f"README.md has no on-host {role} block"
+    return [line for line in m.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_on_host_commands_work_as_written(hosts):
+    """Over ssh on each provisioned host the README's commands run as written: the command on PATH
+    (provisioning's link), no -c (the provisioned files by default, tunnel verbs included). These
+    hosts have their root under the lab's work dir, so that root's /usr/local/bin goes first on PATH:
+    what / is on a real host."""
+    import shlex
+
+    from provision import deploy, render
+
+    site, topo, lab = hosts["site"], hosts["topo"], hosts["lab"]
+    env = {**os.environ, "HOMEMX_TUNNEL_STATE_DIR": str(lab.workdir / "tunnel-state")}
+    for ns, lay, role, extra in ((topo.gateway, site.gateway, "gateway",
+                                  ["--public-if", site.gateway_public_if, "--public-addr", site.gateway_public_addr]),
+                                 (topo.home, site.backend, "backend", [])):
+        # up already when the daemons' test ran first; `up` is idempotent
+        ns.run([f"{lay.venv}/bin/homemx-{role}", "tunnel", "up", "-c", render.wg_conf_path(site, lay),
+                "--userspace", *extra], env=env)
+    out = {}
+    for role, conn, lay in (("backend", hosts["be"], site.backend), ("gateway", hosts["gw"], site.gateway)):
+        assert os.readlink(lay.path(f"/usr/local/bin/homemx-{role}")) == f"{lay.venv}/bin/homemx-{role}"
+        commands = readme_on_host_commands(role)
+        assert commands and all(c.startswith(f"homemx-{role} ") and " -c " not in c for c in commands), commands
+        for cmd in commands:
+            r = conn.run(f"export PATH={shlex.quote(lay.path('/usr/local/bin'))}:$PATH; {cmd}",
+                         hide=True, warn=True, in_stream=False)
+            assert r.exited == 0, (role, cmd, r.stdout, r.stderr)
+            out[cmd] = r.stdout
+    assert out["homemx-backend config check"].startswith(f"{site.backend.etc}/backend.toml: ok")
+    assert out["homemx-backend users list"].split() == [site.first_user]
+    assert '"v=DMARC1; p=none; rua=mailto:postmaster@example.org"' in out["homemx-backend dns records"]
+    for role, lay in (("backend", site.backend), ("gateway", site.gateway)):
+        assert render.ifname(site, lay) in out[f"homemx-{role} tunnel status"]
+    # never a file of that name that is not ours: left alone, and the report says so
+    link = site.gateway.path("/usr/local/bin/homemx-gateway")
+    os.unlink(link)
+    Path(link).write_text("#!/bin/sh\necho the operator's own\n")
+    r = deploy.Remote(hosts["gw"], site.gateway, "gateway", deploy.Report())
+    deploy.commands_on_path(r, site)
+    assert Path(link).read_text() == "#!/bin/sh\necho the operator's own\n"
+    assert any("/usr/local/bin/homemx-gateway is a file, not ours: left alone" in n for n in r.report.notes)
+    os.unlink(link)
+    deploy.commands_on_path(r, site)
+    assert ("gateway", "/usr/local/bin/homemx-gateway", "changed") in r.report.items
+    assert os.readlink(link) == f"{site.gateway.venv}/bin/homemx-gateway"
