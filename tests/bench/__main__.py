@@ -15,14 +15,14 @@ BENCHMARKS: dict[str, str] = {
     "accept": "tests.bench.accept_bench",  # B3: durable accept msgs/s, homemx-backend vs Postfix, beside the disk's fsync rate
     "fairness": "tests.bench.fairness_bench",  # B6: small-message latency while 25 MB messages flow gateway → backend
     "e2e": "tests.bench.e2e_bench",
-    "api": "tests.bench.api_bench",  # B8: msgs/s through the HTTP send API (202) beside SMTP on the lan listener (250)
-    "inbound": "tests.bench.inbound_bench",  # B7: ms added per message and mx msgs/s by SPF/DKIM/ARC/DMARC, then rspamd (issue 13)
+    "api": "tests.bench.api_bench",  # B10: msgs/s through the HTTP send API (202) beside SMTP on the lan listener (250)
+    "inbound": "tests.bench.inbound_bench",  # B9: ms added per message and mx msgs/s by SPF/DKIM/ARC/DMARC, then rspamd (issue 13)
     "dkim_verify": "tests.bench.dkim_verify_bench",  # inbound DKIM/ARC verification cost alone, per size, keys from memory and nsd
     "chaos": "tests.bench.chaos",  # issue 11: 10k messages, vanishing clients, SIGKILLed backend; 0 lost, duplicates counted
     "fuzz": "tests.bench.fuzz",  # issue 11: SMTP commands and PROXY v2 headers fuzzed for N minutes; no thread died, no traceback
     "queue_growth": "tests.bench.queue_growth_bench",  # B7: accept rate, first delivery, idle CPU, RSS, queue list/show with 0..1M deferred
     "flood": "tests.bench.flood_bench",  # B8: 10k silent connections at the edge + a trickle of real SMTP, gateway vs HAProxy
-    "report": "tests.bench.report",  # B1–B8 in one run: one table of figures, ratios vs peers and targets, JSON  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
+    "report": "tests.bench.report",  # B1–B10 in one run: one table of figures, ratios vs peers and targets, JSON  # B5: smtp-source → gateway → backend (queue + DKIM) → smtp-sink vs HAProxy → Postfix
 }
 
 

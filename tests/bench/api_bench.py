@@ -1,4 +1,4 @@
-"""HTTP send API benchmark (B8): messages/s acknowledged by a real `homemx-backend run` through
+"""HTTP send API benchmark (B10; B8 before issue 17 gave B7/B8 to the queue-growth and flood benches): messages/s acknowledged by a real `homemx-backend run` through
 ``POST /v1/messages`` (202) beside SMTP on its lan listener (250), same message, same pipeline
 (trace header, Date/Message-ID, DKIM ed25519 signature, fsynced group-commit queue), at 1 and 10
 concurrent clients. Both clients keep their connection (HTTP keep-alive; an SMTP session sends 100
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"benchmark": "api", "message_bytes": SIZE, "cpus": os.cpu_count(), **figures}
     results["ratio_c1"] = round(figures["api"]["c1"]["msgs_per_s"] / figures["smtp"]["c1"]["msgs_per_s"], 3)
     results["ratio_c10"] = round(figures["api"]["c10"]["msgs_per_s"] / figures["smtp"]["c10"]["msgs_per_s"], 3)
-    print(f"\nB8 HTTP send API vs SMTP lan ({os.cpu_count()} CPUs, {SIZE} B body, kept-alive connections, "
+    print(f"\nB10 HTTP send API vs SMTP lan ({os.cpu_count()} CPUs, {SIZE} B body, kept-alive connections, "
           "DKIM ed25519, "
           f"{platform.python_implementation()} {platform.python_version()})")
     print(f"{'':16} {'msgs/s @1':>10} {'p50 ms':>8} {'msgs/s @10':>11} {'p50 ms':>8} {'p99 ms':>8}")

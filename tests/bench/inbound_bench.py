@@ -1,4 +1,4 @@
-"""Inbound-checks benchmark (B7, issue 13): what SPF, DKIM, ARC, DMARC and Authentication-Results, then
+"""Inbound-checks benchmark (B9, issue 13; B7 before issue 17): what SPF, DKIM, ARC, DMARC and Authentication-Results, then
 rspamd, add to each message a real `homemx-backend run` accepts on its mx listener, in ms per message
 (p50/p99 of the time from the final "." to the 250) and in msgs/s, at 1 and 10 concurrent sessions.
 
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             results[config][f"s{s}"]["added_p99_ms"] = added(results, config, s, "p99_ms")
             results[config][f"s{s}"]["added_cpu_ms_per_msg"] = added(results, config, s, "backend_cpu_ms_per_msg")
 
-    print(f"\nB7 inbound checks on mx ({os.cpu_count()} CPUs, {len(message)} B DKIM-signed message, one per connection, "
+    print(f"\nB9 inbound checks on mx ({os.cpu_count()} CPUs, {len(message)} B DKIM-signed message, one per connection, "
           f"{args.messages} per cell; time from '.' to 250)")
     print(f"{'':28} {'sessions':>8} {'msgs/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} {'+p99':>6}"
           f" | in backend ms: {'checks':>6} {'rspamd':>6} | cpu ms/msg: {'backend':>7} {'rspamd':>6} {'client':>6}")
