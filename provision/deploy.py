@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import render
+from . import wheels as wheel_resolver
 from .site import HostLayout, Site
 
 PACKAGES = ("wireguard-tools", "nftables", "python3-venv")
@@ -250,9 +251,33 @@ def ensure_user(r: Remote) -> None:
     r.mark(f"user {u}", "would change" if r.dry_run else "changed")
 
 
-def ensure_venv(r: Remote, wheels: list[Path]) -> None:
-    """Upload changed wheels, then (re)install only when the set of wheels changed."""
+def host_wheels(r: Remote, wheels) -> tuple[str, list[Path]] | None:
+    """The wheels this host installs and its tag: ``wheels`` is a provision.wheels.HostWheels (resolved
+    for the host's own python3 and platform, asked over SSH) or a plain list (installed as given).
+    None in a dry run on a host that has no python3 yet (the packages step would bring it)."""
+    if isinstance(wheels, (list, tuple)):
+        return "as given", list(wheels)
+    r.step = "wheels for this host's python3"
+    try:
+        py, files = wheels.for_host(r.run, "")
+    except ProvisionError:
+        if r.dry_run:
+            return None
+        raise
+    except wheel_resolver.WheelError as e:
+        raise r.error(str(e)) from None
+    return py.tag, files
+
+
+def ensure_venv(r: Remote, wheels) -> None:
+    """Upload changed wheels (resolved for this host: host_wheels), then (re)install only when the
+    set of wheels changed; a venv of another Python version than the host's python3 is made anew."""
     lay = r.layout
+    resolved = host_wheels(r, wheels)
+    if resolved is None:
+        r.mark("venv", "would change")
+        return
+    tag, wheels = resolved
     wh = str(Path(lay.venv).parent / "wheelhouse")
     r.ensure_dir(str(Path(lay.venv).parent), 0o755, "root", "root")
     r.ensure_dir(wh, 0o755, "root", "root")
@@ -268,7 +293,7 @@ def ensure_venv(r: Remote, wheels: list[Path]) -> None:
             r.upload(w.read_bytes(), f"{wh}/{w.name}")
         if extra:
             r.run("rm -f " + " ".join(shlex.quote(f"{wh}/{n}") for n in extra))
-    r.mark(f"wheelhouse ({len(wheels)} wheels)",
+    r.mark(f"wheelhouse ({len(wheels)} wheels, {tag})",
            "unchanged" if not stale and not extra else "would change" if r.dry_run else "changed")
     stamp_text = "\n".join(sorted(f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}" for w in wheels)) + "\n"
     stamp = f"{lay.venv}/.homemx-wheels"
@@ -277,8 +302,12 @@ def ensure_venv(r: Remote, wheels: list[Path]) -> None:
         return
     if not r.dry_run:
         homemx = next(w.name for w in wheels if w.name.startswith("homemx-"))
-        if not r.ok(f"test -x {lay.venv}/bin/python"):
+        version = "import sys; print(*sys.version_info[:2])"
+        venv_py = f"{lay.venv}/bin/python"
+        if not r.ok(f"test -x {venv_py}"):
             r.run(f"python3 -m venv {shlex.quote(lay.venv)}")
+        elif r.run(f"{venv_py} -c {shlex.quote(version)}", check=False) != r.run(f"python3 -c {shlex.quote(version)}"):
+            r.run(f"python3 -m venv --clear {shlex.quote(lay.venv)}")  # the host's python3 changed (an upgrade)
         r.run(f"{lay.venv}/bin/pip install -q --no-index --find-links {wh} --force-reinstall {wh}/{homemx}")
         r.upload(stamp_text.encode(), stamp)
     r.mark("venv", "would change" if r.dry_run else "changed")

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import functools
 import sys
-import tempfile
 from pathlib import Path
 
 from fabric import task
 
-from provision import deploy
-from provision.site import SiteError, load_site
+if __name__ != "provision.fabfile":
+    # `fab -r provision` loads this file as a top-level module with only provision/ on sys.path:
+    # the checkout goes first, so `import provision` is this checkout's (installed or not)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from provision import deploy  # noqa: E402
+from provision.site import SiteError, load_site  # noqa: E402
+from provision.wheels import WheelError, operator_wheels  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -60,17 +65,16 @@ def _connect(site, *roles: str) -> dict:
 
 def _prepare(site_file: str, wheelhouse: str = ""):
     site = _load_site(site_file)
-    if wheelhouse:  # wheels built before (`pip wheel -w DIR .`): deploy exactly those
-        wheels = sorted(Path(wheelhouse).glob("*.whl"))
-        if not any(w.name.startswith("homemx-") for w in wheels):
-            sys.exit(f"no homemx wheel in {wheelhouse}")
-    else:
-        wheels = deploy.build_wheelhouse(PROJECT, Path(tempfile.mkdtemp(prefix="homemx-wheels-")))
+    try:  # homemx's wheel; each host's dependencies are resolved for it when its venv is made
+        wheels = operator_wheels(wheelhouse)
+    except WheelError as e:
+        sys.exit(f"homemx: operator: wheels: {e}")
     tls = (Path(site.tls_cert).read_bytes(), Path(site.tls_key).read_bytes()) if site.tls_cert else (None, None)
     return site, wheels, tls
 
 
-WHEELHOUSE_HELP = "deploy the wheels in this directory instead of building them"
+WHEELHOUSE_HELP = ("deploy the homemx wheel in this directory instead of building it; its other wheels are used "
+                   "for the hosts they fit")
 
 
 @task(help={"site": "site file (default site.toml)", "dry_run": "show what would change, change nothing",

@@ -32,14 +32,36 @@ RELAY = Path(__file__).with_name("nsrelay.py")
 
 @pytest.fixture(scope="session")
 def wheels(tmp_path_factory):
-    from provision.deploy import build_wheelhouse
+    """homemx's wheel; each host's dependencies are resolved for it (provision/wheels.py) into this
+    session's cache (the fab command line test finds it through XDG_CACHE_HOME)."""
+    from provision.wheels import HostWheels, build_homemx_wheel
 
-    return build_wheelhouse(REPO, tmp_path_factory.mktemp("wheelhouse"))
+    d = tmp_path_factory.mktemp("wheels")
+    return HostWheels(homemx=build_homemx_wheel(REPO, d / "homemx"), cache=d / "xdg" / "homemx" / "wheels")
 
 
-def _sshd(lab: Lab, ns, addr: str, role: str, pubkey: str) -> None:
+def _other_python() -> str | None:
+    """A CPython of another minor version than the operator's (this machine kind has pyenv's), with
+    venv and ensurepip: the home host's python3, so it must get wheels of its own. None: there is none."""
+    for v in ("3.12", "3.13", "3.11"):
+        if v == "%d.%d" % sys.version_info[:2]:
+            continue
+        for cand in sorted(Path("/root/.pyenv/versions").glob(f"{v}.*/bin/python{v}")) + [Path(f"/usr/bin/python{v}")]:
+            if cand.exists() and subprocess.run([cand, "-c", "import venv, ensurepip, ssl"]).returncode == 0:
+                return str(cand)
+    return None
+
+
+def _sshd(lab: Lab, ns, addr: str, role: str, pubkey: str, python3: str | None = None) -> None:
     d = lab.workdir / f"ssh-{role}"
     d.mkdir()
+    setenv = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    if python3:  # this host's python3 (for SSH sessions) is another Python than the operator's
+        (d / "bin").mkdir()
+        (d / "bin" / "python3").symlink_to(python3)
+        setenv = setenv.replace("PATH=", f"PATH={d / 'bin'}:")
+        if "/.pyenv/versions/" in python3:  # root's .bashrc puts pyenv's shims first: they obey this
+            setenv += " PYENV_VERSION=" + python3.split("/.pyenv/versions/")[1].split("/")[0]
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "hostkey")], check=True)
     (d / "authorized_keys").write_text(pubkey)
     cfg = d / "sshd_config"
@@ -53,6 +75,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 Subsystem sftp internal-sftp
+SetEnv {setenv}
 """)
     Path("/run/sshd").mkdir(exist_ok=True)
     ns.popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(cfg)], stderr=subprocess.DEVNULL)
@@ -88,7 +111,7 @@ def hosts(wheels):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         pub = (lab.workdir / "operator_key.pub").read_text()
         _sshd(lab, topo.gateway, topo.gateway_addr, "gw", pub)
-        _sshd(lab, topo.home, topo.home_addr, "home", pub)
+        _sshd(lab, topo.home, topo.home_addr, "home", pub, python3=_other_python())
 
         def layout(role, ns, addr, ifname):
             # Fabric reaches each namespace's sshd through a relay started inside that namespace
@@ -198,6 +221,23 @@ def test_first_run_files_keys_and_permissions(hosts):
     assert (junk / "learn-spam.svbin").exists() and (junk / "learn-ham.svbin").exists()
     assert f"sieve_pipe_bin_dir = {junk}\n" in (junk / render.DOVECOT_JUNK_CONF).read_text()
 
+    # each host installed the wheels resolved for its own python3 (asked over SSH), not the operator's:
+    # the home host runs another Python (_other_python) than the gateway and the operator
+    host_abi = {}
+    for rem, lay in ((g, gl), (b, bl)):
+        abi = subprocess.run([f"{lay.venv}/bin/python", "-c", "import sys; print('cp%d%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        host_abi[rem.role] = abi
+        (item,) = [i for h, i, _ in report.items if h == rem.role and i.startswith("wheelhouse (")]
+        assert f", {abi}-{abi}-manylinux_" in item, item
+        uploaded = os.listdir(Path(lay.venv).parent / "wheelhouse")
+        binary = [n for n in uploaded if not n.endswith("-none-any.whl") and "-abi3-" not in n]
+        assert binary and all(f"-{abi}-{abi}-" in n for n in binary), (abi, binary)
+        assert any(n.startswith("pydantic_core-") for n in binary)
+        assert sorted(uploaded) == sorted(w.name for w in hosts["wheels"].resolved[item.split(", ")[1][:-1]])
+    if _other_python():
+        assert host_abi["backend"] != host_abi["gateway"] == "cp%d%d" % sys.version_info[:2]
+
     # each end's private key differs; each end's peer is the other's public key
     gpriv, bpriv = Path(gkey).read_text().strip(), Path(bkey).read_text().strip()
     assert gpriv != bpriv
@@ -304,10 +344,11 @@ def _site_toml(site) -> str:
 def test_fab_command_line_dry_run_reports_nothing_to_change(hosts):
     site_file = hosts["lab"].workdir / "site.toml"
     site_file.write_text(_site_toml(hosts["site"]))
-    wheelhouse = hosts["wheels"][0].parent
+    wheelhouse = hosts["wheels"].homemx.parent
     r = subprocess.run([str(Path(sys.executable).with_name("fab")), "-r", str(REPO / "provision"), "both",
                         "--site", str(site_file), "--dry-run", "--wheelhouse", str(wheelhouse)],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "XDG_CACHE_HOME": str(hosts["wheels"].cache.parent.parent)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "\nnothing changed\n" in r.stdout, r.stdout
     assert "would change" not in r.stdout and "restart" not in r.stdout
