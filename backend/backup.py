@@ -373,10 +373,14 @@ def _copy_message(w: _Writer, rel_dir: str, here: Path, name: str, seen: set) ->
     if (maildir, unique) in seen:
         return
     rel_maildir = rel_dir.rsplit("/", 1)[0]
-    candidates = [(here.name, name)] + [
-        (sub, n) for sub in ("new", "cur") for n in _listdir(maildir / sub) if n.split(":", 1)[0] == unique
-    ]
-    for sub, n in candidates:
+
+    def candidates() -> Iterator[tuple[str, str]]:
+        yield here.name, name
+        # Only when it is gone: look for its new name (listing the folder for every message would be quadratic).
+        for sub in ("new", "cur"):
+            yield from ((sub, n) for n in _listdir(maildir / sub) if n.split(":", 1)[0] == unique)
+
+    for sub, n in candidates():
         try:
             w.copy(f"{rel_maildir}/{sub}/{n}", maildir / sub / n)
         except FileNotFoundError:
