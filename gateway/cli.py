@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_config
+
+# Written into the venv by provisioning (provision/deploy.py commands_on_path): this host's files,
+# whatever its root, so `homemx-gateway status` works as the operator guide writes it, without -c.
+PATHS_FILE = "homemx-paths.json"
+
+
+def default_config() -> str:
+    """The venv's homemx-paths.json ``gateway_config``, else the provisioned place."""
+    try:
+        named = json.loads((Path(sys.prefix) / PATHS_FILE).read_text(encoding="utf-8")).get("gateway_config")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) and named else "/etc/homemx/gateway.toml"
+
+
+DEFAULT_CONFIG = default_config()
 
 
 def _print_config_error(e: ConfigError) -> None:
@@ -77,21 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    config_help = f"gateway TOML file (default {DEFAULT_CONFIG})"
     p = sub.add_parser("run", help="run the edge proxy")
-    p.add_argument("-c", "--config", required=True, help="gateway TOML file")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=config_help)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="configuration commands")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     csub.required = True
     c = csub.add_parser("check", help="load and validate the config; binds nothing")
-    c.add_argument("-c", "--config", required=True, help="gateway TOML file")
+    c.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=config_help)
     c.set_defaults(func=_cmd_config_check)
 
     p = sub.add_parser("status", help="listeners, upstream, tunnel, metrics; exit 1 when something needs attention",
                        description="The gateway on one screen. Exit status 0: all is well; 1: something needs "
                        "attention; 2: the config cannot be read.")
-    p.add_argument("-c", "--config", required=True, help="gateway TOML file")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=config_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=3.0, help="per probe, in seconds (default 3)")
     p.set_defaults(func=_cmd_status)

@@ -58,3 +58,19 @@ def test_provisioned_paths_are_the_defaults(venv, tmp_path):
         (venv / "homemx-paths.json").unlink()
     r = backend_cli(venv, "dns", "records")  # no homemx-paths.json: the standard path
     assert r.returncode == 2 and "/etc/homemx/backend.toml: cannot read: No such file or directory" in r.stderr
+
+
+def test_gateway_commands_use_the_provisioned_config_without_c(venv, tmp_path):
+    """`homemx-gateway status` / `config check` / `run` as the operator guide writes them (no -c)."""
+    gw = "import sys; from gateway.cli import main; sys.exit(main())"
+    toml = tmp_path / "etc/homemx/gateway.toml"
+    (venv / "homemx-paths.json").write_text(json.dumps({"gateway_config": str(toml)}))
+    try:
+        for argv in (["status"], ["config", "check"], ["run"]):
+            r = subprocess.run([venv / "bin/python", "-c", gw, *argv], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2, (argv, r.stdout, r.stderr)
+            assert str(toml) in r.stderr and len(r.stderr.splitlines()) == 1, (argv, r.stderr)
+    finally:
+        (venv / "homemx-paths.json").unlink()
+    r = subprocess.run([venv / "bin/python", "-c", gw, "config", "check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "/etc/homemx/gateway.toml" in r.stderr, r.stderr
