@@ -235,7 +235,9 @@ def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> str:
         return "packages " + " ".join(pkgs)
     if r.layout.install_packages and not r.dry_run:
         r.run("DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-              "apt-get install -y -qq --no-install-recommends " + " ".join(missing))
+        # UCF_FORCE_CONFFOLD: a config file provisioning wrote before the package (Dovecot's
+        # dovecot.conf, managed by ucf) is kept, not replaced by the package's and started with it.
+              "UCF_FORCE_CONFFOLD=1 apt-get install -y -qq --no-install-recommends " + " ".join(missing))
     r.mark("packages " + " ".join(missing), "would change" if r.dry_run or not r.layout.install_packages else "changed")
     return "packages " + " ".join(missing)
 
@@ -335,6 +337,8 @@ def _units(r: Remote, files: dict[str, str]) -> None:
     r.ensure_dir(r.layout.units, 0o755, "root", "root")
     for name, text in files.items():
         r.ensure_file(f"{r.layout.units}/{name}", text.encode(), 0o644, "root", "root", item=f"unit {name}")
+    for sub in sorted({name.rsplit("/", 1)[0] for name in files if "/" in name}):  # drop-in directories
+        r.ensure_dir(f"{r.layout.units}/{sub}", 0o755, "root", "root")
 
 
 def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key: str | None,
@@ -424,15 +428,19 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
     rspamd_inputs = spam_filter(r) if site.rspamd else ()
     if site.prometheus_rules_dir:
         alert_rules(r, site)
-    dovecot_tls(r, site)
+    dovecot_inputs = dovecot(r, site)
     _units(r, {"homemx-tunnel.service": render.tunnel_unit(site, lay, "backend"),
                "homemx-backend.service": render.backend_unit(site, lay),
-               **render.dovecot_reload_units(lay)})
+               **render.dovecot_reload_units(lay),
+               render.DOVECOT_DROPIN: render.dovecot_service_dropin()})
     _restart(r, {"rspamd.service": rspamd_inputs,
                  "homemx-dovecot-reload.path": ("unit homemx-dovecot-reload.path", "unit homemx-dovecot-reload.service"),
                  "homemx-tunnel.service": ("wireguard conf", "wireguard key", "unit homemx-tunnel.service", "venv"),
                  "homemx-backend.service": ("backend.toml", "dkim keys", "tls certificate", "tls key",
-                                            "unit homemx-backend.service", "venv", "homemx-tunnel.service")})
+                                            "unit homemx-backend.service", "venv", "homemx-tunnel.service"),
+                 # after the backend: Dovecot reads the certificate files the backend makes
+                 "dovecot.service": (*dovecot_inputs, "tls certificate", "tls key", f"unit {render.DOVECOT_DROPIN}",
+                                     "homemx-tunnel.service")})
     return res.get("records", [])
 
 
@@ -511,9 +519,9 @@ def spam_filter(r: Remote) -> tuple[str, ...]:
     Dovecot files for the Junk folder and learning from moves (docs/inbound-trust.md).
 
     The rspamd files go to the package's own local.d (under the layout's root); the settings are
-    checked on the host with ``rspamadm configtest`` before rspamd restarts. Dovecot is not
-    provisioned: its files are written to <etc>/dovecot for the user's Dovecot to ``!include``.
-    Returns the report items rspamd reads (a change restarts it)."""
+    checked on the host with ``rspamadm configtest`` before rspamd restarts. The Dovecot side (Junk
+    folder, learning from moves) is written by dovecot(). Returns the report items rspamd reads (a
+    change restarts it)."""
     lay = r.layout
     packages = install_missing(r, SPAM_FILTER_PACKAGES)
     if lay.systemctl:
@@ -534,22 +542,55 @@ def spam_filter(r: Remote) -> tuple[str, ...]:
     if "changed" in statuses:
         # the package's rspamd.conf reads local.d under LOCAL_CONFDIR: check it with what was written
         r.run(f"rspamadm --var=LOCAL_CONFDIR={shlex.quote(confdir)} configtest -c {render.RSPAMD_CONF}")
-    dovecot_junk(r)
     return (packages, *(f"rspamd {rel}" for rel in files))
 
 
-def dovecot_tls(r: Remote, site: Site) -> None:
+def dovecot(r: Remote, site: Site) -> tuple[str, ...]:
+    """Dovecot at home (IMAPS behind the gateway): its whole configuration (Debian's dovecot.conf
+    replaced by provisioning's, see render.dovecot_conf), the certificate include, the IMAP-only
+    check account made on this host, the packages, and (with the spam filter) the Junk/IMAPSieve
+    files. The configuration is written BEFORE the packages are installed, so the package's
+    postinst never starts Debian's stock one (every address, PAM). Checked with ``doveconf`` on the
+    host once the certificate it names exists. Returns the report items Dovecot reads."""
+    lay = r.layout
+    d = f"{lay.etc}/{render.DOVECOT_DIR}"
+    conf = lay.path(render.DOVECOT_CONF)
+    r.ensure_dir(d, 0o755, "root", "root")
+    r.ensure_dir(conf.rsplit("/", 1)[0], 0o755, "root", "root")
+    statuses = [r.ensure_file(conf, render.dovecot_conf(site, lay).encode(), 0o644, "root", "root",
+                              item="dovecot.conf")]
+    statuses.append(dovecot_tls(r, site))
+    statuses.append(r.mark("imap check account", r.hostside(
+        "imap_check_account", user=render.DOVECOT_CHECK_USER, group=lay.user,
+        passwd_file=f"{d}/{render.DOVECOT_CHECK_PASSWD}",
+        password_file=f"{d}/{render.DOVECOT_CHECK_PASSWORD}").get("account", "would change")))
+    packages = install_missing(r, render.DOVECOT_PACKAGES + ((render.DOVECOT_SIEVE_PACKAGE,) if site.rspamd else ()))
+    inputs = [packages, "dovecot.conf", f"dovecot {render.DOVECOT_TLS_CONF}"]
+    if site.rspamd:
+        dovecot_junk(r)
+        inputs += [f"dovecot {render.DOVECOT_JUNK_CONF}", "dovecot sieve binaries",
+                   *(f"dovecot {name}" for name in render.dovecot_junk_files())]
+    cert = (render.acme_live_paths(lay) if site.acme else render.tls_paths(lay))[0]
+    if not r.dry_run and r.touched & set(inputs) and r.ok("command -v doveconf >/dev/null"):
+        if r.ok(f"test -f {shlex.quote(cert)}"):
+            r.step = "dovecot.conf"
+            r.run(f"doveconf -n -c {shlex.quote(conf)} >/dev/null")
+        else:
+            r.report.notes.append(f"backend: {conf} not checked yet: {cert} is made at the backend's first start")
+    return tuple(inputs)
+
+
+def dovecot_tls(r: Remote, site: Site) -> str:
     """Dovecot's certificate include (<etc>/dovecot/homemx-tls.conf): the backend's ACME files (or
-    [tls] files) for the user's Dovecot to ``!include``; a renewal reaches Dovecot through the
-    reload path unit."""
+    [tls] files); a renewal reaches Dovecot through the reload path unit."""
     d = f"{r.layout.etc}/dovecot"
     r.ensure_dir(d, 0o755, "root", "root")
-    r.ensure_file(f"{d}/{render.DOVECOT_TLS_CONF}", render.dovecot_tls_conf(site, r.layout).encode(), 0o644,
-                  "root", "root", item=f"dovecot {render.DOVECOT_TLS_CONF}")
+    return r.ensure_file(f"{d}/{render.DOVECOT_TLS_CONF}", render.dovecot_tls_conf(site, r.layout).encode(), 0o644,
+                         "root", "root", item=f"dovecot {render.DOVECOT_TLS_CONF}")
 
 
 def dovecot_junk(r: Remote) -> None:
-    """The Junk folder and learning files for the user's Dovecot in <etc>/dovecot, and their Sieve
+    """The Junk folder and learning files for Dovecot in <etc>/dovecot, and their Sieve
     scripts compiled where Pigeonhole's sievec is installed (dovecot-sieve; else a note says so)."""
     junk = f"{r.layout.etc}/dovecot"
     r.ensure_dir(junk, 0o755, "root", "root")
@@ -626,7 +667,8 @@ def reachable(conn, layout: HostLayout, role: str) -> None:
 
 
 def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:
-    """After deploying: a fresh handshake on both ends, and a 220 banner from the backend through the gateway."""
+    """After deploying: a fresh handshake on both ends, a 220 banner from the backend through the
+    gateway, and an IMAPS login through the gateway (``backend["imap"]``: one line)."""
     report = Report()
     g = Remote(gw_conn, site.gateway, "gateway", report)
     b = Remote(be_conn, site.backend, "backend", report)
@@ -634,4 +676,12 @@ def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:
     gw = g.hostside("check", ifname=render.ifname(site, site.gateway), wait=wait, banner_addr=site.gateway_public_addr,
                     banner_port=site.submission_port)
     return {"backend": home, "gateway": gw,
-            "ok": bool(home.get("handshake_fresh") and gw.get("handshake_fresh") and gw.get("backend_answers"))}
+            "ok": bool(home.get("handshake_fresh") and gw.get("handshake_fresh") and gw.get("backend_answers")
+                       and home.get("imap_ok"))}
+    # IMAPS as a mail client does it, from the home host to the gateway's public address and back
+    # through the tunnel to Dovecot; the check account's password never leaves the home host.
+    d = f"{site.backend.etc}/{render.DOVECOT_DIR}"
+    cert = (render.acme_live_paths(site.backend) if site.acme else render.tls_paths(site.backend))[0]
+    home.update(b.hostside("imap_check", addr=site.gateway_public_addr, port=site.imaps_port,
+                           user=render.DOVECOT_CHECK_USER, password_file=f"{d}/{render.DOVECOT_CHECK_PASSWORD}",
+                           cert=cert, wait=min(wait, 10)))

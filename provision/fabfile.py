@@ -126,7 +126,7 @@ def backend(c, site="site.toml", gateway_pubkey="", dry_run=False, wheelhouse=""
 @task(help={"site": "site file"})
 @_one_line
 def check(c, site="site.toml"):
-    """Fresh handshake on both ends and a 220 from the backend through the gateway; exit 1 otherwise."""
+    """Fresh handshake on both ends, a 220 from the backend and an IMAPS login through the gateway; exit 1 otherwise."""
     s = _load_site(site)
     conns = _connect(s, "gateway", "backend")
     _print_check(deploy.check(s, conns["gateway"], conns["backend"]))
@@ -138,5 +138,6 @@ def _print_check(res: dict) -> None:
         print(f"{host:<8} handshake {'fresh' if res[host].get('handshake_fresh') else 'MISSING'}"
               + (f" ({age:.0f}s ago)" if age is not None else ""))
     print(f"gateway  backend answers through the gateway: {res['gateway'].get('banner') or 'no answer'}")
+    print(f"backend  IMAPS login through the gateway: {res['backend'].get('imap') or 'not checked'}")
     if not res["ok"]:
         sys.exit(1)

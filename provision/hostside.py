@@ -156,8 +156,65 @@ def check(req: dict) -> dict:
     return out
 
 
+def imap_check_account(req: dict) -> dict:
+    """The IMAP-only account `fab check` logs in with: a random password kept here (root 0600, never
+    sent anywhere) and its {BLF-CRYPT} hash in Dovecot's check passwd-file (root:<group> 0640)."""
+    import shutil
+
+    from backend.receive.users import hash_password, verify_password
+
+    password_file, passwd_file = Path(req["password_file"]), Path(req["passwd_file"])
+    try:
+        password = password_file.read_text().strip()
+        user, _, stored = passwd_file.read_text().splitlines()[0].partition(":")
+        if user == req["user"] and verify_password(password.encode(), stored.split(":", 1)[0]):
+            return {"account": "unchanged"}
+    except (OSError, IndexError):
+        pass
+    if req.get("dry_run"):
+        return {"account": "would change"}
+    password = secrets.token_urlsafe(24)
+    _write_if_changed(password_file, password + "\n", 0o600, False)
+    _write_if_changed(passwd_file, f"{req['user']}:{hash_password(password)}\n", 0o640, False)
+    shutil.chown(passwd_file, "root", req["group"])
+    return {"account": "changed"}
+
+
+def imap_check(req: dict) -> dict:
+    """Log in over IMAPS at ``addr``:``port`` (the gateway's public address: home → internet → gateway
+    → tunnel → Dovecot) with the check account, after checking that the certificate served is the
+    home's own (``cert``): TLS ends at home, and the password goes to no one else. One line back."""
+    import imaplib
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    deadline = time.monotonic() + float(req.get("wait", 10))
+    try:
+        password = Path(req["password_file"]).read_text().strip()
+        ours = x509.load_pem_x509_certificate(Path(req["cert"]).read_bytes()).public_bytes(Encoding.DER)
+    except (OSError, ValueError) as e:
+        return {"imap_ok": False, "imap": f"FAILED: {e}"}
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # compared with the home's own below
+    while True:
+        try:
+            with imaplib.IMAP4_SSL(req["addr"], int(req["port"]), ssl_context=ctx, timeout=10) as m:
+                if m.sock.getpeercert(binary_form=True) != ours:
+                    return {"imap_ok": False, "imap": "FAILED: the certificate served is not the home's"}
+                m.login(req["user"], password)
+                typ, _ = m.select("INBOX", readonly=True)
+                return {"imap_ok": typ == "OK", "imap": f"OK (logged in as {req['user']}, INBOX {typ})"}
+        except (OSError, imaplib.IMAP4.error, EOFError) as e:
+            if time.monotonic() > deadline:
+                return {"imap_ok": False, "imap": f"FAILED: {type(e).__name__}: {e}".rstrip(": ")}
+            time.sleep(0.5)
+
+
 ACTIONS = {"tunnel_key": tunnel_key, "tunnel_config": tunnel_config, "dkim_keys": dkim_keys,
-           "tls_selfsigned": tls_selfsigned, "first_user": first_user, "check": check}
+           "tls_selfsigned": tls_selfsigned, "first_user": first_user, "check": check,
+           "imap_check_account": imap_check_account, "imap_check": imap_check}
 
 
 def main(argv: list[str] | None = None) -> int:

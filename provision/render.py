@@ -191,6 +191,99 @@ def dovecot_tls_conf(site: Site, layout: HostLayout) -> str:
     return f"# homemx: written by provisioning (provision/render.py): {how}\nssl_cert = <{cert}\nssl_key = <{key}\n"
 
 
+# ---------------------------------------------------------------- Dovecot (IMAPS at home, docs/operator-guide.md)
+# Provisioning owns Dovecot's whole configuration: Debian's /etc/dovecot/dovecot.conf is replaced by
+# one that includes only homemx's files, so Debian's conf.d (the PAM passdb of auth-system.conf.ext,
+# the imap/imaps listeners on every address) is never read. homemx keeps writing the Maildirs itself
+# (backend/local/): Dovecot only serves them, and runs Sieve where it acts on mail (IMAPSieve, moves).
+
+DOVECOT_CONF = "/etc/dovecot/dovecot.conf"  # Debian's main file (ucf-managed): the one Dovecot and doveadm read
+DOVECOT_DIR = "dovecot"                     # under the layout's etc: homemx's includes and check account
+DOVECOT_CHECK_USER = "check@homemx.invalid"  # IMAP-only: in Dovecot's check-passwd, not in the backend's users
+DOVECOT_CHECK_PASSWD = "check-passwd"        # {BLF-CRYPT} hash of its password (root:<user> 0640)
+DOVECOT_CHECK_PASSWORD = "check.password"    # the password itself (root 0600, read by `fab check` at home)
+DOVECOT_PACKAGES = ("dovecot-imapd",)        # dovecot-core comes with it
+DOVECOT_SIEVE_PACKAGE = "dovecot-sieve"      # Pigeonhole: IMAPSieve for the Junk learning (with rspamd)
+DOVECOT_SPECIAL_USE = (("Drafts", "\\Drafts"), ("Junk", "\\Junk"), ("Sent", "\\Sent"), ("Trash", "\\Trash"))
+
+
+def dovecot_conf_text(*, address: str, port: int, trusted: str, passwd: str, check_passwd: str,
+                      maildir_root: str, mail_user: str, mail_group: str, includes: list[str]) -> str:
+    """Dovecot's complete configuration: IMAPS only on ``address`` behind the gateway's PROXY header
+    (``trusted``: the gateway's tunnel address, the only peer allowed to send one), the backend's
+    passwd-file and the check account's, no system (PAM) passdb, the backend's Maildirs as
+    ``mail_user``/``mail_group``, special-use folders created on first login. ``includes``: the certificate file
+    (homemx-tls.conf) and, with the spam filter, the Junk/IMAPSieve file."""
+    mailboxes = "".join(f"  mailbox {name} {{\n    special_use = {flag}\n    auto = subscribe\n  }}\n"
+                        for name, flag in DOVECOT_SPECIAL_USE)
+    passdbs = "".join(f"passdb {{\n  driver = passwd-file\n  args = scheme=BLF-CRYPT username_format=%u {path}\n}}\n"
+                      for path in (passwd, check_passwd))
+    return f"""# homemx: written by provisioning (provision/render.py); local edits are overwritten.
+# The whole Dovecot configuration: Debian's conf.d is not included (no PAM passdb, no listener on
+# every address). Mail clients reach it through the gateway's port 993 (docs/operator-guide.md).
+protocols = imap
+listen = {address}
+# Only the gateway may send a PROXY header, and the imaps listener requires one: a connection from
+# anywhere else, or without the header, is closed before TLS.
+haproxy_trusted_networks = {trusted}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    address = {address}
+    port = {port}
+    ssl = yes
+    haproxy = yes
+  }}
+}}
+ssl = required
+ssl_min_protocol = TLSv1.2
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+# The backend's users (one password for SMTP and IMAP), then the IMAP-only check account of
+# `fab check`; nothing else: a system account cannot log in.
+{passdbs}# The auth process (user dovecot) reads those files by the backend's group, as the backend does.
+service auth {{
+  extra_groups = {mail_group}
+}}
+# Every user's mail belongs to the backend's user, in the Maildirs it delivers to (backend/local/).
+userdb {{
+  driver = static
+  args = uid={mail_user} gid={mail_group} home={maildir_root}/%d/%n
+}}
+# The backend's user is a system user (uid under 1000); root (uid 0) is refused whatever this says.
+first_valid_uid = 1
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+{mailboxes}}}
+""" + "".join(f"!include {path}\n" for path in includes)
+
+
+def dovecot_conf(site: Site, layout: HostLayout) -> str:
+    """The provisioned DOVECOT_CONF (see dovecot_conf_text)."""
+    d = f"{layout.etc}/{DOVECOT_DIR}"
+    includes = [f"{d}/{DOVECOT_TLS_CONF}"] + ([f"{d}/{DOVECOT_JUNK_CONF}"] if site.rspamd else [])
+    return dovecot_conf_text(address=site.backend_tunnel_addr, port=site.backend_imaps_port,
+                             trusted=f"{site.gateway_tunnel_addr}/32", passwd=f"{layout.etc}/passwd",
+                             check_passwd=f"{d}/{DOVECOT_CHECK_PASSWD}", maildir_root=f"{layout.data}/mail",
+                             mail_user=layout.user, mail_group=layout.user, includes=includes)
+
+
+DOVECOT_DROPIN = "dovecot.service.d/homemx.conf"  # under the unit dir: ordering for Debian's dovecot.service
+
+
+def dovecot_service_dropin() -> str:
+    """``dovecot.service.d/homemx.conf``: Dovecot listens on the tunnel address and reads the backend's
+    certificate, so it starts after both."""
+    return """# written by homemx provisioning
+[Unit]
+Wants=homemx-tunnel.service
+After=homemx-tunnel.service homemx-backend.service
+"""
+
+
 def dovecot_reload_units(layout: HostLayout) -> dict[str, str]:
     """A path unit watching the reload trigger and the oneshot service it starts (``doveadm reload``:
     Dovecot reads its config, and so the new certificate, again; open sessions keep theirs)."""

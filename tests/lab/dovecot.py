@@ -1,11 +1,13 @@
 """Dovecot for the lab's home: IMAPS over the backend's Maildirs and passwd-file, accepting PROXY v2 from the gateway.
 
 Started in the foreground (``dovecot -F``) inside a namespace (or on this host's loopback when
-``ns`` is None) with a config file like a user's: the same passwd-file as the backend
-(``{BLF-CRYPT}`` hashes), ``mail_location`` pointing at the backend's
+``ns`` is None) with the configuration provisioning writes (provision.render.dovecot_conf_text,
+verbatim, after a header that only places its run/state dirs and logs in the work dir): the same
+passwd-file as the backend (``{BLF-CRYPT}`` hashes), the backend's
 ``<maildir_root>/<domain>/<user>/Maildir``, an ``imaps`` listener with ``haproxy = yes`` that
-trusts only the gateway's tunnel address, and the Junk folder with rspamd learning from moves,
-included from the very files provisioning gives a user (provision.render.dovecot_junk_conf).
+trusts only the gateway's tunnel address, special-use folders, and the Junk folder with rspamd
+learning from moves, included from the very files provisioning gives a user
+(provision.render.dovecot_junk_conf).
 
 ``cert``/``key`` may be the backend's ACME live files (data_dir/acme/live/): Dovecot then serves the
 certificate the backend obtained, and ``reload_command`` (``doveadm reload`` for this instance) is the
@@ -28,47 +30,32 @@ from pathlib import Path
 from provision import render
 from tests.lab.netns import Namespace
 
-CONF = """
+# Where this instance keeps its processes, sockets and logs (a real host uses Dovecot's defaults), and
+# the users it runs as. Everything after it is the configuration provisioning writes
+# (provision.render.dovecot_conf_text), verbatim.
+LAB_HEADER = """# lab placement (tests/lab/dovecot.py); the provisioned configuration follows
 base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
-protocols = imap
-listen = {address}
-ssl = required
-ssl_cert = <{cert}
-ssl_key = <{key}
-auth_mechanisms = plain
-disable_plaintext_auth = yes
-haproxy_trusted_networks = {trusted}
 default_internal_user = {internal_user}
 default_internal_group = {internal_group}
 default_login_user = {login_user}
-mail_location = maildir:{maildir_root}/%d/%n/Maildir
-!include {junk_conf}
-passdb {{
-  driver = passwd-file
-  args = username_format=%u {passwd}
-}}
-userdb {{
-  driver = static
-  args = uid={mail_uid} gid={mail_uid} home={maildir_root}/%d/%n
-}}
 service imap-login {{
   chroot =
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    address = {address}
-    port = {port}
-    ssl = yes
-    haproxy = {haproxy}
-  }}
 }}
 service anvil {{
   chroot =
 }}
+"""
+
+# haproxy=False only: a listener for clients that connect directly (unit tests of the mailbox side).
+NO_PROXY = """# lab only: clients connect directly, without the gateway's PROXY header
+service imap-login {
+  inet_listener imaps {
+    haproxy = no
+  }
+}
 """
 
 
@@ -88,9 +75,12 @@ class Dovecot:
             pw = pwd.getpwuid(run_as)
             group = grp.getgrgid(pw.pw_gid).gr_name
             users = dict(internal_user=pw.pw_name, internal_group=group, login_user=pw.pw_name)
-        self.conf_text = dict(address=address, port=port, cert=cert, key=key, passwd=passwd,
-                              maildir_root=maildir_root, trusted=trusted, mail_uid=mail_uid,
-                              haproxy="yes" if haproxy else "no", **users)
+        self.users = users
+        self.haproxy = haproxy
+        self.settings = dict(address=address, port=port, trusted=trusted, passwd=str(passwd),
+                             maildir_root=str(maildir_root), mail_user=str(mail_uid),
+                             mail_group=grp.getgrgid(pwd.getpwuid(mail_uid).pw_gid).gr_name)
+        self.cert, self.key = cert, key
         self.conf = workdir / "dovecot.conf"
         self.proc: subprocess.Popen | None = None
 
@@ -120,17 +110,31 @@ class Dovecot:
         conf.write_text(render.dovecot_junk_conf(str(sieve)))
         return conf
 
+    def config_text(self) -> str:
+        """The lab's placement header, then the configuration provisioning renders for these settings."""
+        d = self.dir
+        tls = d / render.DOVECOT_TLS_CONF
+        tls.write_text(f"ssl_cert = <{self.cert}\nssl_key = <{self.key}\n")
+        check_passwd = d / render.DOVECOT_CHECK_PASSWD
+        check_passwd.touch()
+        provisioned = render.dovecot_conf_text(**self.settings, check_passwd=str(check_passwd),
+                                               includes=[str(tls), str(self._write_junk_files())])
+        return LAB_HEADER.format(d=d, **self.users) + provisioned + ("" if self.haproxy else NO_PROXY)
+
+    def _compile_sieve(self) -> None:
+        for argv in render.dovecot_sievec(str(self.dir / "sieve")):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}")
+
     def start(self) -> "Dovecot":
         d = self.dir
         for sub in ("run", "state"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
         conf = self.conf
-        conf.write_text(CONF.format(d=d, junk_conf=self._write_junk_files(), **self.conf_text))
-        for argv in render.dovecot_sievec(str(d / "sieve")):
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stdout}{r.stderr}")
+        conf.write_text(self.config_text())
+        self._compile_sieve()
         argv = ["dovecot", "-F", "-c", str(conf)]
         if self.run_as is not None:
             # Its run/state dirs and logs are written by the master, now this user.
@@ -166,3 +170,25 @@ class Dovecot:
             if p.exists():
                 out += p.read_text(errors="replace")
         return out
+
+
+class ProvisionedDovecot(Dovecot):
+    """Dovecot started (as root, like Debian's unit) from a configuration file provisioning wrote
+    (``conf``: the deployed dovecot.conf, included as it is after the lab's placement header), for
+    tests of a provisioned home. ``address``/``port``: where it listens (to wait for it)."""
+
+    def __init__(self, ns: Namespace | None, workdir: Path, conf: str | Path, *, address: str, port: int,
+                 extra: str = ""):
+        self.ns, self.dir, self.address, self.port = ns, workdir, address, port
+        self.run_as = None
+        self.users = dict(internal_user="dovecot", internal_group="dovecot", login_user="dovenull")
+        self.provisioned, self.extra = Path(conf), extra
+        self.conf = workdir / "dovecot.conf"
+        self.proc = None
+
+    def config_text(self) -> str:
+        """``extra``: lines after the provisioned file (a test's control, e.g. Debian's PAM passdb)."""
+        return LAB_HEADER.format(d=self.dir, **self.users) + f"!include {self.provisioned}\n" + self.extra
+
+    def _compile_sieve(self) -> None:  # provisioning compiled the deployed scripts
+        pass

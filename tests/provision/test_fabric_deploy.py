@@ -443,6 +443,7 @@ def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
                                  (topo.home, site.backend, "backend", [])):
         ns.run([f"{lay.venv}/bin/homemx-{role}", "tunnel", "up", "-c", render.wg_conf_path(site, lay),
                 "--userspace", *extra], env=env)
+    start_provisioned_dovecot(hosts)  # IMAPS through the gateway is part of the check (issue 15)
     logs = lab.workdir
     topo.gateway.popen([f"{site.gateway.venv}/bin/homemx-gateway", "run", "-c", f"{site.gateway.etc}/gateway.toml"],
                        stdout=open(logs / "gw.log", "w"), stderr=subprocess.STDOUT)
@@ -523,6 +524,101 @@ def test_readme_on_host_commands_work_as_written(hosts):
     Path(link).write_text("#!/bin/sh\necho the operator's own\n")
     r = deploy.Remote(hosts["gw"], site.gateway, "gateway", deploy.Report())
     deploy.commands_on_path(r, site)
+
+
+# ---------------------------------------------------------------- Dovecot as provisioned (issue 15)
+# The home's Dovecot runs from the dovecot.conf provisioning deployed (tests/lab/dovecot.py only puts
+# its run/state dirs and logs in the work dir), started by the test above once the backend made the
+# certificate that file names.
+
+IMAP_READ = r"""
+import imaplib, json, ssl, sys
+addr, user, password, subject = sys.argv[1:5]
+ctx = ssl._create_unverified_context()  # the backend's placeholder: compared with the home's file below
+with imaplib.IMAP4_SSL(addr, 993, ssl_context=ctx, timeout=20) as m:
+    cert = m.sock.getpeercert(binary_form=True).hex()
+    m.login(user, password)
+    special = sorted(l.decode() for l in m.list('(SPECIAL-USE) ""', "*")[1])
+    m.select("INBOX", readonly=True)
+    found = m.search(None, "SUBJECT", subject)[1][0].split()
+    body = m.fetch(found[0], "(RFC822)")[1][0][1].decode() if found else ""
+print(json.dumps({"cert": cert, "special_use": special, "body": body}))
+"""
+
+
+def start_provisioned_dovecot(hosts):
+    from provision import render
+    from tests.lab.dovecot import ProvisionedDovecot
+
+    site, lab = hosts["site"], hosts["lab"]
+    cert = Path((render.acme_live_paths if site.acme else lambda lay: render.tls_paths(lay))(site.backend)[0])
+    end = time.monotonic() + 30
+    while not cert.exists():  # the backend makes its placeholder at start
+        assert time.monotonic() < end, f"{cert} never appeared"
+        time.sleep(0.2)
+    lab.workdir.chmod(0o711)  # Dovecot's processes (users dovecot and the mail user) traverse it
+    dc = ProvisionedDovecot(hosts["topo"].home, lab.workdir / "dovecot", site.backend.path(render.DOVECOT_CONF),
+                            address=site.backend_tunnel_addr, port=site.backend_imaps_port)
+    hosts["dovecot"] = dc.start()
+    return dc
+
+
+def test_provisioned_dovecot_conf_has_no_pam_and_listens_only_on_the_tunnel(hosts):
+    from provision import render
+
+    site = hosts["site"]
+    conf = site.backend.path(render.DOVECOT_CONF)
+    out = hosts["topo"].home.run(["doveconf", "-n", "-c", conf]).stdout
+    assert "driver = pam" not in out and out.count("driver = passwd-file") == 2
+    assert f"\nlisten = {site.backend_tunnel_addr}\n" in out
+    assert f"\nhaproxy_trusted_networks = {site.gateway_tunnel_addr}/32\n" in out
+    sockets = hosts["topo"].home.run(["ss", "-ltnpH"]).stdout.splitlines()
+    assert {line.split()[3] for line in sockets if '"dovecot"' in line} == {f"{site.backend_tunnel_addr}:993"}
+
+
+def test_provisioned_home_serves_imaps_through_the_gateway(hosts):
+    """A mail client on the internet reads the message delivered above through the gateway's 993,
+    TLS ending at home with the backend's certificate; the special-use folders are there."""
+    import json
+
+    from provision import render
+
+    site, bl = hosts["site"], hosts["site"].backend
+    # The test above ran the backend as root (no systemd here, so no User=): give the mailbox it
+    # made to the user the unit runs it as, whose files Dovecot's userdb maps every user to.
+    subprocess.run(["chown", "-R", f"{hosts['user']}:{hosts['user']}", f"{bl.data}/mail/example.org"], check=True)
+    password = Path(f"{bl.etc}/first-user.password").read_text().strip()
+    r = hosts["topo"].internet.run([sys.executable, "-c", IMAP_READ, site.gateway_public_addr, site.first_user,
+                                    password, "provisioned"], check=False, timeout=60)
+    assert r.returncode == 0, r.stderr + hosts["dovecot"].log()[-3000:]
+    got = json.loads(r.stdout)
+    assert "through the tunnel" in got["body"]
+    assert got["special_use"] == ['(\\Drafts) "." Drafts', '(\\Junk) "." Junk', '(\\Sent) "." Sent',
+                                  '(\\Trash) "." Trash']
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    home_cert = x509.load_pem_x509_certificate(Path(render.acme_live_paths(bl)[0]).read_bytes())
+    assert bytes.fromhex(got["cert"]) == home_cert.public_bytes(Encoding.DER)
+    assert f"rip={hosts['topo'].internet_addr}" in hosts["dovecot"].log()  # the client's address, via PROXY
+
+
+def test_fab_check_logs_in_over_imaps_and_fails_when_dovecot_is_down(hosts):
+    from provision import render
+
+    site_file = hosts["lab"].workdir / "site-check.toml"
+    site_file.write_text(_site_toml(hosts["site"]))
+    fab = [str(Path(sys.executable).with_name("fab")), "-r", str(REPO / "provision"), "check", "--site", str(site_file)]
+    r = subprocess.run(fab, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"backend  IMAPS login through the gateway: OK (logged in as {render.DOVECOT_CHECK_USER}" in r.stdout
+    # the check account's password stayed at home: not in anything fab printed
+    password = Path(f"{hosts['site'].backend.etc}/dovecot/{render.DOVECOT_CHECK_PASSWORD}").read_text().strip()
+    assert password not in r.stdout + r.stderr
+    hosts["dovecot"].stop()
+    r = subprocess.run(fab, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "backend  IMAPS login through the gateway: FAILED" in r.stdout, r.stdout
     assert Path(link).read_text() == "#!/bin/sh\necho the operator's own\n"
     assert any("/usr/local/bin/homemx-gateway is a file, not ours: left alone" in n for n in r.report.notes)
     os.unlink(link)
