@@ -45,6 +45,7 @@ def test_probe_reads_the_python_it_runs_on():
     assert py.tag == f"{py.interpreter}-{py.abi}-{py.platforms[0]}" and py.platforms[0].endswith(os.uname().machine)
 
 
+@pytest.mark.slow
 def test_resolves_every_dependency_for_linux_aarch64_cpython_313(homemx_wheel, tmp_path):
     """Reaches the package index (like apt-get): every locked dependency homemx needs on a Pi with
     CPython 3.13 has a wheel for it, and only such wheels are chosen."""
