@@ -234,9 +234,9 @@ def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> str:
         r.mark("packages " + " ".join(pkgs), "unchanged")
         return "packages " + " ".join(pkgs)
     if r.layout.install_packages and not r.dry_run:
-        r.run("DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
         # UCF_FORCE_CONFFOLD: a config file provisioning wrote before the package (Dovecot's
         # dovecot.conf, managed by ucf) is kept, not replaced by the package's and started with it.
+        r.run("DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
               "UCF_FORCE_CONFFOLD=1 apt-get install -y -qq --no-install-recommends " + " ".join(missing))
     r.mark("packages " + " ".join(missing), "would change" if r.dry_run or not r.layout.install_packages else "changed")
     return "packages " + " ".join(missing)
@@ -335,10 +335,10 @@ def tunnel_public_key(r: Remote, site: Site) -> str | None:
 
 def _units(r: Remote, files: dict[str, str]) -> None:
     r.ensure_dir(r.layout.units, 0o755, "root", "root")
-    for name, text in files.items():
-        r.ensure_file(f"{r.layout.units}/{name}", text.encode(), 0o644, "root", "root", item=f"unit {name}")
     for sub in sorted({name.rsplit("/", 1)[0] for name in files if "/" in name}):  # drop-in directories
         r.ensure_dir(f"{r.layout.units}/{sub}", 0o755, "root", "root")
+    for name, text in files.items():
+        r.ensure_file(f"{r.layout.units}/{name}", text.encode(), 0o644, "root", "root", item=f"unit {name}")
 
 
 def deploy_gateway(r: Remote, site: Site, wheels: list[Path], backend_public_key: str | None,
@@ -675,9 +675,6 @@ def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:
     home = b.hostside("check", ifname=render.ifname(site, site.backend), wait=wait)
     gw = g.hostside("check", ifname=render.ifname(site, site.gateway), wait=wait, banner_addr=site.gateway_public_addr,
                     banner_port=site.submission_port)
-    return {"backend": home, "gateway": gw,
-            "ok": bool(home.get("handshake_fresh") and gw.get("handshake_fresh") and gw.get("backend_answers")
-                       and home.get("imap_ok"))}
     # IMAPS as a mail client does it, from the home host to the gateway's public address and back
     # through the tunnel to Dovecot; the check account's password never leaves the home host.
     d = f"{site.backend.etc}/{render.DOVECOT_DIR}"
@@ -685,3 +682,6 @@ def check(site: Site, gw_conn, be_conn, wait: float = 30) -> dict:
     home.update(b.hostside("imap_check", addr=site.gateway_public_addr, port=site.imaps_port,
                            user=render.DOVECOT_CHECK_USER, password_file=f"{d}/{render.DOVECOT_CHECK_PASSWORD}",
                            cert=cert, wait=min(wait, 10)))
+    return {"backend": home, "gateway": gw,
+            "ok": bool(home.get("handshake_fresh") and gw.get("handshake_fresh") and gw.get("backend_answers")
+                       and home.get("imap_ok"))}

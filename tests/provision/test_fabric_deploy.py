@@ -443,13 +443,13 @@ def test_provisioned_daemons_pass_a_message_through_the_tunnel(hosts):
                                  (topo.home, site.backend, "backend", [])):
         ns.run([f"{lay.venv}/bin/homemx-{role}", "tunnel", "up", "-c", render.wg_conf_path(site, lay),
                 "--userspace", *extra], env=env)
-    start_provisioned_dovecot(hosts)  # IMAPS through the gateway is part of the check (issue 15)
     logs = lab.workdir
     topo.gateway.popen([f"{site.gateway.venv}/bin/homemx-gateway", "run", "-c", f"{site.gateway.etc}/gateway.toml"],
                        stdout=open(logs / "gw.log", "w"), stderr=subprocess.STDOUT)
     topo.home.popen([f"{site.backend.venv}/bin/homemx-backend", "run", "-c", f"{site.backend.etc}/backend.toml"],
                     stdout=open(logs / "be.log", "w"), stderr=subprocess.STDOUT)
 
+    start_provisioned_dovecot(hosts)  # IMAPS through the gateway is part of the check (issue 15)
     res = deploy.check(site, hosts["gw"], hosts["be"], wait=30)
     assert res["ok"], (res, (logs / "gw.log").read_text(), (logs / "be.log").read_text())
     assert res["gateway"]["banner"].startswith("220 mail.example.org")
@@ -524,6 +524,12 @@ def test_readme_on_host_commands_work_as_written(hosts):
     Path(link).write_text("#!/bin/sh\necho the operator's own\n")
     r = deploy.Remote(hosts["gw"], site.gateway, "gateway", deploy.Report())
     deploy.commands_on_path(r, site)
+    assert Path(link).read_text() == "#!/bin/sh\necho the operator's own\n"
+    assert any("/usr/local/bin/homemx-gateway is a file, not ours: left alone" in n for n in r.report.notes)
+    os.unlink(link)
+    deploy.commands_on_path(r, site)
+    assert ("gateway", "/usr/local/bin/homemx-gateway", "changed") in r.report.items
+    assert os.readlink(link) == f"{site.gateway.venv}/bin/homemx-gateway"
 
 
 # ---------------------------------------------------------------- Dovecot as provisioned (issue 15)
@@ -619,9 +625,3 @@ def test_fab_check_logs_in_over_imaps_and_fails_when_dovecot_is_down(hosts):
     r = subprocess.run(fab, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "backend  IMAPS login through the gateway: FAILED" in r.stdout, r.stdout
-    assert Path(link).read_text() == "#!/bin/sh\necho the operator's own\n"
-    assert any("/usr/local/bin/homemx-gateway is a file, not ours: left alone" in n for n in r.report.notes)
-    os.unlink(link)
-    deploy.commands_on_path(r, site)
-    assert ("gateway", "/usr/local/bin/homemx-gateway", "changed") in r.report.items
-    assert os.readlink(link) == f"{site.gateway.venv}/bin/homemx-gateway"
