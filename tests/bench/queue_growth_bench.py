@@ -206,7 +206,7 @@ def measure(size: int, work: Path, messages: int, idle_s: float, pokes: int, cli
             _poke(queue_db)
             time.sleep(0.05)
         r["cpu_ms_per_runner_round"] = round(max(0.0, cpu_seconds(pid) - c0) / pokes * 1000, 2)
-        r["first_delivery_ms"] = sorted(_first_delivery_ms(be) for _ in range(5))[2]  # median of 5
+        r["first_delivery_ms"] = round(sorted(_first_delivery_ms(be) for _ in range(5))[2], 2)  # median of 5
         t = smtp_source(be.port, 20, messages)
         r["accepts_per_s_20"] = round(messages / t, 1)
         r["rss_mib"] = round(rss_kib(pid) / 1024, 1)

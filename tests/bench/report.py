@@ -111,15 +111,31 @@ def run_e2e(quick: bool, out: Path) -> list[dict]:
     r = json.loads(path.read_text())
     h, p = r["homemx"], r["postfix"]
     where = "(loopback)" if r.get("variant", "").startswith("loopback") else "(tunnel)"
-    return [
+    rows = [
         _row("B5", f"accepted msgs/s, 20 sessions {where}", h["accepted_per_s"], p["accepted_per_s"],
-             "HAProxy+Postfix", ">= 0.50x", h["accepted_per_s"] >= 0.5 * p["accepted_per_s"], "msg/s"),
+             "HAProxy+Postfix", ">= 0.65x", h["accepted_per_s"] >= 0.65 * p["accepted_per_s"], "msg/s"),
         _row("B5", f"delivered msgs/s, 20 sessions {where}", h["delivered_per_s"], p["delivered_per_s"],
-             "HAProxy+Postfix", ">= 0.50x", h["delivered_per_s"] >= 0.5 * p["delivered_per_s"], "msg/s"),
+             "HAProxy+Postfix", ">= 0.65x", h["delivered_per_s"] >= 0.65 * p["delivered_per_s"], "msg/s"),
         _row("B5", "p50 time to 250", h["p50_ms"], p["p50_ms"], "HAProxy+Postfix", "-", None, "ms"),
-        _row("B5", "p99 time to 250", h["p99_ms"], p["p99_ms"], "HAProxy+Postfix", "<= 2x",
-             h["p99_ms"] <= 2 * p["p99_ms"], "ms"),
+        _row("B5", "p99 time to 250", h["p99_ms"], p["p99_ms"], "HAProxy+Postfix", "<= 1.0x",
+             h["p99_ms"] <= p["p99_ms"], "ms"),
+        _row("B5", "CPU s of every process during the load", h.get("cpu_total_s"), p.get("cpu_total_s"),
+             "HAProxy+Postfix", "-", None, "s"),
     ]
+    d = r.get("postfix_dkim")
+    if d:  # the peer doing the same work: OpenDKIM signs RSA + Ed25519 as a milter
+        name = "HAProxy+Postfix+OpenDKIM"
+        rows += [
+            _row("B5", f"accepted msgs/s, signing peer {where}", h["accepted_per_s"], d["accepted_per_s"], name,
+                 ">= 0.65x", h["accepted_per_s"] >= 0.65 * d["accepted_per_s"], "msg/s"),
+            _row("B5", f"delivered msgs/s, signing peer {where}", h["delivered_per_s"], d["delivered_per_s"], name,
+                 ">= 0.65x", h["delivered_per_s"] >= 0.65 * d["delivered_per_s"], "msg/s"),
+            _row("B5", "p99 time to 250, signing peer", h["p99_ms"], d["p99_ms"], name, "<= 1.0x",
+                 h["p99_ms"] <= d["p99_ms"], "ms"),
+            _row("B5", "CPU s of every process, signing peer", h.get("cpu_total_s"), d.get("cpu_total_s"), name,
+                 "-", None, "s"),
+        ]
+    return rows
 
 
 def run_fairness(quick: bool, out: Path) -> list[dict]:
@@ -210,12 +226,12 @@ def run_flood(quick: bool, out: Path) -> list[dict]:
     g, h = r["homemx-gateway"], r["haproxy"]
     n = f"{r['flood']:,}"
     return [
+        # Issue 17 sets no floor for B8: the figures stand beside HAProxy's.
         _row("B8", f"trickle p99 during the {n}-connection burst", g["burst"].get("p99_ms"), h["burst"].get("p99_ms"),
-             "HAProxy", "<= 2x", None if not g["burst"].get("p99_ms") else
-             g["burst"]["p99_ms"] <= 2 * h["burst"]["p99_ms"], "ms"),
+             "HAProxy", "-", None, "ms"),
         _row("B8", f"trickle p99 with {n} silent connections held", g["flood"]["p99_ms"], h["flood"]["p99_ms"],
-             "HAProxy", "<= 2x", g["flood"]["p99_ms"] is not None and g["flood"]["p99_ms"] <= 2 * h["flood"]["p99_ms"],
-             "ms"),
+             "HAProxy", "-", None, "ms"),
+        _row("B8", "trickle p99, no flood", g["quiet"]["p99_ms"], h["quiet"]["p99_ms"], "HAProxy", "-", None, "ms"),
         _row("B8", f"seconds to hold all {n}", g["absorb_s"], h["absorb_s"], "HAProxy", "-", None, "s"),
         _row("B8", f"proxy RSS with {n} held", g["rss_mib_flood"], h["rss_mib_flood"], "HAProxy", "-", None, "MiB"),
         _row("B8", "trickle transactions failed", g["burst"].get("failures", 0) + g["flood"]["failures"],
