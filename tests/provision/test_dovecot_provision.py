@@ -83,7 +83,7 @@ class LocalConnection:
 @pytest.fixture(scope="module")
 def home():
     require_root()
-    require_tool("dovecot", "doveconf", "sievec", "useradd", "chpasswd")
+    require_tool("dovecot", "doveconf", "sievec", "useradd", "chpasswd", "ucf")
     from backend.receive.users import UserDB
     from provision import deploy, render
     from provision.site import HostLayout, Site
@@ -260,3 +260,23 @@ def test_check_account_is_made_at_home_and_logs_in(home):
     deploy.dovecot(r, home["site"])
     assert report.changed == [], report.changed
     assert password_file.read_text().strip() == password
+
+
+def test_the_packages_config_step_keeps_the_provisioned_dovecot_conf(home, tmp_path):
+    """dovecot-core's postinst hands dovecot.conf to ucf (``ucf --three-way /usr/share/dovecot/dovecot.conf
+    /etc/dovecot/dovecot.conf``); run as install_missing runs apt-get (non-interactive,
+    UCF_FORCE_CONFFOLD=1) over the file provisioning wrote first, it keeps that file, so the
+    package never starts Debian's stock configuration."""
+    conf = tmp_path / "dovecot.conf"
+    shutil.copy(home["conf"], conf)
+    before = conf.read_bytes()
+    (tmp_path / "ucf-state").mkdir()
+    r = subprocess.run(["ucf", "--three-way", "--state-dir", str(tmp_path / "ucf-state"),
+                        "/usr/share/dovecot/dovecot.conf", str(conf)], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive",
+                                                      "UCF_FORCE_CONFFOLD": "1"}, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert conf.read_bytes() == before
+    stock = subprocess.run(["doveconf", "-n", "-c", str(conf)], capture_output=True, text=True)
+    assert "driver = pam" not in stock.stdout and stock.returncode == 0, stock.stderr
+
