@@ -22,8 +22,12 @@ on a home.
 
 The backend's resolver caches positive answers for their TTL (backend/dns/resolver.py), so after
 the warm-up the checks cost CPU, not DNS round trips; a cold key fetch is in
-``python -m tests.bench dkim_verify``. No peer runs beside it (Postfix with OpenDKIM and OpenDMARC
-milters is not in the lab's packages). Beside the client's figures: the backend's own mean time for
+``python -m tests.bench dkim_verify``. The peer (issue 17; ``--no-peer`` skips it): Postfix in a
+namespace of its own receiving the same message for the same user into a Maildir (virtual(8)),
+as is and with rspamd's milter (its proxy worker in milter mode, scanning itself, with its SPF,
+DKIM, ARC and DMARC modules on and its own nsd with the same zones in that namespace; every
+delivered message must carry X-Spamd-Result with R_SPF_ALLOW, R_DKIM_ALLOW and DMARC_POLICY_ALLOW).
+Beside the client's figures: the backend's own mean time for
 the checks and for the rspamd request (its histograms, scraped before and after each cell), and the
 CPU time per message of the backend (/proc, all its threads), of rspamd (every process of its
 session) and of the client; CPU moves less than wall time when other work shares the cores.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -59,6 +64,7 @@ HELO = f"mail.{SENDER_DOMAIN}"
 SELECTOR = "b7"
 SESSIONS = (1, 10)
 CONFIGS = ("none", "auth", "rspamd")
+PEER_CONFIGS = ("postfix", "postfix_rspamd")
 
 
 # ---------------------------------------------------------------- the client (a process of its own)
@@ -115,10 +121,12 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
-def send(port: int, sessions: int, count: int, message_file: Path) -> dict:
-    """The client's figures for ``count`` messages over ``sessions``; raises unless every one got a 250."""
-    r = subprocess.run([sys.executable, "-m", "tests.bench.inbound_bench", "client", str(port), str(sessions),
-                        str(count), str(message_file)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+def send(port: int, sessions: int, count: int, message_file: Path, wrap: list[str] | None = None) -> dict:
+    """The client's figures for ``count`` messages over ``sessions``; raises unless every one got a 250.
+    ``wrap``: a command prefix (``ip netns exec NS``) to run the client in the peer's namespace."""
+    r = subprocess.run((wrap or []) + [sys.executable, "-m", "tests.bench.inbound_bench", "client", str(port),
+                                       str(sessions), str(count), str(message_file)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(f"client failed ({r.returncode}): {r.stderr.strip()[-1500:]}")
     out = json.loads(r.stdout)
@@ -154,7 +162,7 @@ def signed_message(key) -> bytes:
     return key.sign((head + body).encode(), include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
 
 
-def no_rrl_nsd(zones):
+def no_rrl_nsd(zones, netns_exec=()):
     """nsd with response rate limiting off (nsd.conf(5) rrl-ratelimit: 0): the warm-up's lookups come
     in bursts from one address, and a dropped answer would time a retry, not a check."""
     from tests.lab.nsd import NSD
@@ -165,7 +173,7 @@ def no_rrl_nsd(zones):
             conf = self.workdir / "nsd.conf"
             conf.write_text(conf.read_text().replace("server:\n", "server:\n  rrl-ratelimit: 0\n", 1))
 
-    return _NSD(zones)
+    return _NSD(zones, netns_exec=netns_exec)
 
 
 # ---------------------------------------------------------------- what the backend did
@@ -322,6 +330,125 @@ def run_config(config: str, work: Path, ns, rs, message_file: Path, messages: in
     return result
 
 
+# ---------------------------------------------------------------- the peer: Postfix with rspamd's milter
+
+MILTER_PORT = 11332
+PEER_SYMBOLS = ("R_SPF_ALLOW", "R_DKIM_ALLOW", "DMARC_POLICY_ALLOW")
+
+
+def peer_rspamd_config() -> dict[str, str]:
+    """rspamd as Postfix's milter doing the checks itself: its proxy worker in milter mode scanning on
+    its own (self_scan), SPF/DKIM/ARC/DMARC back on (homemx's config turns them off: it checks them
+    itself), and 127.0.0.1 not treated as a local address (the bench's sender connects from there)."""
+    from tests.lab.rspamd import HS_CACHE
+
+    on = "enabled = true;\ncheck_local = true;\ncheck_authed = true;\n"
+    return {
+        "local.d/worker-proxy.inc": (f'bind_socket = "127.0.0.1:{MILTER_PORT}";\nmilter = yes;\ntimeout = 120s;\n'
+                                     "count = 1;\nupstream \"local\" {\n  default = yes;\n  self_scan = yes;\n}\n"),
+        # check_local: a loopback client is "local" to these modules whatever local_addrs says.
+        "local.d/spf.conf": on, "local.d/dkim.conf": on, "local.d/dmarc.conf": on, "local.d/arc.conf": on,
+        "local.d/options.inc": (f'dns {{ nameserver = ["127.0.0.1:53"]; }}\nhs_cache_dir = "{HS_CACHE}";\n'
+                                "local_addrs = [];\n"),
+    }
+
+
+def peer_delivered(mail_dir: Path) -> list[Path]:
+    box = mail_dir / ALICE.partition("@")[0] / "Maildir"
+    return [p for sub in ("new", "cur") if (box / sub).is_dir() for p in (box / sub).iterdir()]
+
+
+def run_peer(config: str, lab, zones, message_file: Path, messages: int, warmup: int) -> dict:
+    """Postfix in a namespace of its own receiving for the user's domain into a Maildir (virtual(8)),
+    as is ("postfix") or with rspamd's milter ("postfix_rspamd"); the client, nsd and rspamd run in the
+    same namespace. Every delivered message of the milter run must carry rspamd's X-Spamd-Result with
+    SPF, DKIM and DMARC allowed."""
+    from tests.lab.postfix import Postfix
+    from tests.lab.rspamd import Rspamd
+
+    ns = lab.namespace("p" + ("r" if config == "postfix_rspamd" else "n"))
+    ns.etc_file("resolv.conf", "nameserver 127.0.0.1\n")
+    wrap = ns.cmd([])
+    work = lab.workdir / config
+    pf = Postfix(ns, work, address="127.0.0.1", domain=DOMAIN, mailboxes=[ALICE.partition("@")[0]],
+                 hostname=HOSTNAME)
+    pf.write()
+    with open(pf.etc / "main.cf", "a") as f:
+        f.write("smtpd_peername_lookup = no\nsmtpd_client_connection_count_limit = 0\n"
+                "smtpd_client_connection_rate_limit = 0\nsmtpd_client_message_rate_limit = 0\n")
+        if config == "postfix_rspamd":
+            # tempfail, not accept unscanned, when the milter fails: a figure over unscanned mail is none.
+            f.write(f"smtpd_milters = inet:127.0.0.1:{MILTER_PORT}\nmilter_default_action = tempfail\n"
+                    "milter_protocol = 6\nmilter_mail_macros = i {mail_addr} {client_addr} {client_name} "
+                    "{auth_authen}\n")
+    result: dict = {"loadavg_before": os.getloadavg()}
+    with no_rrl_nsd(zones, netns_exec=wrap), contextlib.ExitStack() as stack:
+        rs = None
+        if config == "postfix_rspamd":
+            rs = stack.enter_context(Rspamd(netns_exec=wrap, nameserver="127.0.0.1:53",
+                                            workdir=lab.workdir / "rspamd-peer", extra_config=peer_rspamd_config()))
+            deadline = time.monotonic() + 30
+            while ns.run([sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {MILTER_PORT}), 1)"],
+                         check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rspamd's milter did not listen: {rs.log()[-1500:]}")
+                time.sleep(0.1)
+        pf.start()
+        stack.callback(pf.stop)
+        send(25, 1, warmup, message_file, wrap)
+        for sessions in SESSIONS:
+            master = [pid for pid in ns.pids() if _comm(pid) == "master"]
+            pf_cpu0 = sum(_tree_cpu(p) for p in master)
+            rs_cpu0 = session_cpu_seconds(rs.proc.pid) if rs else 0.0
+            out = send(25, sessions, messages, message_file, wrap)
+            pf_cpu = sum(_tree_cpu(p) for p in master) - pf_cpu0
+            rs_cpu = session_cpu_seconds(rs.proc.pid) - rs_cpu0 if rs else 0.0
+            lat = out["latencies_ms"]
+            result[f"s{sessions}"] = {
+                "messages": messages, "msgs_per_s": round(messages / out["elapsed_s"], 1),
+                "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(percentile(lat, 0.99), 2),
+                "mean_ms": round(statistics.fmean(lat), 2),
+                "postfix_cpu_ms_per_msg": round(pf_cpu * 1000 / messages, 2),
+                "rspamd_cpu_ms_per_msg": round(rs_cpu * 1000 / messages, 2),
+                "client_cpu_ms_per_msg": round(out["cpu_s"] * 1000 / messages, 2),
+            }
+            print(f"  {config:14} @{sessions:<2} {result[f's{sessions}']}", file=sys.stderr, flush=True)
+        expected = warmup + messages * len(SESSIONS)
+        wait_for_sync(lambda: len(peer_delivered(pf.mail_dir)) >= expected, 180)
+        got = peer_delivered(pf.mail_dir)
+        if config == "postfix_rspamd":
+            for path in got:
+                spamd = [f for f in header_fields(path) if f.lower().startswith("x-spamd-result:")]
+                if not spamd or not all(sym in spamd[0] for sym in PEER_SYMBOLS):
+                    raise RuntimeError(f"{config}: {path.name} lacks rspamd's SPF/DKIM/DMARC verdicts: {spamd}")
+            result["sample_fields"] = [f[:300] for f in header_fields(got[0]) if f.lower().startswith("x-spam")]
+        result["delivered"] = len(got)
+    result["loadavg_after"] = os.getloadavg()
+    return result
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of Postfix's master, the daemons it has reaped (cutime+cstime) and its live children."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid:
+            total += sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+        elif int(f[1]) == pid:
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -336,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.bench inbound", description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=400, help="messages per session count and configuration (default 400)")
     ap.add_argument("--warmup", type=int, default=20, help="messages sent first at 1 session, not timed (default 20)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the Postfix (+ rspamd milter) peer")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
 
@@ -359,8 +487,22 @@ def main(argv: list[str] | None = None) -> int:
                         results[config] = run_config(config, work, ns, rs, message_file, args.messages, args.warmup)
                 else:
                     results[config] = run_config(config, work, ns, None, message_file, args.messages, args.warmup)
+        if not args.no_peer:
+            from tests.lab.netns import Lab
+
+            with Lab("bi") as lab:
+                lab.workdir.chmod(0o755)  # Postfix's daemons run as user postfix
+                shutil.copy(message_file, lab.workdir / "message.eml")
+                for config in PEER_CONFIGS:
+                    results[config] = run_peer(config, lab, sender_zones(key), lab.workdir / "message.eml",
+                                               args.messages, args.warmup)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not args.no_peer:
+        for s in SESSIONS:
+            r = results["postfix_rspamd"][f"s{s}"]
+            for what in ("p50_ms", "p99_ms"):
+                r[f"added_{what}"] = round(r[what] - results["postfix"][f"s{s}"][what], 2)
 
     for config in ("auth", "rspamd"):
         for s in SESSIONS:
@@ -382,6 +524,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{names[config]:28} {s:8d} {r['msgs_per_s']:7.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {plus}"
                   f" |                {inside} |             {r['backend_cpu_ms_per_msg']:7.2f} "
                   f"{r['rspamd_cpu_ms_per_msg']:6.2f} {r['client_cpu_ms_per_msg']:6.2f}")
+    if not args.no_peer:
+        print(f"{'':28} {'sessions':>8} {'msgs/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} {'+p99':>6}"
+              f" | cpu ms/msg: {'postfix':>7} {'rspamd':>6} {'client':>6}")
+        for s in SESSIONS:
+            for config, name in (("postfix", "Postfix"), ("postfix_rspamd", "Postfix + rspamd milter")):
+                r = results[config][f"s{s}"]
+                plus = (f"{r['added_p50_ms']:6.2f} {r['added_p99_ms']:6.2f}" if "added_p50_ms" in r
+                        else f"{'-':>6} {'-':>6}")
+                print(f"{name:28} {s:8d} {r['msgs_per_s']:7.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {plus}"
+                      f" |             {r['postfix_cpu_ms_per_msg']:7.2f} {r['rspamd_cpu_ms_per_msg']:6.2f} "
+                      f"{r['client_cpu_ms_per_msg']:6.2f}")
+        for f in results["postfix_rspamd"].get("sample_fields", []):
+            print(f"  postfix_rspamd: {f[:160]}")
     print("verified: every reply 250; every delivered message in the Inbox with "
           "spf=pass dkim=pass dmarc=pass (checks) and X-Spamd-Result (rspamd)")
     for config in ("auth", "rspamd"):

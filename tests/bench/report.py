@@ -168,6 +168,15 @@ def run_inbound(quick: bool, out: Path) -> list[dict]:
         for config, name in checks.items():
             rows.append(_row("B9", f"mx msgs/s @{s}, {name}", r[config][f"s{s}"]["msgs_per_s"],
                              r["none"][f"s{s}"]["msgs_per_s"], "no checks", "-", None, "msg/s"))
+        if "postfix_rspamd" in r:  # the peer doing the same work (issue 17): Postfix + rspamd's milter
+            h, p = r["rspamd"][f"s{s}"], r["postfix_rspamd"][f"s{s}"]
+            peer = "Postfix+rspamd milter"
+            rows += [_row("B9", f"msgs/s @{s} with checks + rspamd", h["msgs_per_s"], p["msgs_per_s"], peer, "-",
+                          None, "msg/s"),
+                     _row("B9", f"p99 '.' to 250 @{s} with checks + rspamd", h["p99_ms"], p["p99_ms"], peer, "-",
+                          None, "ms"),
+                     _row("B9", f"added p99 @{s} by the checks (vs peer's)", h["added_p99_ms"], p["added_p99_ms"],
+                          peer, "-", None, "ms")]
     return rows
 
 
@@ -211,6 +220,10 @@ def run_queue_growth(quick: bool, out: Path) -> list[dict]:
             _row("B7", f"queue list, {n} deferred", s["queue_list_s"], base["queue_list_s"], "empty queue", "-",
                  None, "s"),
         ]
+    last = sizes[-1]
+    rows.append(_row("B7", f"local-only runner query, {last['backlog']:,} deferred",
+                     last["query_ms"]["next_due_time(local)"], base["query_ms"]["next_due_time(local)"], "empty queue",
+                     "<= 1 ms", last["query_ms"]["next_due_time(local)"] <= 1.0, "ms"))
     # The runner's queries must not scan the table, whatever the size (the CLI's list reads it all by design).
     scans = sorted({q for s in sizes for q in s["full_scans"] if "next_attempt" in q or "r.attempts" in q})
     rows.append(_row("B7", "runner queries with a full scan", len(scans), 0, "-", "0", not scans, "queries"))
