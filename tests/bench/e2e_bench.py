@@ -6,7 +6,8 @@ homemx-backend or Postfix in "home" sending from the tunnel address (Postfix: sm
 both leave through the gateway's egress to the MX of sink.test (lab nsd) — smtp-sink on 198.51.100.60
 in "internet". "accepted" is smtp-source's time to get every 250, "delivered" the time until the sink
 has them all. The Postfix pair runs twice: as it comes, then with OpenDKIM (Debian's, a milter in
-"home") signing every message with an RSA-2048 and an Ed25519 key, the work homemx's backend does;
+"home"; two instances, since its SignatureAlgorithm is per instance) signing every message with an
+RSA-2048 and an Ed25519 key, the work homemx's backend does;
 the sink's dump file proves the signatures (counted per algorithm for each pair). During each
 20-session load the CPU seconds of every process in the lab's namespaces (edge, tunnel, MTA,
 milter, client, sink; /proc/<pid>/stat utime+stime, plus cutime+cstime so a Postfix daemon that
@@ -115,78 +116,94 @@ def cpu_by_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
-def signatures(dump: Path | None, offset: int = 0) -> dict[str, int]:
-    """DKIM signatures per algorithm in the sink's dump file from ``offset`` on."""
-    if dump is None or not dump.exists():
+def signatures(dump_dir: Path | None) -> dict[str, int]:
+    """DKIM signatures per algorithm in the sink's dump files so far (smtp-sink -D names its file after
+    the template plus a random suffix)."""
+    counts = {"rsa-sha256": 0, "ed25519-sha256": 0}
+    if dump_dir is None:
         return {}
-    with open(dump, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    return {"rsa-sha256": data.count(b"a=rsa-sha256;"), "ed25519-sha256": data.count(b"a=ed25519-sha256;")}
+    for path in dump_dir.iterdir():
+        data = path.read_bytes()
+        for alg in counts:
+            counts[alg] += data.count(f"a={alg};".encode())
+    return counts
 
 
-OPENDKIM_PORT = 8891
+OPENDKIM_PORTS = {"rsa-sha256": 8891, "ed25519-sha256": 8892}
 
 
-def start_opendkim(ns, work: Path, domain: str = "example.org"):
-    """OpenDKIM (Debian's) in ``ns`` as a signing milter on 127.0.0.1:OPENDKIM_PORT for ``domain``, with an
-    RSA-2048 and an Ed25519 key (relaxed/relaxed, both signatures on every message, as homemx signs)."""
+def start_opendkim(ns, work: Path, domain: str = "example.org") -> list[subprocess.Popen]:
+    """OpenDKIM (Debian's 2.11) in ``ns`` as signing milters for ``domain``, relaxed/relaxed: one instance
+    with an RSA-2048 key on 127.0.0.1:8891 and one with an Ed25519 key on :8892 — OpenDKIM's
+    SignatureAlgorithm is per instance (an Ed25519 key under rsa-sha256 fails: "451 4.7.0 resource
+    unavailable"), so two milters give both signatures on every message, as homemx signs. The Ed25519
+    key is PKCS#8 PEM (OpenDKIM does not read the raw base64 seed homemx keeps)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-    work.mkdir(parents=True, exist_ok=True)
-    rsa_key = work / "rsa1.pem"
-    ed_key = work / "ed1.pem"
-    rsa_key.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
-    ed_key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (work / "KeyTable").write_text(f"rsa1._domainkey.{domain} {domain}:rsa1:{rsa_key}\n"
-                                   f"ed1._domainkey.{domain} {domain}:ed1:{ed_key}\n")
-    (work / "SigningTable").write_text(f"*@{domain} rsa1._domainkey.{domain}\n*@{domain} ed1._domainkey.{domain}\n")
-    conf = work / "opendkim.conf"
-    conf.write_text(f"""Syslog no
+    procs: list[subprocess.Popen] = []
+    keys = {
+        "rsa-sha256": ("rsa1", rsa.generate_private_key(65537, 2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())),
+        "ed25519-sha256": ("ed1", ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())),
+    }
+    try:
+        for alg, (selector, pem) in keys.items():
+            d = work / selector
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "key.pem").write_bytes(pem)
+            (d / "KeyTable").write_text(f"{selector}._domainkey.{domain} {domain}:{selector}:{d / 'key.pem'}\n")
+            (d / "SigningTable").write_text(f"*@{domain} {selector}._domainkey.{domain}\n")
+            port = OPENDKIM_PORTS[alg]
+            (d / "opendkim.conf").write_text(f"""Syslog no
 Background no
 Mode s
-Socket inet:{OPENDKIM_PORT}@127.0.0.1
-PidFile {work}/opendkim.pid
+Socket inet:{port}@127.0.0.1
+PidFile {d}/opendkim.pid
 UserID root
 RequireSafeKeys no
 Canonicalization relaxed/relaxed
-MultipleSignatures yes
-KeyTable file:{work}/KeyTable
-SigningTable refile:{work}/SigningTable
+SignatureAlgorithm {alg}
+KeyTable file:{d}/KeyTable
+SigningTable refile:{d}/SigningTable
 InternalHosts 0.0.0.0/0
 On-Default tempfail
 """)
-    for f in work.iterdir():
-        f.chmod(0o600)
-    proc = ns.popen(["/usr/sbin/opendkim", "-f", "-x", str(conf)], stdout=open(work / "opendkim.log", "ab"),
-                    stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while ns.run([sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {OPENDKIM_PORT}), 1)"],
-                 check=False).returncode != 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"opendkim did not start: {(work / 'opendkim.log').read_text()[-1000:]}")
-        time.sleep(0.05)
-    return proc
+            for f in d.iterdir():
+                f.chmod(0o600)
+            procs.append(ns.popen(["/usr/sbin/opendkim", "-f", "-x", str(d / "opendkim.conf")],
+                                  stdout=open(d / "opendkim.log", "ab"), stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + 15
+            while ns.run([sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"],
+                         check=False).returncode != 0:
+                if procs[-1].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"opendkim ({alg}) did not start: {(d / 'opendkim.log').read_text()[-1000:]}")
+                time.sleep(0.05)
+    except BaseException:
+        for p in procs:
+            stop(p)
+        raise
+    return procs
 
 
 def run_pair(wrap: list[str], port: int, sink_log: Path, messages: int, lat_n: int, host: str = "127.0.0.1",
              cpu_pids=None, dump: Path | None = None) -> dict:
     """Latency series, then the 20-session load until the sink holds every message. ``cpu_pids()``: the
     processes of both chains, whose CPU seconds during the load are reported per program; ``dump``: the
-    sink's dump file, whose DKIM signatures of this pair are counted."""
+    sink's dump directory, whose DKIM signatures of this pair's load are counted."""
     before = sink_count(sink_log)
-    lat = json.loads(subprocess.run(wrap + [sys.executable, __file__, "--latency", host, str(port), str(lat_n)],
-                                    capture_output=True, text=True, check=True, timeout=600, cwd=ROOT).stdout)
+    r = subprocess.run(wrap + [sys.executable, __file__, "--latency", host, str(port), str(lat_n)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"latency client failed: {r.stderr.strip()[-600:]}")
+    lat = json.loads(r.stdout)
     base = before + lat_n + 10  # warm-up + latency messages already sent (a shared sink counted `before`)
     deadline = time.monotonic() + 120
     while sink_count(sink_log) < base and time.monotonic() < deadline:
         time.sleep(0.1)
     start_count = sink_count(sink_log)
-    dump_at = dump.stat().st_size if dump is not None and dump.exists() else 0
+    sigs0 = signatures(dump)
     cpu0 = process_cpu(cpu_pids()) if cpu_pids else {}
     t0 = time.perf_counter()
     r = subprocess.run(wrap + [SMTP_SOURCE, "-s", "20", "-m", str(messages), "-l", str(SIZE), "-f", SENDER, "-t",
@@ -213,7 +230,7 @@ def run_pair(wrap: list[str], port: int, sink_log: Path, messages: int, lat_n: i
     return {"accepted_per_s": round(messages / accepted, 1), "delivered_per_s": round(got / delivered, 1),
             "delivered": got, "sink_surplus": surplus, "p50_ms": round(pct(lat, 50) * 1000, 2),
             "p99_ms": round(pct(lat, 99) * 1000, 2), "cpu_s": cpu, "cpu_total_s": round(sum(cpu.values()), 2),
-            "signatures": signatures(dump, dump_at)}
+            "signatures": {k: v - sigs0.get(k, 0) for k, v in signatures(dump).items()}}
 
 
 def homemx_pair(lab, messages: int, lat_n: int) -> dict:
@@ -313,10 +330,10 @@ def lab_pairs(messages: int, lat_n: int, sign_peer: bool = True) -> dict:
         # writes it as nobody, who cannot traverse the lab's 0700 work directory.
         dump_dir = Path(tempfile.mkdtemp(prefix="hmx-e2e-dump-"))
         dump_dir.chmod(0o755)
-        dump = dump_dir / "sink.dump"
-        dump.touch()
-        dump.chmod(0o666)
-        sink = lab.internet.popen([SMTP_SINK, "-u", "nobody", "-c", "-D", str(dump), f"{lab.sink_addr}:25", "256"],
+        shutil.chown(dump_dir, "nobody")  # it creates sink.dump<random hex> there
+        dump = dump_dir
+        sink = lab.internet.popen([SMTP_SINK, "-u", "nobody", "-c", "-D", str(dump_dir / "sink.dump"),
+                                   f"{lab.sink_addr}:25", "256"],
                                   stdout=open(sink_log, "wb"), stderr=subprocess.DEVNULL)
 
         def chains() -> list[int]:  # every process of both chains: edge, tunnel, MTA, milter, client, sink
@@ -357,13 +374,14 @@ def _lab_postfix_pair(lab, sink_log: Path, messages: int, lat_n: int, cpu_pids=N
                 "smtpd_client_connection_count_limit = 0\nsmtpd_client_connection_rate_limit = 0\n"
                 "queue_run_delay = 300s\n")
         if sign:  # tempfail, not accept unsigned, when the milter fails: a figure over unsigned mail is none
-            f.write(f"smtpd_milters = inet:127.0.0.1:{OPENDKIM_PORT}\nmilter_default_action = tempfail\n")
-    dkim = start_opendkim(lab.home, lab.work / "opendkim") if sign else None
+            milters = ", ".join(f"inet:127.0.0.1:{p}" for p in OPENDKIM_PORTS.values())
+            f.write(f"smtpd_milters = {milters}\nmilter_default_action = tempfail\n")
+    dkim = start_opendkim(lab.home, lab.work / "opendkim") if sign else []
     try:
         pf.start()
     except BaseException:
-        if dkim is not None:
-            stop(dkim)
+        for p in dkim:
+            stop(p)
         raise
     try:
         cfg = lab.work / "haproxy.cfg"
@@ -380,8 +398,8 @@ def _lab_postfix_pair(lab, sink_log: Path, messages: int, lat_n: int, cpu_pids=N
             stop(hap)
     finally:
         pf.stop()
-        if dkim is not None:
-            stop(dkim)
+        for p in dkim:
+            stop(p)
 
 
 def main(argv: list[str] | None = None) -> int:
