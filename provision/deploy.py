@@ -12,10 +12,7 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,27 +187,9 @@ class Remote:
         return json.loads(out.strip().splitlines()[-1])
 
 
-# ---------------------------------------------------------------- the wheelhouse (operator side)
-
-# Reproducible wheels: without a fixed SOURCE_DATE_EPOCH every build stamps the current time into
-# the zip entries, the hash changes, and every run would reinstall the venvs and restart everything.
-SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
-
-
-def build_wheelhouse(project_dir: str | Path, out_dir: str | Path, deps: bool = True) -> list[Path]:
-    """``pip wheel`` homemx and its dependencies on the operator's machine (hosts then install with --no-index)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out), str(project_dir)]
-    if not deps:
-        cmd.insert(4, "--no-deps")
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
-    if r.returncode != 0:
-        raise ProvisionError(f"pip wheel failed: {r.stderr.strip()[-2000:]}")
-    wheels = sorted(out.glob("*.whl"))
-    if not any(w.name.startswith("homemx-") for w in wheels):
-        raise ProvisionError(f"no homemx wheel in {out}")
-    return wheels
+# ---------------------------------------------------------------- the wheels (operator side)
+# provision/wheels.py: homemx's own wheel, built on the operator's machine, and for each host the
+# dependency wheels for that host's own python3 and platform (host_wheels below asks the host).
 
 
 # ---------------------------------------------------------------- steps on every host
@@ -229,6 +208,7 @@ def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> str:
     (its name is returned)."""
     probe = "; ".join(f"dpkg-query -W -f='${{Status}}' {p} 2>/dev/null | grep -q 'ok installed' || echo {p}"
                       for p in pkgs)
+    r.step = "packages " + " ".join(pkgs)
     missing = r.run(probe, check=False).split()
     if not missing:
         r.mark("packages " + " ".join(pkgs), "unchanged")
@@ -244,6 +224,7 @@ def install_missing(r: Remote, pkgs: list[str] | tuple[str, ...]) -> str:
 
 def ensure_user(r: Remote) -> None:
     u = r.layout.user
+    r.step = f"user {u}"
     if r.ok(f"id -u {u}"):
         r.mark(f"user {u}", "unchanged")
         return
@@ -422,6 +403,7 @@ def deploy_backend(r: Remote, site: Site, wheels: list[Path], gateway_public_key
         r.run(f"chown root:{lay.user} {passwd} && chmod 640 {passwd}")
     if conf_status == "changed":
         # validated on the host, against the files it names, before anything restarts
+        r.step = "backend.toml"
         r.run(f"{lay.venv}/bin/homemx-backend config check -c {lay.etc}/backend.toml")
     sendmail_link(r)
     commands_on_path(r, site)
@@ -621,6 +603,7 @@ def _restart(r: Remote, deps: dict[str, tuple[str, ...]]) -> None:
             continue
         r.report.restarts.append((r.role, svc))
         r.touched.add(svc)
+        r.step = f"restart {svc}"
         if r.layout.systemctl and not r.dry_run:
             r.run(f"systemctl enable -q {svc} && systemctl restart {svc}")
 

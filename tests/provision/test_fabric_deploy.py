@@ -327,18 +327,12 @@ def test_alert_rules_installed_where_the_operator_asks(hosts):
 
 
 def _site_toml(site) -> str:
-    """The Site as the operator would write it (site.toml)."""
-    def val(v):
-        return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int) else '"' + v + '"'
-    out = ["[site]"]
-    for f in dataclasses.fields(site):
-        if f.name not in ("gateway", "backend"):
-            out.append(f"{f.name} = {val(getattr(site, f.name))}")
-    for role in ("gateway", "backend"):
-        out.append(f"[{role}]")
-        out += [f"{f.name} = {val(getattr(getattr(site, role), f.name))}"
-                for f in dataclasses.fields(getattr(site, role))]
-    return "\n".join(out) + "\n"
+    """The Site as the operator would write it (site.toml): every key, lists and tables included."""
+    from provision.render import toml_text
+
+    doc = {"site": {f.name: getattr(site, f.name) for f in dataclasses.fields(site) if f.name not in ("gateway", "backend")}}
+    doc.update({role: dataclasses.asdict(getattr(site, role)) for role in ("gateway", "backend")})
+    return toml_text(doc)
 
 
 def test_fab_command_line_dry_run_reports_nothing_to_change(hosts):
@@ -359,12 +353,12 @@ def test_wheel_builds_are_reproducible(tmp_path):
     """Same sources → the same wheel bytes, or every run would reinstall and restart everything."""
     import hashlib
 
-    from provision.deploy import build_wheelhouse
+    from provision.wheels import build_homemx_wheel
 
-    a = build_wheelhouse(REPO, tmp_path / "a", deps=False)
-    b = build_wheelhouse(REPO, tmp_path / "b", deps=False)
-    assert [w.name for w in a] == [w.name for w in b]
-    assert [hashlib.sha256(w.read_bytes()).digest() for w in a] == [hashlib.sha256(w.read_bytes()).digest() for w in b]
+    a = build_homemx_wheel(REPO, tmp_path / "a")
+    b = build_homemx_wheel(REPO, tmp_path / "b")
+    assert a.name == b.name
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
 
 
 def test_units_pass_systemd_analyze_verify(hosts):
@@ -625,3 +619,113 @@ def test_fab_check_logs_in_over_imaps_and_fails_when_dovecot_is_down(hosts):
     r = subprocess.run(fab, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "backend  IMAPS login through the gateway: FAILED" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------- settings that survive upgrades, errors (issue 15.4, 15.5)
+
+
+def _fab_both(hosts, site, *args: str) -> subprocess.CompletedProcess:
+    """The real `fab … both` command line with this site written as the operator would."""
+    site_file = hosts["lab"].workdir / "site-all.toml"
+    site_file.write_text(_site_toml(site))
+    return subprocess.run([str(Path(sys.executable).with_name("fab")), "-r", str(REPO / "provision"), "both",
+                           "--site", str(site_file), "--wheelhouse", str(hosts["wheels"].homemx.parent), *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "XDG_CACHE_HOME": str(hosts["wheels"].cache.parent.parent)})
+
+
+@pytest.mark.timeout(900)  # alone (-k), its first deploy is a fresh pair's: venvs and all
+def test_every_site_setting_survives_a_second_fab_both_and_a_hand_edit_shows_as_a_diff(hosts):
+    """Each item issue 15 lists, set in site.toml ([site] keys and the extra tables), is deployed and
+    read back by the daemons' loaders from the host's files; the real `fab both` run again changes
+    nothing; a hand edit of backend.toml on the host is a diff in `fab both --dry-run` (nothing
+    written), and the next run puts site.toml's version back."""
+    from backend.config import load_config as load_backend
+    from gateway.config import load_config as load_gateway
+
+    original = hosts["site"]
+    bl, gl = original.backend, original.gateway
+    password = Path(bl.path("/etc/homemx/smarthost.password"))  # the operator puts it on the home box
+    password.parent.mkdir(parents=True, exist_ok=True)
+    password.write_text("relay-secret\n")
+    site = dataclasses.replace(
+        original, domains=("example.net",), aliases={"info": "alice@example.org", "sales@example.net": "alice@example.org"},
+        catch_all="alice@example.org", lan_listen="192.168.1.10:2526", lan_trusted_networks=("192.168.1.0/24",),
+        gateway_metrics_port=9101, backend_metrics_listen="127.0.0.1:9325", dnsbl_zones=("zen.spamhaus.org",),
+        mta_sts_mode="testing", smarthost="192.0.2.25:465", smarthost_hostname="smtp.provider.example",
+        smarthost_username="alice", smarthost_password_file="/etc/homemx/smarthost.password",
+        gateway_public_addr6="2001:db8::10",
+        gateway=dataclasses.replace(gl, extra={"limits": {"max_per_client": 5}}),
+        backend=dataclasses.replace(bl, extra={"rspamd": {"fail_closed": True},
+                                               "domain": {"example.net": {"catch_all": "alice@example.org"}}}))
+    try:
+        report, _, b, records = _deploy(hosts, site)
+        assert ("backend", "backend.toml", "changed") in report.items and ("gateway", "gateway.toml", "changed") in report.items
+        assert any("._domainkey.example.net." in line for line in records)  # the second domain's DKIM keys
+        backend, gateway = load_backend(f"{bl.etc}/backend.toml"), load_gateway(f"{gl.etc}/gateway.toml")
+        assert set(backend.domains) == {"example.org", "example.net"}
+        assert backend.domains["example.org"].aliases["info"] == ("alice@example.org",)
+        assert backend.domains["example.net"].aliases["sales"] == ("alice@example.org",)
+        assert backend.domains["example.org"].catch_all == backend.domains["example.net"].catch_all == "alice@example.org"
+        lan = next(lc for lc in backend.listeners if lc.kind == "lan")
+        assert lan.listen == ("192.168.1.10", 2526) and [str(n) for n in lan.trusted_networks] == ["192.168.1.0/24"]
+        assert backend.server.metrics_listen == ("127.0.0.1", 9325)
+        assert gateway.server.metrics_listen == (site.gateway_tunnel_addr, 9101)
+        assert gateway.dnsbl.zones == ("zen.spamhaus.org",) and next(lc for lc in gateway.listeners if lc.name == "mx").dnsbl
+        assert backend.dns.mta_sts_mode == "testing"
+        assert backend.delivery.smarthost == ("192.0.2.25", 465) and str(backend.delivery.smarthost_password_file) == str(password)
+        assert backend.rspamd is not None and backend.rspamd.fail_closed is True
+        assert backend.gateway.public_ipv6 == ("2001:db8::10",)
+        assert ("::", 25) in next(lc for lc in gateway.listeners if lc.name == "mx").listen
+        assert gateway.limits.max_per_client == 5
+        wire = b"".join(b.uploads) + "\n".join(b.commands + b.replies).encode()
+        assert b"relay-secret" not in wire  # the password stays on the home box: never read, never sent
+
+        # the second `fab both`, as the operator runs it after an upgrade: nothing to change
+        r = _fab_both(hosts, site)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "\nnothing changed\n" in r.stdout and "restart" not in r.stdout and " diff " not in r.stdout, r.stdout
+        assert not [line for line in r.stdout.splitlines() if line.endswith("changed")
+                    and not line.endswith(("unchanged", "nothing changed"))], r.stdout
+        assert load_backend(f"{bl.etc}/backend.toml").dns.mta_sts_mode == "testing"
+
+        # a hand edit where provisioning owns the file: shown as a diff, not written by a dry run
+        conf = Path(f"{bl.etc}/backend.toml")
+        edited = conf.read_text().replace("[server]\n", '[server]\nlog_level = "debug"\n', 1)
+        conf.write_text(edited)
+        r = _fab_both(hosts, site, "--dry-run")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout.splitlines()
+        at = out.index(f"backend  diff {conf}")
+        assert out[at + 1:at + 3] == [f"--- {conf} (on backend)", f"+++ {conf} (from site.toml)"]
+        assert '-log_level = "debug"' in out[at + 3:at + 8]
+        assert "backend  backend.toml" in r.stdout and conf.read_text() == edited
+        assert "relay-secret" not in r.stdout
+        report, _, _, _ = _deploy(hosts, site)
+        assert ("backend", "backend.toml", "changed") in report.items
+        assert [path for _, path, _ in report.diffs] == [str(conf)] and 'log_level = "debug"' not in conf.read_text()
+    finally:
+        _deploy(hosts, original)  # what the other tests expect deployed
+        password.unlink()
+
+
+@pytest.mark.timeout(900)
+def test_fab_step_failure_on_a_host_is_one_line(hosts):
+    """A step that fails on a host, through the real `fab both`: here the home box lacks the smarthost
+    password file site.toml names, which the backend's `config check` finds there. One stderr line
+    naming the host, the step and the reason; exit status 1."""
+    site = dataclasses.replace(hosts["site"], smarthost="192.0.2.25:587", smarthost_username="alice",
+                               smarthost_password_file="/etc/homemx/no-such.password")
+    missing = site.backend.path("/etc/homemx/no-such.password")
+    try:
+        r = _fab_both(hosts, site)
+        assert r.returncode == 1, r.stdout + r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"homemx: backend ({site.backend.ssh}): backend.toml: `{site.backend.venv}/bin/"
+                                   "homemx-backend config check -c "), lines
+        assert lines[0].endswith(f"delivery.smarthost_password_file: cannot read {missing}: No such file or directory")
+        assert "Traceback" not in r.stderr
+    finally:
+        _deploy(hosts, hosts["site"])  # what the other tests expect deployed
+
