@@ -29,14 +29,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 LOCK = Path(__file__).with_name("requirements.lock")
 PROJECT = Path(__file__).resolve().parent.parent
@@ -161,7 +162,9 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
 
 
 def write_lock(project: Path = PROJECT, out: Path = LOCK) -> dict[str, str]:
-    """Resolve homemx's dependencies with pip (newest allowed versions, wheels only) and write the lock."""
+    """Resolve homemx's dependencies with pip (the newest versions pyproject.toml allows) for this
+    Python and write the lock. A package that only another host's Python or platform needs (by a
+    marker) and that is missing here makes that host's resolve fail with its name: add it by hand."""
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
                         "--report", "-", str(project)], capture_output=True, text=True)
     if r.returncode != 0:
@@ -193,9 +196,9 @@ def requirements(wheel: Path, env: dict, extras: frozenset[str] = frozenset()) -
     return out
 
 
-def _wheel_key(path: Path) -> tuple[str, str, frozenset[Tag]]:
+def _wheel_key(path: Path) -> tuple[str, Version, frozenset[Tag]]:
     name, version, _, tags = parse_wheel_filename(path.name)
-    return canonicalize_name(name), str(version), frozenset(tags)
+    return canonicalize_name(name), version, frozenset(tags)
 
 
 def default_cache() -> Path:
@@ -225,7 +228,7 @@ class HostWheels:
         for d in dirs:
             for w in sorted(Path(d).glob("*.whl")):
                 n, v, wt = _wheel_key(w)
-                if n == name and v == version and wt & tags:
+                if n == name and v == Version(version) and wt & tags:
                     return w
         return None
 
@@ -318,14 +321,26 @@ def project_dir(start: Path = PROJECT) -> Path:
                      "or pass --wheelhouse DIR")
 
 
+# not sources of the wheel: left out of the clean copy it is built from
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc",
+                                      ".pytest_cache", "tests", "demo", "var", "bench-results", "site.toml")
+
+
 def build_homemx_wheel(project: Path, out: Path) -> Path:
     """homemx's own wheel (pure Python: every host installs the same file), reproducibly built into
-    ``out``; older homemx wheels there are removed."""
+    ``out``; older homemx wheels there are removed.
+
+    Built from a copy of the sources in a temporary directory (removed afterwards): setuptools
+    reuses ``<project>/build/lib`` files that look newer than the sources, so a leftover from an
+    earlier build would be deployed instead of the checkout's code."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("homemx-*.whl"):
         old.unlink()
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(project)],
-                       capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
+    with tempfile.TemporaryDirectory(prefix="homemx-build-") as tmp:
+        src = Path(tmp) / "homemx"
+        shutil.copytree(project, src, ignore=_NOT_SOURCES)
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+                           capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
     built = sorted(out.glob("homemx-*-py3-none-any.whl"))
     if r.returncode != 0 or len(built) != 1:
         last = (r.stderr.strip() or "no py3-none-any wheel").splitlines()[-1]

@@ -120,3 +120,27 @@ def test_preparing_a_deploy_leaves_no_wheel_directory_in_the_temp_dir(tmp_path, 
     assert sorted(os.listdir(tmp)) == []
     assert hw.homemx.parent == tmp_path / "cache" / "homemx" / "wheels" / "homemx"
     assert hw.homemx.name.endswith("-py3-none-any.whl")
+
+
+def test_a_stale_build_directory_in_the_checkout_does_not_reach_the_wheel(tmp_path):
+    """setuptools reuses <checkout>/build/lib when its files look newer than the sources: a file left
+    there by an earlier build (another branch, an archive's mtimes) would be deployed instead of the
+    checkout's. homemx's wheel is built from a clean copy of the sources."""
+    import zipfile
+
+    checkout = tmp_path / "homemx"
+    files = subprocess.run(["git", "ls-files", "-z", "pyproject.toml", "README.md", "LICENSE*", "backend", "gateway",
+                            "wireguard", "provision"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        if (REPO / rel).is_file():
+            (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / rel).write_bytes((REPO / rel).read_bytes())
+    stale = checkout / "build" / "lib" / "provision" / "hostside.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise SystemExit('an old hostside')\n")
+    future = (checkout / "provision" / "hostside.py").stat().st_mtime + 3600
+    os.utime(stale, (future, future))
+    wheel = wheels.build_homemx_wheel(checkout, tmp_path / "out")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("provision/hostside.py") == (checkout / "provision" / "hostside.py").read_bytes()
+    assert sorted(os.listdir(tmp_path / "out")) == [wheel.name]
