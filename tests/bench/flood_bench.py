@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flood", type=int, default=10_000, help="silent connections opened at once (default 10000)")
     ap.add_argument("--trickle", type=int, default=200, help="real transactions per phase (default 200)")
     ap.add_argument("--rate", type=float, default=20.0, help="real transactions per second (default 20)")
+    ap.add_argument("--gateway-gc-threshold", type=int, default=0,
+                    help="experiment: run the gateway with gc.set_threshold(N, 10, 10) (default: as deployed)")
+    ap.add_argument("--skip-haproxy", action="store_true", help="measure the gateway only (experiments)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
     if shutil.which("haproxy") is None:
@@ -205,14 +208,19 @@ upstream = "127.0.0.1:{proxy_port}"
 proxy_v2 = true
 greet_wait = 0
 """)
-        gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=ROOT,
-                              stderr=open(work / "gateway.log", "wb"))
+        cmd = [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)]
+        if args.gateway_gc_threshold:  # an experiment, not the deployed gateway: CPython's gen-0 GC threshold
+            cmd = [sys.executable, "-c", f"import gc, sys; gc.set_threshold({args.gateway_gc_threshold}, 10, 10); "
+                   "from gateway.cli import main; sys.exit(main(sys.argv[1:]))", "run", "-c", str(cfg)]
+        gw = subprocess.Popen(cmd, cwd=ROOT, stderr=open(work / "gateway.log", "wb"))
         procs.append(gw)
         wait_port("127.0.0.1", gw_port, proc=gw)
         results["homemx-gateway"] = measure(gw_port, gw.pid, flood, args.trickle, args.rate)
         stop(gw)
-        with haproxy(work, ("127.0.0.1", proxy_port), accept_proxy=False, send_proxy=True, maxconn=maxconn) as hap:
-            results["haproxy"] = measure(hap.port, hap.pid, flood, args.trickle, args.rate)
+        if not args.skip_haproxy:
+            with haproxy(work, ("127.0.0.1", proxy_port), accept_proxy=False, send_proxy=True,
+                         maxconn=maxconn) as hap:
+                results["haproxy"] = measure(hap.port, hap.pid, flood, args.trickle, args.rate)
     finally:
         for p in procs:
             stop(p)
@@ -222,6 +230,8 @@ greet_wait = 0
     print(f"{'':16} {'connected':>9} {'held':>6} {'absorb s':>8} {'p99 quiet':>10} {'p99 burst':>10} "
           f"{'p99 held':>9} {'fail':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'CPU s':>6}")
     for name in ("homemx-gateway", "haproxy"):
+        if name not in results:
+            continue
         r = results[name]
         fails = r["burst"].get("failures", 0) + r["flood"]["failures"]
         print(f"{name:16} {r['connected']:>9} {r['held_sessions']:>6} {r['absorb_s']:>8} {r['quiet']['p99_ms']:>10} "
