@@ -4,6 +4,8 @@ to the end on loopback, stops by itself, and writes the figures the report reads
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import pytest
 
@@ -52,3 +54,53 @@ def test_flood_holds_every_connection_and_serves_the_trickle(tmp_path):
         assert p["connected"] == 200 and p["held_sessions"] >= 198, p
         assert p["quiet"]["failures"] == 0 and p["flood"]["failures"] == 0 and p["burst"]["failures"] == 0, p
         assert p["flood"]["n"] == 10 and p["flood"]["p99_ms"] > 0
+
+
+@pytest.mark.netns
+def test_opendkim_peer_signs_every_message_with_rsa_and_ed25519(tmp_path):
+    """B5's signing peer does homemx's signing work: Postfix hands a message to the two OpenDKIM milters
+    and the sink receives it with an rsa-sha256 and an ed25519-sha256 signature (a milter that failed
+    would make Postfix answer 451: milter_default_action = tempfail)."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.bench.e2e_bench import OPENDKIM_PORTS, SMTP_SINK, signatures, start_opendkim
+    from tests.conftest import require_root
+    from tests.gateway.peers import stop
+    from tests.lab.netns import Lab
+    from tests.lab.postfix import Postfix
+
+    require_root()
+    require_tool("/usr/sbin/opendkim", SMTP_SINK, "swaks")
+    dump = Path(tempfile.mkdtemp(prefix="hmx-dkim-dump-"))  # smtp-sink writes as nobody: a directory of its own
+    dump.chmod(0o755)
+    shutil.chown(dump, "nobody")
+    try:
+        with Lab("bk") as lab:
+            lab.workdir.chmod(0o755)
+            ns = lab.namespace("p")
+            ns.etc_file("resolv.conf", "nameserver 127.0.0.1\n")
+            sink = ns.popen([SMTP_SINK, "-u", "nobody", "-D", str(dump / "sink.dump"), "127.0.0.1:2600", "16"])
+            pf = Postfix(ns, lab.workdir / "pf", address="127.0.0.1", domain="pair.test", mailboxes=[])
+            pf.write()
+            with open(pf.etc / "main.cf", "a") as f:
+                milters = ", ".join(f"inet:127.0.0.1:{p}" for p in OPENDKIM_PORTS.values())
+                f.write(f"relayhost = [127.0.0.1]:2600\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n")
+            dkim = start_opendkim(ns, lab.workdir / "opendkim")
+            try:
+                pf.start()
+                r = ns.run(["swaks", "--server", "127.0.0.1:25", "--from", "alice@example.org", "--to",
+                            "bob@sink.test"], check=False)
+                out = r.stdout if isinstance(r.stdout, str) else r.stdout.decode()
+                assert "queued as" in out, out[-800:]
+                deadline = time.monotonic() + 30
+                while signatures(dump) != {"rsa-sha256": 1, "ed25519-sha256": 1} and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert signatures(dump) == {"rsa-sha256": 1, "ed25519-sha256": 1}
+            finally:
+                pf.stop()
+                for p in dkim:
+                    stop(p)
+                stop(sink)
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
