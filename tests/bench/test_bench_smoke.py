@@ -104,3 +104,27 @@ def test_opendkim_peer_signs_every_message_with_rsa_and_ed25519(tmp_path):
                 stop(sink)
     finally:
         shutil.rmtree(dump, ignore_errors=True)
+
+
+@pytest.mark.netns
+def test_rspamd_milter_peer_checks_spf_dkim_dmarc(tmp_path):
+    """B9's peer does the checks homemx does: Postfix with rspamd's milter accepts the signed message and
+    every delivered copy carries rspamd's R_SPF_ALLOW, R_DKIM_ALLOW and DMARC_POLICY_ALLOW (run_peer
+    raises otherwise); Postfix alone delivers the same count."""
+    from tests.bench import inbound_bench
+    from tests.conftest import require_root
+    from tests.lab.dkim_inbound import rsa_key
+    from tests.lab.netns import Lab
+
+    require_root()
+    require_tool("/usr/bin/rspamd", "/usr/bin/redis-server", "/usr/sbin/nsd", "/usr/sbin/postfix")
+    key = rsa_key(inbound_bench.SENDER_DOMAIN, inbound_bench.SELECTOR, 2048)
+    with Lab("bs") as lab:
+        lab.workdir.chmod(0o755)
+        message = lab.workdir / "message.eml"
+        message.write_bytes(inbound_bench.signed_message(key))
+        for config in inbound_bench.PEER_CONFIGS:
+            r = inbound_bench.run_peer(config, lab, inbound_bench.sender_zones(key), message, 3, 1)
+            assert r["delivered"] == 1 + 3 * len(inbound_bench.SESSIONS), r
+            assert r["s1"]["msgs_per_s"] > 0 and r["s10"]["p99_ms"] > 0
+        assert any("DMARC_POLICY_ALLOW" in f for f in r["sample_fields"]), r["sample_fields"]
