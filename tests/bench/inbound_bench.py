@@ -24,7 +24,7 @@ The backend's resolver caches positive answers for their TTL (backend/dns/resolv
 the warm-up the checks cost CPU, not DNS round trips; a cold key fetch is in
 ``python -m tests.bench dkim_verify``. The peer (issue 17; ``--no-peer`` skips it): Postfix in a
 namespace of its own receiving the same message for the same user into a Maildir (virtual(8)),
-as is and with rspamd's milter (its proxy worker in milter mode, scanning itself, with its SPF,
+as is and with rspamd's milter (its proxy worker in milter mode on a unix socket, scanning itself, with its SPF,
 DKIM, ARC and DMARC modules on and its own nsd with the same zones in that namespace; every
 delivered message must carry X-Spamd-Result with R_SPF_ALLOW, R_DKIM_ALLOW and DMARC_POLICY_ALLOW).
 Beside the client's figures: the backend's own mean time for
@@ -332,19 +332,20 @@ def run_config(config: str, work: Path, ns, rs, message_file: Path, messages: in
 
 # ---------------------------------------------------------------- the peer: Postfix with rspamd's milter
 
-MILTER_PORT = 11332
 PEER_SYMBOLS = ("R_SPF_ALLOW", "R_DKIM_ALLOW", "DMARC_POLICY_ALLOW")
 
 
-def peer_rspamd_config() -> dict[str, str]:
-    """rspamd as Postfix's milter doing the checks itself: its proxy worker in milter mode scanning on
-    its own (self_scan), SPF/DKIM/ARC/DMARC back on (homemx's config turns them off: it checks them
-    itself), and 127.0.0.1 not treated as a local address (the bench's sender connects from there)."""
+def peer_rspamd_config(milter_socket: Path) -> dict[str, str]:
+    """rspamd as Postfix's milter doing the checks itself: its proxy worker in milter mode on the unix
+    socket ``milter_socket`` scanning on its own (self_scan), SPF/DKIM/ARC/DMARC back on (homemx's
+    config turns them off: it checks them itself), and 127.0.0.1 not treated as a local address (the
+    bench's sender connects from there). A unix socket, not TCP on loopback: there Postfix's milter
+    exchange waits on delayed ACKs (~45 ms per message, see start_opendkim in e2e_bench.py)."""
     from tests.lab.rspamd import HS_CACHE
 
     on = "enabled = true;\ncheck_local = true;\ncheck_authed = true;\n"
     return {
-        "local.d/worker-proxy.inc": (f'bind_socket = "127.0.0.1:{MILTER_PORT}";\nmilter = yes;\ntimeout = 120s;\n'
+        "local.d/worker-proxy.inc": (f'bind_socket = "{milter_socket} mode=0666";\nmilter = yes;\ntimeout = 120s;\n'
                                      "count = 1;\nupstream \"local\" {\n  default = yes;\n  self_scan = yes;\n}\n"),
         # check_local: a loopback client is "local" to these modules whatever local_addrs says.
         "local.d/spf.conf": on, "local.d/dkim.conf": on, "local.d/dmarc.conf": on, "local.d/arc.conf": on,
@@ -370,6 +371,7 @@ def run_peer(config: str, lab, zones, message_file: Path, messages: int, warmup:
     ns.etc_file("resolv.conf", "nameserver 127.0.0.1\n")
     wrap = ns.cmd([])
     work = lab.workdir / config
+    milter_socket = lab.workdir / "rspamd-peer" / "milter.sock"
     pf = Postfix(ns, work, address="127.0.0.1", domain=DOMAIN, mailboxes=[ALICE.partition("@")[0]],
                  hostname=HOSTNAME)
     pf.write()
@@ -378,7 +380,7 @@ def run_peer(config: str, lab, zones, message_file: Path, messages: int, warmup:
                 "smtpd_client_connection_rate_limit = 0\nsmtpd_client_message_rate_limit = 0\n")
         if config == "postfix_rspamd":
             # tempfail, not accept unscanned, when the milter fails: a figure over unscanned mail is none.
-            f.write(f"smtpd_milters = inet:127.0.0.1:{MILTER_PORT}\nmilter_default_action = tempfail\n"
+            f.write(f"smtpd_milters = unix:{milter_socket}\nmilter_default_action = tempfail\n"
                     "milter_protocol = 6\nmilter_mail_macros = i {mail_addr} {client_addr} {client_name} "
                     "{auth_authen}\n")
     result: dict = {"loadavg_before": os.getloadavg()}
@@ -386,10 +388,10 @@ def run_peer(config: str, lab, zones, message_file: Path, messages: int, warmup:
         rs = None
         if config == "postfix_rspamd":
             rs = stack.enter_context(Rspamd(netns_exec=wrap, nameserver="127.0.0.1:53",
-                                            workdir=lab.workdir / "rspamd-peer", extra_config=peer_rspamd_config()))
+                                            workdir=milter_socket.parent,
+                                            extra_config=peer_rspamd_config(milter_socket)))
             deadline = time.monotonic() + 30
-            while ns.run([sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {MILTER_PORT}), 1)"],
-                         check=False).returncode != 0:
+            while not milter_socket.is_socket():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rspamd's milter did not listen: {rs.log()[-1500:]}")
                 time.sleep(0.1)

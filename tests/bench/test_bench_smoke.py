@@ -64,7 +64,7 @@ def test_opendkim_peer_signs_every_message_with_rsa_and_ed25519(tmp_path):
     import tempfile
     from pathlib import Path
 
-    from tests.bench.e2e_bench import OPENDKIM_PORTS, SMTP_SINK, signatures, start_opendkim
+    from tests.bench.e2e_bench import SMTP_SINK, opendkim_milters, signatures, start_opendkim
     from tests.conftest import require_root
     from tests.gateway.peers import stop
     from tests.lab.netns import Lab
@@ -84,8 +84,8 @@ def test_opendkim_peer_signs_every_message_with_rsa_and_ed25519(tmp_path):
             pf = Postfix(ns, lab.workdir / "pf", address="127.0.0.1", domain="pair.test", mailboxes=[])
             pf.write()
             with open(pf.etc / "main.cf", "a") as f:
-                milters = ", ".join(f"inet:127.0.0.1:{p}" for p in OPENDKIM_PORTS.values())
-                f.write(f"relayhost = [127.0.0.1]:2600\nsmtpd_milters = {milters}\nmilter_default_action = tempfail\n")
+                f.write(f"relayhost = [127.0.0.1]:2600\nsmtpd_milters = {opendkim_milters(lab.workdir / 'opendkim')}\n"
+                        "milter_default_action = tempfail\n")
             dkim = start_opendkim(ns, lab.workdir / "opendkim")
             try:
                 pf.start()
