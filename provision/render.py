@@ -276,11 +276,17 @@ DOVECOT_DROPIN = "dovecot.service.d/homemx.conf"  # under the unit dir: ordering
 
 def dovecot_service_dropin() -> str:
     """``dovecot.service.d/homemx.conf``: Dovecot listens on the tunnel address and reads the backend's
-    certificate, so it starts after both."""
+    certificate, so it starts after both; and it is started again if it exits, e.g. when it was
+    started before the backend's first start made the certificate files (Debian's unit has no
+    Restart=)."""
     return """# written by homemx provisioning
 [Unit]
 Wants=homemx-tunnel.service
 After=homemx-tunnel.service homemx-backend.service
+
+[Service]
+Restart=on-failure
+RestartSec=5s
 """
 
 
