@@ -1,4 +1,4 @@
-"""A real systemd in a container: a cached Debian root (debootstrap) booted with systemd-nspawn inside a lab network namespace.
+"""A real systemd in a container: a cached debootstrap Debian root booted by systemd-nspawn in a lab namespace.
 
     root = debian_root()                                   # build/nspawn/<key>/root, made once
     with Container(root, workdir, "hxg", "/run/netns/hx…g") as c:
@@ -20,13 +20,16 @@ services is touched.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
+import weakref
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +46,38 @@ REBOOT_EXIT = 133  # systemd-nspawn's exit status when the container's systemd a
 
 class ContainerError(RuntimeError):
     pass
+
+
+_live: "weakref.WeakSet[Container]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """A test process that exits without its finalizers still stops its containers and unmounts
+    their overlays (at exit, or on SIGTERM/SIGHUP before the lab's handler deletes the namespaces)."""
+    for c in list(_live):
+        c.close()
+
+
+_previous: dict[int, object] = {}
+
+
+def _on_signal(signum, frame):
+    _close_all()
+    prev = _previous.get(signum)
+    if callable(prev):
+        prev(signum, frame)  # the lab's handler: its namespaces, then the signal's default action
+    else:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _install_handlers() -> None:
+    if _previous or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        _previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, _on_signal)
 
 
 def debian_root(packages: tuple[str, ...] = PACKAGES, suite: str = SUITE, mirror: str = MIRROR,
@@ -88,6 +123,8 @@ class Container:
         self.proc: subprocess.Popen | None = None
         self.leader = 0  # the container's PID 1 (systemd) as the host sees it
         self._mounted = False
+        _live.add(self)
+        _install_handlers()
 
     # ------------------------------------------------------------ life cycle
 
@@ -200,6 +237,7 @@ class Container:
                 subprocess.run(["umount", "-l", str(self.root)], capture_output=True)
             self._mounted = False
         shutil.rmtree(self.dir, ignore_errors=True)
+        _live.discard(self)
 
     def __enter__(self) -> "Container":
         return self
@@ -215,8 +253,9 @@ class Container:
 
     def run(self, argv: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """A command in every namespace of the container (as root, outside any of its units)."""
+        # its own session: a `kill 0` (or a stray signal to our process group) in there cannot reach the test
         r = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *argv], capture_output=True, text=True,
-                           timeout=timeout, **kw)
+                           timeout=timeout, start_new_session=True, **kw)
         if check and r.returncode != 0:
             raise ContainerError(f"{self.name}: {' '.join(argv)} exited {r.returncode}: {r.stderr or r.stdout}")
         return r
