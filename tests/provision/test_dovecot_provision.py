@@ -167,6 +167,28 @@ def test_deploy_writes_dovecots_whole_config_and_checks_it(home):
     # doveconf ran on the host against what was written (the certificate exists: acme = false)
     assert any(c.startswith("doveconf -n -c ") for c in home["remote"].commands)
     assert "dovecot.conf" in home["inputs"] and "dovecot homemx-junk.conf" in home["inputs"]
+    # the packages, probed with dpkg (installed here; a host without them gets them from apt-get)
+    assert items["packages dovecot-imapd dovecot-sieve"] == "unchanged"
+
+
+def test_without_the_spam_filter_no_sieve_package_and_no_junk_include(home):
+    """rspamd = false: Dovecot without Pigeonhole and without the Junk/learning include (dry run:
+    nothing written)."""
+    import dataclasses
+
+    from provision import deploy, render
+
+    site = dataclasses.replace(home["site"], rspamd=False)
+    text = render.dovecot_conf(site, home["layout"])
+    assert render.DOVECOT_JUNK_CONF not in text and render.DOVECOT_TLS_CONF in text
+    report = deploy.Report()
+    r = deploy.Remote(LocalConnection(), home["layout"], "backend", report, dry_run=True)
+    inputs = deploy.dovecot(r, site)
+    items = {item: st for _, item, st in report.items}
+    assert items["packages dovecot-imapd"] == "unchanged" and "packages dovecot-imapd dovecot-sieve" not in items
+    assert items["dovecot.conf"] == "would change" and "dovecot sieve binaries" not in items
+    assert not any("junk" in i for i in inputs)
+    assert Path(home["conf"]).read_text() == render.dovecot_conf(home["site"], home["layout"])  # untouched
 
 
 def test_doveconf_has_no_pam_passdb_and_imaps_only_on_the_tunnel_address(home):
