@@ -131,6 +131,7 @@ def test_fab_both_starts_every_unit_under_its_hardening(hosts):
     # the post-deploy check `both` runs with systemctl on: both ends handshook, the banner came back
     assert "gateway  handshake fresh" in r.stdout and "backend  handshake fresh" in r.stdout, out
     assert "backend answers through the gateway: 220 mail.example.org" in r.stdout, out
+    assert "IMAPS login through the gateway: OK" in r.stdout, out  # the provisioned Dovecot, via port 993
     for c, units in ((gw, ["homemx-tunnel.service", "homemx-gateway.service"]),
                      (be, ["homemx-tunnel.service", "homemx-backend.service", "homemx-dovecot-reload.path",
                            "dovecot.service"])):
@@ -222,5 +223,11 @@ def test_tunnel_comes_up_before_the_backend_after_a_reboot(hosts):
     assert back["NRestarts"] == "0"  # started once, after the tunnel: not failed and restarted until it was up
     # the oneshot tunnel finished its bring-up (became active) before the backend's process started
     assert 0 < int(tunnel["ActiveEnterTimestampMonotonic"]) <= int(back["ExecMainStartTimestampMonotonic"])
-    r = _fab(hosts, "check")  # a fresh handshake again, and the backend answers through the gateway
+    # Dovecot (provisioning's drop-in orders it after both: it listens on the tunnel address and reads
+    # the backend's certificate) came up in the same boot, once
+    dovecot = _wait("Dovecot to start at boot", lambda: (lambda s: s["ActiveState"] == "active" and s)(
+        be.show("dovecot.service", *props)))
+    assert int(dovecot["ExecMainStartTimestampMonotonic"]) >= int(back["ExecMainStartTimestampMonotonic"])
+    assert dovecot["NRestarts"] == "0"
+    r = _fab(hosts, "check")  # a fresh handshake again, the backend answers and IMAPS logs in through the gateway
     assert r.returncode == 0, r.stdout + r.stderr
