@@ -23,7 +23,8 @@ import pytest
 from tests.conftest import require_root, require_tool
 from tests.lab.netns import Lab, home_behind_nat
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# the first run on a machine also builds the Debian root (debootstrap, ~80 s here) in the fixture's setup
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 RELAY = Path(__file__).with_name("nsrelay.py")
