@@ -144,3 +144,27 @@ def test_a_stale_build_directory_in_the_checkout_does_not_reach_the_wheel(tmp_pa
     with zipfile.ZipFile(wheel) as z:
         assert z.read("provision/hostside.py") == (checkout / "provision" / "hostside.py").read_bytes()
     assert sorted(os.listdir(tmp_path / "out")) == [wheel.name]
+
+
+def test_deploy_names_the_host_when_its_wheels_cannot_be_had(homemx_wheel, tmp_path, monkeypatch):
+    """Through deploy.ensure_venv (the host here is the operator's own shell, through invoke: the
+    same run() Fabric's connections have): the one line names the role, the SSH target, the step,
+    the package and the host's platform, and nothing is written on the host."""
+    from invoke import Context
+
+    from provision import deploy
+    from provision.site import HostLayout
+
+    empty = tmp_path / "index"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    here = wheels.probe(lambda cmd: subprocess.run(["sh", "-c", cmd], capture_output=True, text=True).stdout, "")
+    r = deploy.Remote(Context(), HostLayout(ssh="root@pi.lan", root=str(tmp_path / "root")), "backend", deploy.Report())
+    with pytest.raises(deploy.ProvisionError) as e:
+        deploy.ensure_venv(r, wheels.HostWheels(homemx=homemx_wheel, cache=tmp_path / "cache"))
+    text = str(e.value)
+    assert "\n" not in text
+    assert text.startswith("backend (root@pi.lan): wheels for this host's python3: no wheel of "), text
+    assert f" for {here.interpreter} on {here.platforms[0]} " in text
+    assert not (tmp_path / "root").exists() and r.uploads == []
