@@ -119,6 +119,9 @@ def _guard(func):
             return _fail(args, str(e))
         except PermissionError as e:
             return _fail(args, f"{e} (bringing a tunnel up needs root / CAP_NET_ADMIN)")
+        except OSError as e:  # e.g. a read-only /proc/sys in a container (EROFS): one line, not a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            return _fail(args, f"{where}{e.strerror or e}")
     return run
 
 

@@ -54,3 +54,19 @@ def test_roaming_peer_without_configured_endpoint_is_not_a_change():
 def test_hostname_endpoint_is_resolved_once():
     want = bringup.desired_device(_cfg(("localhost", 51820)))
     assert next(iter(want["peers"].values()))["endpoint"] in ("127.0.0.1:51820", "[::1]:51820")
+
+
+def test_an_os_error_in_a_tunnel_verb_is_one_line_naming_the_file(tmp_path, capsys):
+    """A read-only /proc/sys (a container) made `tunnel up` print a traceback: any OSError of a verb
+    is one line with the file and the reason, exit 1 (here a real EISDIR from writing a directory)."""
+    import argparse
+
+    from wireguard.cli import _guard
+
+    def up(args):
+        with open(tmp_path, "w"):
+            pass
+
+    assert _guard(up)(argparse.Namespace(tunnel_command="up")) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(f"tunnel up: {tmp_path}: Is a directory"), err
