@@ -339,7 +339,9 @@ def backend_config(site: Site, layout: HostLayout) -> dict:
     doc["users"] = {"passwd_file": layout.etc + "/passwd", "maildir_root": layout.data + "/mail"}
     domains: dict[str, Any] = {}
     for d in site.all_domains:
-        domains[d] = {"aliases": {"postmaster": [site.first_user]}}
+        # root: what cron, smartd and mdadm write to (homemx-sendmail root → root@<domain> on the lan
+        # listener), as Debian's /etc/aliases sends root to the admin; the site's aliases may override
+        domains[d] = {"aliases": {"postmaster": [site.first_user], "root": [site.first_user]}}
     for name, targets in site.aliases.items():
         local, _, d = name.rpartition("@") if "@" in name else (name, "", site.domain)
         domains[d]["aliases"][local] = list(targets)

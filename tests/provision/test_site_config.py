@@ -85,6 +85,8 @@ def test_every_item_a_home_user_configures_reaches_the_daemons(tmp_path):
     assert {(k.domain, k.selector) for k in backend.dkim} == {
         (d, s) for d in ("example.org", "example.net") for s in ("hmx-rsa", "hmx-ed25519")}
     assert backend.domains["example.net"].aliases["postmaster"] == ("alice@example.org",)
+    # root (homelab tools' `sendmail root`) reaches the first user unless the site says otherwise
+    assert backend.domains["example.net"].aliases["root"] == ("alice@example.org",)
     # aliases (of the domain, or of another by full address) and catch-alls
     assert backend.domains["example.org"].aliases["info"] == ("alice@example.org",)
     assert backend.domains["example.net"].aliases["sales"] == ("alice@example.org", "bob@example.org")
@@ -172,3 +174,12 @@ def test_mistakes_are_one_line_each_naming_the_site_key(patch, problems):
         site_from_dict(data, "ops/site.toml")
     assert e.value.problems == problems
     assert str(e.value).splitlines() == [f"ops/site.toml: {k}: {r}" for k, r in problems]
+
+
+def test_root_goes_to_the_first_user_unless_the_site_aliases_it(tmp_path):
+    raw = tomllib.loads(EVERYTHING)
+    backend, _ = _load(tmp_path, site_from_dict(raw, "site.toml"))
+    assert backend.domains["example.org"].aliases["root"] == ("alice@example.org",)
+    raw["site"]["aliases"]["root"] = "bob@example.org"
+    backend, _ = _load(tmp_path, site_from_dict(raw, "site.toml"))
+    assert backend.domains["example.org"].aliases["root"] == ("bob@example.org",)
