@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 # C0 and C1 controls, DEL, Unicode line/paragraph separators, and the lone surrogates that stand
 # for undecodable bytes (aiosmtpd decodes command arguments with surrogateescape).
@@ -30,9 +31,24 @@ class EscapingFormatter(logging.Formatter):
     HELO names and addresses in log lines; aiosmtpd logs unrecognised commands as sent). The
     traceback of a record, appended after the message, keeps its line breaks."""
 
+    _second: int | None = None
+    _second_text = ""
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # logging's default (localtime + strftime per record) with the text of the second kept:
+        # a busy daemon logs several lines a millisecond (docs/benchmarks.md "Round 3 — backend CPU
+        # per message"). Time zone offsets are whole seconds, so the text changes only with the second.
+        if datefmt is not None or self.converter is not time.localtime:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, time.localtime(second))
+            self._second = second
+        return self.default_msec_format % (self._second_text, record.msecs)
 
 
 # One %-conversion of a logging format string: mapping key, flags, width, precision, length, type.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from dataclasses import dataclass
@@ -63,5 +64,17 @@ class ListenerContext:
 
 
 def _in_networks(host: str, networks) -> bool:
+    # Asked for each MAIL, RCPT and DATA of a lan session (check_auth_needed); the answer depends
+    # on the two arguments alone, so it is cached (networks: a tuple from the frozen config).
+    try:
+        return _in_networks_cached(host, networks)
+    except TypeError:  # networks given as a list (unhashable): no cache
+        return _member(host, networks)
+
+
+def _member(host: str, networks) -> bool:
     ip = client_ip(host)
     return ip is not None and any(ip in n for n in networks)
+
+
+_in_networks_cached = functools.lru_cache(maxsize=4096)(_member)

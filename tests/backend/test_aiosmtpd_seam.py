@@ -1,8 +1,10 @@
 """The one seam into aiosmtpd's constructor (receive/smtpd.py, _AiosmtpdInspect): it is in place
-only while a HomeSMTP is built, and gives aiosmtpd the same answers as the real ``inspect``."""
+only while a HomeSMTP is built, and gives aiosmtpd the same answers as the real ``inspect`` and
+``dir``."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 import aiosmtpd
@@ -28,6 +30,7 @@ async def test_the_stand_in_is_only_there_during_construction_and_answers_like_i
             factory = server._protocol_factory  # asyncio's; the listener's aiosmtpd factory
             fast = factory()
             assert aiosmtpd_smtp.inspect is inspect
+            assert "dir" not in vars(aiosmtpd_smtp)  # the builtin again once the protocol is built
             # The same protocol built with the real module (the slow path aiosmtpd takes alone).
             real = smtpd._AiosmtpdInspect(inspect, ())  # matches no class: delegates every call
             smtpd._INSPECT, saved = real, smtpd._INSPECT
@@ -38,6 +41,9 @@ async def test_the_stand_in_is_only_there_during_construction_and_answers_like_i
             assert {k: (v.is_builtin, getattr(v.method, "__name__", v.method)) for k, v in fast._auth_methods.items()} == {
                 k: (v.is_builtin, getattr(v.method, "__name__", v.method)) for k, v in slow._auth_methods.items()}
             assert fast._ehlo_hook_ver == slow._ehlo_hook_ver == "new"
-            assert sorted(fast._handle_hooks) == sorted(slow._handle_hooks)
-            assert sorted(fast._smtp_methods) == sorted(slow._smtp_methods)
+            assert fast._handle_hooks == slow._handle_hooks  # the same bound methods
+            assert {k: v.__func__ for k, v in fast._smtp_methods.items()} == {
+                k: v.__func__ for k, v in slow._smtp_methods.items()}
+            assert fast._smtp_methods["DATA"].__self__ is fast
+            assert fast.loop is asyncio.get_running_loop()
             assert "PLAIN" in fast._auth_methods and "LOGIN" in fast._auth_methods

@@ -68,3 +68,17 @@ def test_fields_come_from_the_format_string_only():
     assert e["message"] == "100% of 3 done, message=x level=y"  # the four base fields cannot be overwritten
     assert e["level"] == "INFO" and "3" not in e
     assert json.loads(f.format(record("no fields")))["message"] == "no fields"
+
+
+def test_text_timestamps_are_loggings_own_across_seconds():
+    # EscapingFormatter keeps the text of the current second (logsetup.formatTime): every line
+    # must still carry the time logging itself would write, also when the second changes.
+    from backend.logsetup import EscapingFormatter
+
+    ours = EscapingFormatter("%(asctime)s %(message)s")
+    theirs = logging.Formatter("%(asctime)s %(message)s")
+    base = 1_780_000_000.0
+    for created in [base + i * 0.37 for i in range(40)] + [base + 86_400 * 180.999, base - 5.5, base + 0.999]:
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "hello", None, None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == theirs.format(record)
