@@ -146,8 +146,7 @@ class Deliverer:
         destination that bounced something, which RFC 3464 allows.
         """
         try:
-            entry = await self.run_blocking(self.queue.get, message_id)
-            content = await self.run_blocking(self.queue.content, message_id)
+            entry, content = await self.run_blocking(self._entry_and_content, message_id)
         except Exception:  # noqa: BLE001 - deleted meanwhile (queue delete): nothing to do
             log.warning("queue=%s vanished before delivery", message_id)
             return
@@ -177,6 +176,10 @@ class Deliverer:
         except Exception as e:  # noqa: BLE001 - not marked sent either: the next attempt sends it
             log.error("queue=%s delay notice not queued, next attempt tries again: %s", message_id, e)
         self.pool.sweep()
+
+    def _entry_and_content(self, message_id: str) -> tuple[QueueEntry, bytes]:
+        # Blocking, in one worker-thread hop (each hop costs the event loop a wake-up).
+        return self.queue.get(message_id), self.queue.content(message_id)
 
     # ------------------------------------------------------------ one destination
 

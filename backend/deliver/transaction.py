@@ -239,7 +239,10 @@ class Transaction:
                 return _defer_rest(decided, rcpts, reply), False  # no reply: the session is lost
             state = failure_outcome(reply)
         decided.update({r.id: (state, reply) for r in accepted})
-        await self._rset()
+        if state != DELIVERED:
+            await self._rset()
+        # RFC 5321 4.1.1.4: the 250 after the data ends the transaction and clears its state, so
+        # the session carries the next MAIL as it is (the pool checks it with NOOP before reuse).
         return decided, c.is_connected
 
     async def _envelope(

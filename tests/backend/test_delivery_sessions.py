@@ -142,6 +142,44 @@ async def test_a_pooled_session_is_reused_within_its_idle_time_and_replaced_afte
     assert sink.quits == [first]  # ...and the expired one was closed politely (RFC 5321 4.1.1.10)
 
 
+@dataclass
+class VerbSink(Sink):
+    """A Sink that records the transaction commands it was sent, in order."""
+
+    verbs: list[str] = field(default_factory=list)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.verbs.append("MAIL")
+        return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    async def handle_DATA(self, server, session, envelope):
+        self.verbs.append("DATA")
+        return await super().handle_DATA(server, session, envelope)
+
+    async def handle_RSET(self, server, session, envelope):
+        self.verbs.append("RSET")
+        return "250 2.0.0 OK"
+
+    async def handle_NOOP(self, server, session, envelope, arg):
+        self.verbs.append("NOOP")
+        return "250 2.0.0 OK"
+
+
+@pytest.mark.asyncio
+async def test_a_pooled_session_carries_the_next_message_without_rset_after_a_250_to_data(make, receivers):
+    # RFC 5321 4.1.1.4: the reply to the data ends the transaction; an RSET after it is a round
+    # trip for nothing. A refused DATA still gets its RSET; a pooled session its NOOP before reuse.
+    sink = await receivers.start("127.0.0.11", VerbSink(data_replies=["250 ok", "451 4.3.0 try later"]))
+    h = make()
+    q1 = h.submit("alice@example.org", ["bob@dest.test"])
+    await h.round()
+    q2 = h.submit("alice@example.org", ["carol@dest.test"])
+    await h.round()
+    assert h.states(q1)["bob@dest.test"][0] == DELIVERED and h.states(q2)["carol@dest.test"][0] == DEFERRED
+    assert sink.connections == 1
+    assert sink.verbs == ["MAIL", "DATA", "NOOP", "MAIL", "DATA", "RSET"]
+
+
 @pytest.mark.asyncio
 async def test_an_idle_session_is_closed_when_its_idle_time_ends_even_if_no_mail_follows(make, receivers):
     sink = await receivers.start("127.0.0.11", QuitSink())
