@@ -7,6 +7,7 @@ would let a single machine open unlimited connections by rotating its interface 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +21,13 @@ REFUSE_RATE = "rate"
 
 def client_key(address: str) -> str:
     """The per-client key of a peer address: ``"192.0.2.7/32"`` or ``"2001:db8:1:2::/64"``."""
+    if "." in address and ":" not in address:
+        # An IPv4 peer (what an AF_INET socket reports): inet_pton checks it strictly and
+        # inet_ntop spells it canonically, a tenth of ipaddress's cost per connection.
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address)) + "/32"
+        except OSError:
+            pass  # not a dotted quad: ipaddress gives its error below
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d

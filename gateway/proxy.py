@@ -7,13 +7,13 @@ connection never takes down another or the server.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
 import select
 import socket
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Awaitable, Callable
 
 import trio
@@ -45,22 +45,44 @@ UPSTREAM = "upstream"
 REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is not waited for
 LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
 LINGER_DISCARD = 65536
+# The accept loop takes up to this many queued connections per wakeup (the whole queue: the
+# kernel's somaxconn is 4096) before letting the sessions it started run. A smaller batch (64, as
+# HAProxy's tune.maxaccept) left the queue full for seconds under B8's burst: one batch per trio
+# scheduler pass, and a pass runs every session that is ready.
+ACCEPT_BATCH = 4096
+# accept() errors: the connection died in the queue (skip it); out of descriptors or memory (wait
+# and retry, as trio.serve_listeners does, so the listener survives a flood at its limit).
+# The list is trio's (trio/_highlevel_socket.py): the errors Linux accept(2) passes on from the new connection.
+_ACCEPT_SKIP = {getattr(errno, n) for n in ("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT",
+                                            "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+                                            "ENOSR", "ESOCKTNOSUPPORT",
+                                            "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET", "EINTR")
+                if hasattr(errno, n)}
+_ACCEPT_CAPACITY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_CAPACITY_PAUSE = 0.1
 
 Connector = Callable[[tuple[str, int]], Awaitable[trio.abc.HalfCloseableStream]]
 
 
 async def tcp_connect(address: tuple[str, int]) -> trio.SocketStream:
-    """Dial an upstream given as an IP literal (config guarantees it). A plain socket connect:
-    trio.open_tcp_stream's happy-eyeballs machinery (resolver call, nursery, attempt tasks) costs
-    a tenth of the gateway's CPU per relayed session and buys nothing for a literal address."""
+    """Dial an upstream given as an IP literal (config guarantees it). A plain non-blocking connect
+    and one wait for writability: trio.open_tcp_stream's happy-eyeballs machinery (resolver call,
+    nursery, attempt tasks) costs a tenth of the gateway's CPU per relayed session, and even
+    trio's socket.connect resolves the literal again and checkpoints twice (B8 profile)."""
     host, port = address
-    sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class UpstreamUnavailable(Exception):
@@ -76,6 +98,18 @@ class ListenerRuntime:
     config: ListenerConfig
     admission: Admission
     bound: list[tuple[str, int]] = field(default_factory=list)
+    # This listener's metric children by (metric, *other labels): ``labels()`` validates and locks
+    # on every call, several times per connection; a child once made is reused. Made on first use,
+    # so a series appears in /metrics only once something happened (as before).
+    children: dict = field(default_factory=dict)
+
+    def series(self, metric, *labels):
+        """The child of ``metric`` for this listener and ``labels`` (cached)."""
+        key = (metric, *labels)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = metric.labels(self.config.name, *labels)
+        return child
 
 
 class _Conn:
@@ -95,6 +129,11 @@ class _Conn:
 
 def _addr(sockaddr) -> tuple[str, int]:
     return sockaddr[0], sockaddr[1]
+
+
+def ipaddress_is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: (a wildcard bind: the local address differs per connection)."""
+    return host in ("0.0.0.0", "::")
 
 
 class Gateway:
@@ -194,9 +233,8 @@ class Gateway:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as accepting:
                 for lr, group in sockets:
-                    accepting.start_soon(
-                        partial(trio.serve_listeners, partial(self._handle, lr), group, handler_nursery=handlers)
-                    )
+                    for listener in group:
+                        accepting.start_soon(self._accept_loop, lr, listener, handlers)
                 if metrics_listeners:
                     await accepting.start(serve_metrics, self.metrics, metrics_listeners)
                 for lr in self.listeners.values():
@@ -214,16 +252,58 @@ class Gateway:
             handlers.cancel_scope.deadline = trio.current_time() + grace
         log.info("drained")
 
+    async def _accept_loop(self, lr: ListenerRuntime, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        """Accept on one listening socket until cancelled, starting a session task per connection.
+
+        Unlike trio.serve_listeners (one accept per wakeup, a wrapper task per connection), each
+        wakeup takes up to ACCEPT_BATCH queued connections with plain non-blocking accept() calls
+        and waits for readability only once the queue is empty. Under a burst the kernel's accept
+        queue is drained before it overflows, so new clients are not left retransmitting their SYN
+        (1 s, then 3 s: the B8 p99). The peer address comes with accept(); the local one is the
+        bound address unless the socket listens on a wildcard address."""
+        # A duplicate descriptor of the same listening socket (same queue, same non-blocking
+        # flag) as a plain socket; closed here, before serve() closes the listener itself.
+        lsock = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        try:
+            lsock.setblocking(False)
+            bound = lsock.getsockname()
+            local = None if ipaddress_is_unspecified(bound[0]) else _addr(bound)
+            start = handlers.start_soon
+            serve = self._serve_socket
+            while True:
+                for _ in range(ACCEPT_BATCH):
+                    try:
+                        sock, peer = lsock.accept()
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(lsock)
+                        break
+                    except OSError as e:
+                        if e.errno in _ACCEPT_SKIP:
+                            continue
+                        if e.errno not in _ACCEPT_CAPACITY:
+                            raise
+                        log.error("listener %s: accept: %s; retrying in %.1fs", lr.config.name,
+                                  os.strerror(e.errno), ACCEPT_CAPACITY_PAUSE)
+                        await trio.sleep(ACCEPT_CAPACITY_PAUSE)
+                        break
+                    start(serve, lr, sock, peer, local)
+                else:
+                    await trio.lowlevel.checkpoint()  # a full batch: let the sessions run, then go on
+        finally:
+            lsock.close()
+
     # ------------------------------------------------------------ one connection
 
-    async def _handle(self, lr: ListenerRuntime, stream: trio.SocketStream) -> None:
+    async def _serve_socket(self, lr: ListenerRuntime, sock: socket.socket, peer, local) -> None:
+        stream = None
         try:
-            peer = _addr(stream.socket.getpeername())
-            local = _addr(stream.socket.getsockname())
+            if local is None:
+                local = _addr(sock.getsockname())
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         except OSError:  # reset between accept and here
-            await trio.aclose_forcefully(stream)
+            sock.close()
             return
-        await self.handle_connection(lr.config.name, stream, peer, local)
+        await self.handle_connection(lr.config.name, stream, _addr(peer), local)
 
     async def handle_connection(
         self, listener: str, client: trio.abc.HalfCloseableStream, peer: tuple[str, int], local: tuple[str, int]
@@ -240,7 +320,7 @@ class Gateway:
             reason = lr.admission.admit(key)
             if reason is not None:
                 conn.outcome = OUT_REFUSED
-                self.metrics.refusals.labels(cfg.name, reason).inc()
+                lr.series(self.metrics.refusals, reason).inc()
                 if cfg.speaks_smtp_replies:
                     template = edge.R421_TOO_FAST if reason == REFUSE_RATE else (
                         edge.R421_TOO_MANY if reason != "global_cap" else edge.R421_BUSY)
@@ -248,7 +328,7 @@ class Gateway:
                 log.info("conn=%d listener=%s client=%s refused: %s", conn.cid, cfg.name, _fmt(peer), reason)
                 return
             admitted = True
-            self.metrics.active.labels(cfg.name).inc()
+            lr.series(self.metrics.active).inc()
             with trio.move_on_after(cfg.session_timeout) as session:
                 await self._session(lr, conn, client, upstream)
             if session.cancelled_caught:
@@ -269,8 +349,8 @@ class Gateway:
                 await trio.aclose_forcefully(client)
             if admitted:
                 lr.admission.release(key)
-                self.metrics.active.labels(cfg.name).dec()
-            self.metrics.connections.labels(cfg.name, conn.outcome).inc()
+                lr.series(self.metrics.active).dec()
+            lr.series(self.metrics.connections, conn.outcome).inc()
             if conn.outcome != OUT_REFUSED:
                 log.info(
                     "conn=%d listener=%s client=%s outcome=%s up=%d down=%d duration=%.3fs",
@@ -290,7 +370,7 @@ class Gateway:
             last_from = CLIENT if pending else UPSTREAM
             await client.send_all(banner)
             conn.down += len(banner)
-            self.metrics.bytes.labels(cfg.name, "upstream_to_client").inc(len(banner))
+            lr.series(self.metrics.bytes, "upstream_to_client").inc(len(banner))
         else:
             try:
                 upstream.append(await self._dial(lr, conn))
@@ -303,7 +383,12 @@ class Gateway:
         if pending:
             await upstream[0].send_all(pending)
             conn.up += len(pending)
-        conn.outcome = await self._splice(cfg, conn, client, upstream[0], last_from)
+        up = upstream[0]
+        if isinstance(client, trio.SocketStream) and isinstance(up, trio.SocketStream):
+            # Straight to the one-task relay (as _splice would): one coroutine frame less per session.
+            conn.outcome = await self._relay(lr, conn, client.socket, up.socket, last_from)
+        else:
+            conn.outcome = await self._splice(lr, conn, client, up, last_from)
 
     async def _dial(self, lr: ListenerRuntime, conn: _Conn) -> trio.abc.HalfCloseableStream:
         """Connect upstream and write the PROXY v2 header, within connect_timeout."""
@@ -314,16 +399,25 @@ class Gateway:
             with trio.fail_after(cfg.connect_timeout):
                 stream = await self.connect(cfg.upstream)
                 if cfg.proxy_v2:
-                    await stream.send_all(encode_proxy_v2(conn.peer, conn.local))
+                    header = encode_proxy_v2(conn.peer, conn.local)
+                    if isinstance(stream, trio.SocketStream):
+                        # A fresh socket's send buffer takes the header whole: one send() call,
+                        # not send_all's conflict check and checkpoints (B8 profile).
+                        try:
+                            header = header[os.write(stream.socket.fileno(), header):]
+                        except BlockingIOError:
+                            pass
+                    if header:
+                        await stream.send_all(header)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as e:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
-            self.metrics.upstream_up.labels(cfg.name).set(0)
+            lr.series(self.metrics.upstream_up).set(0)
             if isinstance(e, trio.TooSlowError):
                 raise UpstreamUnavailable(f"connect to {cfg.upstream[0]}:{cfg.upstream[1]} timed out") from None
             raise UpstreamUnavailable(f"connect to {cfg.upstream[0]}:{cfg.upstream[1]}: {e}") from None
-        self.metrics.upstream_up.labels(cfg.name).set(1)
-        self.metrics.connect_latency.labels(cfg.name).observe(trio.current_time() - started)
+        lr.series(self.metrics.upstream_up).set(1)
+        lr.series(self.metrics.connect_latency).observe(trio.current_time() - started)
         return stream
 
     async def _pregreet(self, lr: ListenerRuntime, conn: _Conn, client, upstream: list):
@@ -358,7 +452,7 @@ class Gateway:
         async def check_dnsbl(cancel: trio.CancelScope) -> None:
             nonlocal decision
             zone = await self.dnsbl.listed_in(conn.peer[0])
-            self.metrics.checks.labels(cfg.name, "dnsbl", "listed" if zone else "clean").inc()
+            lr.series(self.metrics.checks, "dnsbl", "listed" if zone else "clean").inc()
             if zone is not None:
                 decision = pg.dnsbl_listed(zone)
                 cancel.cancel()
@@ -374,7 +468,7 @@ class Gateway:
             await dnsbl_done.wait()  # bounded by the DNSBL timeout
             pg.wait_over()
             if cfg.greet_wait > 0:
-                self.metrics.checks.labels(cfg.name, "early_talker", "pass").inc()
+                lr.series(self.metrics.checks, "early_talker", "pass").inc()
             try:
                 upstream.append(await self._dial(lr, conn))
                 with trio.fail_after(cfg.banner_timeout):
@@ -393,12 +487,12 @@ class Gateway:
         assert decision is not None
         conn.outcome = decision.outcome
         if decision.outcome == edge.OUT_EARLY_TALKER:
-            self.metrics.checks.labels(cfg.name, "early_talker", "fail").inc()
+            lr.series(self.metrics.checks, "early_talker", "fail").inc()
         if decision.reply is not None:
             await self._reply_and_close(client, decision.reply)
         return None
 
-    async def _splice(self, cfg: ListenerConfig, conn: _Conn, client, upstream, last_from: str | None = None) -> str:
+    async def _splice(self, lr: ListenerRuntime, conn: _Conn, client, upstream, last_from: str | None = None) -> str:
         """Copy both ways until both sides have sent EOF; returns the outcome.
 
         Backpressure: each direction holds at most one buffer_size chunk and does not read more
@@ -409,13 +503,14 @@ class Gateway:
         side spoke last before the splice began (the banner relayed by the pre-greeting).
         """
         if isinstance(client, trio.SocketStream) and isinstance(upstream, trio.SocketStream):
-            return await self._relay(cfg, conn, client.socket, upstream.socket, last_from)
+            return await self._relay(lr, conn, client.socket, upstream.socket, last_from)
+        cfg = lr.config
         idle = trio.CancelScope(deadline=trio.current_time() + cfg.idle_timeout)
         failed: str | None = None  # CLIENT or UPSTREAM: the side whose socket broke
         eof = {CLIENT: False, UPSTREAM: False}
         writing = {CLIENT: False, UPSTREAM: False}  # a chunk read but not yet handed to this side
-        up_bytes = self.metrics.bytes.labels(cfg.name, "client_to_upstream")
-        down_bytes = self.metrics.bytes.labels(cfg.name, "upstream_to_client")
+        up_bytes = lr.series(self.metrics.bytes, "client_to_upstream")
+        down_bytes = lr.series(self.metrics.bytes, "upstream_to_client")
         size = cfg.buffer_size
 
         async def pump(src, dst, upward: bool, nursery: trio.Nursery) -> None:
@@ -459,7 +554,7 @@ class Gateway:
             return OUT_RELAYED
         return OUT_RESET
 
-    async def _relay(self, cfg: ListenerConfig, conn: _Conn, csock, usock, last_from: str | None) -> str:
+    async def _relay(self, lr: ListenerRuntime, conn: _Conn, csock, usock, last_from: str | None) -> str:
         """``_splice`` for two real sockets in this one task: the same rules (one chunk in flight
         per direction, FIN becomes shutdown(SHUT_WR), shared idle deadline, ``reset_is_close``),
         but one readiness wait covers both sockets through the run's shared epoll
@@ -468,11 +563,12 @@ class Gateway:
         third of the memory of an idle relayed connection and a share of the CPU per session."""
         # Per-side state in two-element lists indexed 0 = client, 1 = upstream: an idle relayed
         # connection keeps this frame alive, and lists are a quarter of the size of dicts.
+        cfg = lr.config
         fds = (csock.fileno(), usock.fileno())
         socks = (csock, usock)
         # Bytes written to a side, counted as the kernel takes them (as send_all does).
-        counters = (self.metrics.bytes.labels(cfg.name, "upstream_to_client"),
-                    self.metrics.bytes.labels(cfg.name, "client_to_upstream"))
+        counters = (lr.series(self.metrics.bytes, "upstream_to_client"),
+                    lr.series(self.metrics.bytes, "client_to_upstream"))
         eof = [False, False]  # this side sent FIN
         pending = [b"", b""]  # read from the other side, not yet written to this one
         shut = [False, False]  # FIN passed on to this side

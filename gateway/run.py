@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import signal
@@ -28,6 +29,20 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+# With CPython's default (700, 10, 10) the gateway of B8 (a burst of 9,750 silent connections;
+# 4.4-5.1 s of CPU in the flood phase) spent 4.1-5.6 s of its whole run in the cyclic GC, 2.7-3.7 s
+# of it in 11 full collections (each walks every session's ~57 tracked objects: a pause of a
+# quarter of a second for every session) that found 327 objects in all: a session's objects die
+# by reference counting. A young generation of 50,000 allocations makes every collection about
+# 70 times rarer (none of them full during the burst) and holds at most that much garbage.
+GC_THRESHOLDS = (50_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Set the gateway's GC thresholds (GC_THRESHOLDS): see the note above."""
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def run_gateway(config: GatewayConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM or SIGINT, then drain within server.shutdown_grace. A listener that
     cannot be bound raises BindError before any nursery opens (the caller prints one line)."""
@@ -46,5 +61,6 @@ async def run_gateway(config: GatewayConfig, *, task_status=trio.TASK_STATUS_IGN
 def run(config: GatewayConfig) -> int:
     setup_logging(config.server.log_level, config.server.log_format)
     raise_nofile_limit()
+    tune_gc()
     trio.run(run_gateway, config)
     return 0

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trickle", type=int, default=200, help="real transactions per phase (default 200)")
     ap.add_argument("--rate", type=float, default=20.0, help="real transactions per second (default 20)")
     ap.add_argument("--gateway-gc-threshold", type=int, default=0,
-                    help="experiment: run the gateway with gc.set_threshold(N, 10, 10) (default: as deployed)")
+                    help="experiment: run the gateway with GC thresholds (N, 10, 10) (default: as deployed, gateway.run.GC_THRESHOLDS)")
     ap.add_argument("--skip-haproxy", action="store_true", help="measure the gateway only (experiments)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"write results here (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
@@ -210,8 +210,9 @@ greet_wait = 0
 """)
         cmd = [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)]
         if args.gateway_gc_threshold:  # an experiment, not the deployed gateway: CPython's gen-0 GC threshold
-            cmd = [sys.executable, "-c", f"import gc, sys; gc.set_threshold({args.gateway_gc_threshold}, 10, 10); "
-                   "from gateway.cli import main; sys.exit(main(sys.argv[1:]))", "run", "-c", str(cfg)]
+            cmd = [sys.executable, "-c", f"import sys, gateway.run; gateway.run.GC_THRESHOLDS = "
+                   f"({args.gateway_gc_threshold}, 10, 10); from gateway.cli import main; sys.exit(main(sys.argv[1:]))",
+                   "run", "-c", str(cfg)]
         gw = subprocess.Popen(cmd, cwd=ROOT, stderr=open(work / "gateway.log", "wb"))
         procs.append(gw)
         wait_port("127.0.0.1", gw_port, proc=gw)

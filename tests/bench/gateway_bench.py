@@ -88,6 +88,12 @@ async def _sink_main(proxy_port: int, plain_port: int) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads) from /proc/<pid>/stat, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -210,12 +216,15 @@ greet_wait = 0
             targets = {"direct (no proxy)": (plain_port, sink.pid), "homemx-gateway": (gw_port, gw.pid),
                        "haproxy 2.6": (hap.port, hap.pid)}
             results: dict[str, dict[str, float]] = {name: {} for name in targets}
-            for name, (port, _) in targets.items():
+            for name, (port, pid) in targets.items():
                 smtp_source(port, 1, 20, 5120)  # warm up
                 t = smtp_source(port, 1, args.messages, 5120)
                 results[name]["latency_ms"] = t / args.messages * 1000
+                cpu0 = cpu_seconds(pid)
                 t = smtp_source(port, 20, args.rate_messages, 5120)
                 results[name]["msgs_per_s"] = args.rate_messages / t
+                # The proxy's own CPU per relayed session (smtp-source opens one connection per message).
+                results[name]["cpu_ms_per_session"] = (cpu_seconds(pid) - cpu0) / args.rate_messages * 1000
                 t = smtp_source(port, 1, args.bulk_messages, 10 * 1024 * 1024)
                 results[name]["bulk_mb_s"] = args.bulk_messages * 10 / t
             for name in ("homemx-gateway", "haproxy 2.6"):
@@ -225,12 +234,19 @@ greet_wait = 0
 
         base = results["direct (no proxy)"]["latency_ms"]
         print(f"\nhomemx gateway benchmark (loopback, {os.cpu_count()} CPUs; 5 KB messages, new connection each)")
+        # The CPU column comes last: tests/bench/report.py reads the first five by position.
         print(f"{'':20} {'ms/transaction':>15} {'added ms':>9} {'msgs/s @20':>11} {'10 MB MB/s':>11} "
-              f"{'KiB/idle conn @' + str(args.idle):>22}")
+              f"{'KiB/idle conn @' + str(args.idle):>22} {'CPU ms/session @20':>19}")
         for name, r in results.items():
             added = f"{r['latency_ms'] - base:9.3f}" if name != "direct (no proxy)" else f"{'-':>9}"
             idle = f"{r['idle_kib']:22.2f}" if "idle_kib" in r else f"{'-':>22}"
-            print(f"{name:20} {r['latency_ms']:15.3f} {added} {r['msgs_per_s']:11.0f} {r['bulk_mb_s']:11.1f} {idle}")
+            # The sink's CPU for the direct row is not a proxy's: no figure there.
+            cpu = f"{r['cpu_ms_per_session']:19.3f}" if name != "direct (no proxy)" else f"{'-':>19}"
+            print(f"{name:20} {r['latency_ms']:15.3f} {added} {r['msgs_per_s']:11.0f} {r['bulk_mb_s']:11.1f} {idle} {cpu}")
+        gw, hap = results["homemx-gateway"], results["haproxy 2.6"]
+        if hap["cpu_ms_per_session"] > 0:
+            print(f"gateway CPU per relayed session: {gw['cpu_ms_per_session']:.3f} ms, HAProxy "
+                  f"{hap['cpu_ms_per_session']:.3f} ms ({gw['cpu_ms_per_session'] / hap['cpu_ms_per_session']:.1f}x)")
         return 0
     finally:
         for p in procs:

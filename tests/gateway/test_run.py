@@ -116,3 +116,25 @@ def test_metrics_bind_error_is_one_line_and_exit_1(tmp_path):
                            + LISTENER.replace("{listen}", "0"))
     assert r.returncode == 1
     assert r.stderr == f"homemx-gateway: metrics: cannot bind 127.0.0.1:{r.port}: Address already in use\n"
+
+
+def test_run_serves_with_a_large_young_gc_generation(monkeypatch):
+    """B8 (issue 17): with CPython's default thresholds a burst of silent connections spent most of
+    the gateway's CPU in cyclic GC that found nothing; run() serves with gateway.run.GC_THRESHOLDS."""
+    import gc
+
+    from gateway import run as gwrun
+    from tests.lab.gateway import gateway_config
+
+    seen = []
+    monkeypatch.setattr(gwrun, "setup_logging", lambda *a: None)
+    monkeypatch.setattr(gwrun, "raise_nofile_limit", lambda: 0)
+    monkeypatch.setattr(gwrun.trio, "run", lambda *a: seen.append(gc.get_threshold()))
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert gwrun.run(gateway_config({"name": "mx", "kind": "smtp", "listen": "127.0.0.1:0",
+                                         "upstream": "127.0.0.1:25"})) == 0
+    finally:
+        gc.set_threshold(*saved)
+    assert len(seen) == 1 and seen[0][0] >= 10_000, seen
