@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from backend.config import DeliveryConfig
 from backend.deliver.mtasts import MTASTS, Policy
-from backend.deliver.mx import TemporaryFailure, resolve_destination
+from backend.deliver.mx import DestinationCache, TemporaryFailure
 from backend.tls.context import client_context
 
 log = logging.getLogger("homemx.delivery")
@@ -84,6 +84,7 @@ class Destinations:
         self.resolver = resolver
         self.mtasts = mtasts
         self.families = address_families(d)
+        self.hosts = DestinationCache()
         self._smarthost_password: str | None = None  # read once, on first use
 
     async def targets(self, destination: str) -> list[Target]:
@@ -94,7 +95,7 @@ class Destinations:
             name = d.smarthost_hostname or addr
             implicit = d.smarthost_tls == "implicit"
             return [Target(name, addr, port, REQUIRED, implicit_tls=implicit, auth=self._smarthost_auth())]
-        hosts = await resolve_destination(self.resolver, destination, self.families)
+        hosts = await self.hosts.resolve(self.resolver, destination, self.families)
         tls = d.domain_tls_policy.get(destination, d.tls_policy)
         policy: Policy | None = None
         if self.mtasts is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -365,3 +366,45 @@ def test_smarthost_port_465_means_implicit_tls_unless_configured_otherwise(tmp_p
     assert _delivery_config(tmp_path, smarthost="192.0.2.1:2465", smarthost_tls="implicit").smarthost_tls == "implicit"
     with pytest.raises(ConfigError, match="smarthost_tls"):
         _delivery_config(tmp_path, smarthost="192.0.2.1:465", smarthost_tls="ssl")
+
+
+# ---------------------------------------------------------------- DNS answers per destination
+
+
+class CountingResolver:
+    """The real resolver, counting what it is asked."""
+
+    def __init__(self, real):
+        self.real = real
+        self.asked: list[tuple[str, str]] = []
+
+    async def resolve(self, name, rtype, **kw):
+        self.asked.append((name, rtype))
+        return await self.real.resolve(name, rtype, **kw)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_to_one_domain_asks_dns_once_within_the_hold_and_failures_are_asked_again(tmp_path, dns_server):
+    from backend.deliver.mx import TemporaryFailure
+    from backend.deliver.tlspolicy import Destinations
+    from backend.dns.resolver import make_resolver
+
+    cfg = backend_config(tmp_path, delivery={"nameservers": [dns_server.address], "dns_port": dns_server.port,
+                                             "source_address": "127.0.0.1", "mta_sts": False})
+    resolver = CountingResolver(make_resolver(cfg.delivery.nameservers, cfg.delivery.dns_port, timeout=3.0))
+    dest = Destinations(cfg.delivery, resolver, None)
+    clock = Clock(time.time())  # the answers' expiry times are wall-clock times
+    dest.hosts.now = clock
+    first = await dest.targets("dest.test")
+    assert [(t.host_name, t.address) for t in first] == [("mx1.dest.test", "127.0.0.11")]
+    assert resolver.asked == [("dest.test", "MX"), ("mx1.dest.test", "A")]  # an IPv4 source: no AAAA
+    clock.advance(4.9)
+    assert [(t.host_name, t.address) for t in await dest.targets("dest.test")] == [("mx1.dest.test", "127.0.0.11")]
+    assert len(resolver.asked) == 2  # the second message of the burst asked nothing
+    clock.advance(0.2)  # past the hold (5 s; the zone's TTL is longer): asked again
+    await dest.targets("dest.test")
+    assert len(resolver.asked) == 4
+    for _ in range(2):  # SERVFAIL: never kept
+        with pytest.raises(TemporaryFailure):
+            await dest.targets("broken.test")
+    assert resolver.asked[4:] == [("broken.test", "MX"), ("broken.test", "MX")]
