@@ -269,7 +269,8 @@ class Gateway:
             bound = lsock.getsockname()
             local = None if ipaddress_is_unspecified(bound[0]) else _addr(bound)
             start = handlers.start_soon
-            serve = self._serve_socket
+            serve = self.handle_connection
+            name = lr.config.name
             while True:
                 for _ in range(ACCEPT_BATCH):
                     try:
@@ -286,24 +287,21 @@ class Gateway:
                                   os.strerror(e.errno), ACCEPT_CAPACITY_PAUSE)
                         await trio.sleep(ACCEPT_CAPACITY_PAUSE)
                         break
-                    start(serve, lr, sock, peer, local)
+                    # The stream is made here, not in a wrapper task: an idle session's stack
+                    # holds one coroutine frame less.
+                    try:
+                        here = local or _addr(sock.getsockname())
+                        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                    except OSError:  # reset between accept and here
+                        sock.close()
+                        continue
+                    start(serve, name, stream, _addr(peer), here)
                 else:
                     await trio.lowlevel.checkpoint()  # a full batch: let the sessions run, then go on
         finally:
             lsock.close()
 
     # ------------------------------------------------------------ one connection
-
-    async def _serve_socket(self, lr: ListenerRuntime, sock: socket.socket, peer, local) -> None:
-        stream = None
-        try:
-            if local is None:
-                local = _addr(sock.getsockname())
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        except OSError:  # reset between accept and here
-            sock.close()
-            return
-        await self.handle_connection(lr.config.name, stream, _addr(peer), local)
 
     async def handle_connection(
         self, listener: str, client: trio.abc.HalfCloseableStream, peer: tuple[str, int], local: tuple[str, int]
@@ -579,7 +577,17 @@ class Gateway:
         poll = shared_poll()
         waiter = poll.register(fds)
         try:
+            # A fresh session has nothing to read yet: wait for readiness first rather than pay
+            # two reads that fail with EAGAIN (each a system call and an exception).
+            progress = False
             while not (shut[0] and shut[1]):
+                if not progress:
+                    masks = [(0 if eof[i] or pending[1 - i] else select.EPOLLIN)
+                             | (select.EPOLLOUT if pending[i] else 0) for i in (0, 1)]
+                    with trio.move_on_at(deadline) as idle:
+                        await poll.wait(waiter, masks)
+                    if idle.cancelled_caught:
+                        return OUT_IDLE
                 progress = False
                 for src in (0, 1):
                     dst = 1 - src
@@ -615,13 +623,6 @@ class Gateway:
                     break
                 if progress:
                     deadline = trio.current_time() + cfg.idle_timeout
-                    continue
-                masks = [(0 if eof[i] or pending[1 - i] else select.EPOLLIN) | (select.EPOLLOUT if pending[i] else 0)
-                         for i in (0, 1)]
-                with trio.move_on_at(deadline) as idle:
-                    await poll.wait(waiter, masks)
-                if idle.cancelled_caught:
-                    return OUT_IDLE
         finally:
             poll.unregister(waiter)
         if failed is None:
