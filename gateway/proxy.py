@@ -46,9 +46,9 @@ REPLY_SEND_TIMEOUT = 10.0  # a client that does not read our one-line reply is n
 LINGER = 2.0  # after a reply: wait this long for the client's FIN so unread input does not RST it
 LINGER_DISCARD = 65536
 # The accept loop takes up to this many queued connections per wakeup (the whole queue: the
-# kernel's somaxconn is 4096) before letting the sessions it started run. A smaller batch (64, as
-# HAProxy's tune.maxaccept) left the queue full for seconds under B8's burst: one batch per trio
-# scheduler pass, and a pass runs every session that is ready.
+# kernel's somaxconn is 4096) before letting the sessions it started run: it gets one turn per
+# trio scheduler pass, and under B8's burst a pass runs thousands of ready sessions. A batch of 64
+# (HAProxy's tune.maxaccept) absorbed the burst more slowly (docs/benchmarks.md, B8 round 3).
 ACCEPT_BATCH = 4096
 # accept() errors: the connection died in the queue (skip it); out of descriptors or memory (wait
 # and retry, as trio.serve_listeners does, so the listener survives a flood at its limit).
