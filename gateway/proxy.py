@@ -576,53 +576,58 @@ class Gateway:
         deadline = trio.current_time() + cfg.idle_timeout
         poll = shared_poll()
         waiter = poll.register(fds)
+        # One idle scope for the whole relay, its deadline moved before a wait when data moved:
+        # a scope per wait (create, enter, exit) cost more than the wait itself.
+        idle = trio.CancelScope(deadline=deadline)
         try:
-            # A fresh session has nothing to read yet: wait for readiness first rather than pay
-            # two reads that fail with EAGAIN (each a system call and an exception).
-            progress = False
-            while not (shut[0] and shut[1]):
-                if not progress:
-                    masks = [(0 if eof[i] or pending[1 - i] else select.EPOLLIN)
-                             | (select.EPOLLOUT if pending[i] else 0) for i in (0, 1)]
-                    with trio.move_on_at(deadline) as idle:
-                        await poll.wait(waiter, masks)
-                    if idle.cancelled_caught:
-                        return OUT_IDLE
+            with idle:
+                # A fresh session has nothing to read yet: wait for readiness first rather than
+                # pay two reads that fail with EAGAIN (each a system call and an exception).
                 progress = False
-                for src in (0, 1):
-                    dst = 1 - src
-                    side = dst
-                    try:
-                        if pending[dst]:
-                            n = os.write(fds[dst], pending[dst])
-                            self._count(conn, counters[dst], dst, n)
-                            pending[dst] = pending[dst][n:]
-                            progress = True
-                        if pending[dst] or eof[src]:
-                            continue
-                        side = src
-                        data = os.read(fds[src], size)
-                        progress = True
+                while not (shut[0] and shut[1]):
+                    if not progress:
+                        masks = [(0 if eof[i] or pending[1 - i] else select.EPOLLIN)
+                                 | (select.EPOLLOUT if pending[i] else 0) for i in (0, 1)]
+                        if idle.deadline != deadline:
+                            idle.deadline = deadline
+                        await poll.wait(waiter, masks)
+                    progress = False
+                    for src in (0, 1):
+                        dst = 1 - src
                         side = dst
-                        if not data:
-                            eof[src] = True
-                            socks[dst].shutdown(socket.SHUT_WR)
-                            shut[dst] = True
-                            continue
-                        last = src
-                        pending[dst] = data
-                        n = os.write(fds[dst], data)
-                        self._count(conn, counters[dst], dst, n)
-                        pending[dst] = data[n:]
-                    except BlockingIOError:
-                        pass
-                    except OSError:  # reset, broken pipe: nothing more can flow either way
-                        failed = side
+                        try:
+                            if pending[dst]:
+                                n = os.write(fds[dst], pending[dst])
+                                self._count(conn, counters[dst], dst, n)
+                                pending[dst] = pending[dst][n:]
+                                progress = True
+                            if pending[dst] or eof[src]:
+                                continue
+                            side = src
+                            data = os.read(fds[src], size)
+                            progress = True
+                            side = dst
+                            if not data:
+                                eof[src] = True
+                                socks[dst].shutdown(socket.SHUT_WR)
+                                shut[dst] = True
+                                continue
+                            last = src
+                            pending[dst] = data
+                            n = os.write(fds[dst], data)
+                            self._count(conn, counters[dst], dst, n)
+                            pending[dst] = data[n:]
+                        except BlockingIOError:
+                            pass
+                        except OSError:  # reset, broken pipe: nothing more can flow either way
+                            failed = side
+                            break
+                    if failed is not None:
                         break
-                if failed is not None:
-                    break
-                if progress:
-                    deadline = trio.current_time() + cfg.idle_timeout
+                    if progress:
+                        deadline = trio.current_time() + cfg.idle_timeout
+            if idle.cancelled_caught:
+                return OUT_IDLE
         finally:
             poll.unregister(waiter)
         if failed is None:

@@ -77,3 +77,47 @@ async def test_idle_relayed_sessions_hold_two_descriptors_each_and_use_the_one_t
                 for c in clients:
                     c.close()
         n.cancel_scope.cancel()
+
+
+async def echo_upstream(task_status=trio.TASK_STATUS_IGNORED):
+    """A TCP upstream that echoes every chunk back until the client leaves."""
+
+    async def echo(stream):
+        try:
+            while data := await stream.receive_some(4096):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
+@pytest.mark.trio
+async def test_one_task_relay_traffic_pushes_back_the_idle_deadline_and_silence_ends_the_session(caplog):
+    """Over real sockets (the one-task relay): echoes every 0.3 s keep a session with a 0.8 s idle
+    timeout open for 1.5 s; then silence ends it as idle_timeout and the client sees the close."""
+    caplog.set_level("INFO", logger="homemx.gateway")
+    async with trio.open_nursery() as n:
+        up_port = await n.start(echo_upstream)
+        cfg = gateway_config({"name": "imaps", "kind": "tcp", "listen": "127.0.0.1:0",
+                              "upstream": f"127.0.0.1:{up_port}", "idle_timeout": "0.8s", "proxy_v2": False})
+        async with running(cfg) as gw:
+            _, port = bound(gw, "imaps")
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            t0 = trio.current_time()
+            for i in range(5):
+                await client.send_all(b"ping %d\r\n" % i)
+                with trio.fail_after(5):
+                    assert await client.receive_some(100) == b"ping %d\r\n" % i
+                await trio.sleep(0.3)
+            assert trio.current_time() - t0 >= 1.5  # longer than the idle timeout, still open
+            with trio.fail_after(5):
+                assert await client.receive_some(100) == b""  # closed by the gateway after 0.8 s of silence
+            assert trio.current_time() - t0 < 1.5 + 0.3 + 0.8 + 1.0
+            await client.aclose()
+            with trio.fail_after(5):
+                while "outcome=idle_timeout" not in caplog.text:
+                    await trio.sleep(0.01)
+        n.cancel_scope.cancel()
