@@ -74,8 +74,9 @@ def run_dev(tmp_path: Path, verb: str) -> tuple[subprocess.CompletedProcess, lis
                DEV_SYSTEMD_DIR=str(tmp_path / "system"))
     r = subprocess.run(["bash", str(root / "dev"), verb], env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     calls = log.read_text().splitlines() if log.exists() else []
-    installs = [c.split()[-len(c.split()) + 1:] for c in calls if c.startswith("apt-get install")]
-    return r, calls, [pkg for args in installs for pkg in args if not pkg.startswith("-")][1:]
+    packages = [word for c in calls if c.startswith("apt-get install ")
+                for word in c.split()[2:] if not word.startswith("-")]
+    return r, calls, packages
 
 
 def test_demo_installs_only_python3_venv_and_touches_no_service(tmp_path):
