@@ -254,7 +254,8 @@ class Backend:
         if self.checks is not None:
             await self.checks.close()  # rspamd's HTTP session
         if self.metrics_server is not None:
-            self.metrics_server[0].shutdown()
+            self.metrics_server[0].shutdown()  # serve_forever returns
+            self.metrics_server[0].server_close()  # and the port is released
         if self.queue is not None:
             await self.run_blocking(self.queue.close)
         self.executor.shutdown(wait=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import smtplib
+import socket
 import ssl
 import subprocess
 
@@ -501,6 +502,10 @@ async def test_metrics_endpoint_counts_outcomes(tmp_path):
         assert m[("homemx_backend_maildir_deliveries_total", (("result", "delivered"),))] == 1
         assert m[("homemx_backend_queue_recipients", (("state", "delivered"),))] == 1
         assert ("homemx_backend_queue_oldest_age_seconds", ()) in m
+    # Stopped means closed: the metrics listener does not stay bound, completing handshakes nobody
+    # answers (a restart in the same process would find the port taken).
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 @pytest.mark.asyncio
