@@ -22,6 +22,7 @@ class RefusingMX:
     on_rset: object = None
     rcpts: int = 0
     sock: socket.socket = field(init=False)
+    thread: threading.Thread = field(init=False)
 
     def __post_init__(self):
         self.sock = socket.socket()
@@ -29,7 +30,8 @@ class RefusingMX:
         self.sock.bind((self.address, 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self):
         while True:
@@ -71,4 +73,11 @@ class RefusingMX:
             conn.close()
 
     def close(self):
+        # shutdown wakes the blocked accept(): close alone does not on Linux, and the blocked call
+        # keeps the socket listening (completing handshakes nobody answers) and the thread alive.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+        self.thread.join(5)
