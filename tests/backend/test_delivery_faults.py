@@ -193,3 +193,19 @@ def test_sigkill_while_bounces_are_recorded_never_loses_a_report(tmp_path, daemo
             assert remote.rcpts >= N_RCPTS
     finally:
         remote.close()
+
+
+def test_the_refusing_mx_lab_server_stops_when_closed():
+    # The lab's RefusingMX must not outlive its test: a thread left blocked in accept() kept its
+    # port listening, and later answered "220 mx.refuse.test" on another test's listening socket
+    # that reused the descriptor number (the MTA-STS policy fetch in test_dns_records14 then failed
+    # with WRONG_VERSION_NUMBER about one full run in two).
+    import socket
+
+    mx = RefusingMX("127.0.0.1", expect=1)
+    with socket.create_connection(("127.0.0.1", mx.port), timeout=5) as c:
+        assert c.recv(100).startswith(b"220 ")
+    mx.close()
+    assert not mx.thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", mx.port), timeout=2).close()
