@@ -325,6 +325,20 @@ class Deliverer:
         if notice is not None:
             self._dsn_queued(entry, dsn.DELAYED, qids[0], notice)
 
+    async def expire_local(self, entry: QueueEntry, content: bytes, rcpt: Recipient, last: str) -> None:
+        """A local recipient whose Maildir write has failed until the message's max age: bounced
+        with the last error, its DSN queued in the same commit, as for a remote one (the runner
+        delivers to Maildir itself and calls this; a Maildir that never heals must not keep a
+        message, unreported, in the queue forever)."""
+        now = self.now()
+        reply = R_EXPIRED.format(age=human_age(now - entry.created), last=last)
+        report = await self._dsn_message(entry, content, [_dsn_recipient(rcpt, reply, None, now, dsn.FAILED)], dsn.FAILED)
+        qids = await self.run_blocking(self.queue.record_outcomes, [(rcpt.id, BOUNCED, reply, None)],
+                                       [report] if report else [])
+        log.info("queue=%s rcpt=%s bounced: %s", entry.id, rcpt.address, reply)
+        if report is not None:
+            self._dsn_queued(entry, dsn.FAILED, qids[0], report)
+
     async def _dsn_message(self, entry: QueueEntry, content: bytes, rcpts: list[dsn.DSNRecipient], kind: str):
         """The report to queue (a DKIM-signed NewMessage from ``<>``), or None for a ``<>`` sender."""
         if not dsn.should_send(entry.sender):

@@ -47,6 +47,9 @@ class RemoteDelivery(Protocol):
 
     async def deliver(self, message_id: str, recipients: list[Recipient]) -> None: ...
 
+    async def expire_local(self, entry, content: bytes, rcpt: Recipient, last: str) -> None:
+        """Bounce a local recipient at the message's max age, its DSN queued in the same commit."""
+
 
 def retry_delay_for(schedule: tuple[float, ...]) -> Callable[[int], float]:
     """The delay planned at claim time, from the number of attempts made *before* this one: the
@@ -280,9 +283,18 @@ class QueueRunner:
                     box = await self.run_blocking(maildir.folder_path, box, entry.folder)
                 await self.run_blocking(maildir.deliver, box, content, f"{message_id}_{r.id}", prefix)
             except OSError as e:
+                last = f"451 4.3.0 Maildir write failed: {e.strerror}"
+                if self.remote is not None and self.now() - entry.created >= self.config.delivery.max_queue_age:
+                    # RFC 5321 4.5.4.1: given up at the max age, as remote recipients are; the
+                    # sender gets a DSN (with no remote delivery configured there is no way to send
+                    # one, and the recipient stays deferred).
+                    log.error("queue=%s rcpt=%s maildir delivery failed until the max age: %s", message_id, r.address, e)
+                    self.metrics.maildir_deliveries.labels("bounced").inc()
+                    await self.remote.expire_local(entry, content, r, last)
+                    continue
                 log.error("queue=%s rcpt=%s maildir delivery deferred: %s", message_id, r.address, e)
                 self.metrics.maildir_deliveries.labels("deferred").inc()
-                await self.run_blocking(self.queue.set_result, r.id, DEFERRED, f"451 4.3.0 Maildir write failed: {e.strerror}")
+                await self.run_blocking(self.queue.set_result, r.id, DEFERRED, last)
                 continue
             self.metrics.maildir_deliveries.labels("delivered").inc()
             await self.run_blocking(self.queue.set_result, r.id, DELIVERED, "250 2.0.0 Delivered to Maildir")

@@ -2,7 +2,7 @@
 
 The faults are real: a full tmpfs under the mailbox, a regular file where the Maildir directory
 should be. The retry schedule is one hour, so a recipient attempted again within the test was
-made due by the CLI, never by the schedule.
+made due by the CLI, never by the schedule (but in the max-age test, which waits for the schedule).
 """
 
 from __future__ import annotations
@@ -109,5 +109,33 @@ def test_maildir_blocked_by_a_file_defers_then_hold_and_release_deliver(tmp_path
         assert row["attempts"] == 2 and row["last_attempt"] >= before
         [delivered] = maildir_files(tmp_path, BOB)
         assert MARKER in delivered.read_text()
+    finally:
+        d.stop()
+
+
+def test_maildir_failing_until_the_max_age_bounces_with_a_dsn_to_the_sender(tmp_path):
+    # A Maildir that never heals: at max_queue_age the local recipient is given up as a remote one
+    # would be (554 5.4.7 with the last error), and the sender (local here) gets the DSN.
+    port = free_port()
+    cfg = write_config(tmp_path, listener_block("lan", "lan", f"127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"]),
+                       extra='[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_schedule = ["1s"]\n'
+                             'max_queue_age = "3s"\n')
+    blocker = bob_mailbox(tmp_path) / "Maildir"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the Maildir directory belongs\n")
+    d = Daemon(cfg)
+    try:
+        d.start(port)
+        qid = send_to_bob(port)
+        row = wait_for_sync(lambda: (r := rcpt_row(cfg, qid))["state"] == "bounced" and r, 30)
+        assert row["last_reply"].startswith("554 5.4.7 Delivery time expired after "), row
+        assert "last error: 451 4.3.0 Maildir write failed: Not a directory" in row["last_reply"], row
+        assert row["attempts"] >= 2  # deferred first, given up at the max age
+        [report] = wait_for_sync(lambda: maildir_files(tmp_path, ALICE), 20)
+        text = report.read_text()
+        assert "Content-Type: multipart/report; report-type=delivery-status" in text
+        assert f"Final-Recipient: rfc822;{BOB}" in text and "Action: failed" in text and "Status: 5.4.7" in text
+        assert "Maildir write failed" in text
+        assert blocker.read_text().startswith("a file")  # nothing written where the Maildir belongs
     finally:
         d.stop()
