@@ -79,7 +79,7 @@ class Acceptor:
         directory: Directory,
         metrics: BackendMetrics,
         run_blocking: Callable[..., Awaitable],
-        signer: Callable[[bytes, str], bytes] | None = None,
+        signer: Callable[[bytes, str, bool], bytes] | None = None,  # (content, sender, canonical)
         checks: InboundChecks | None = None,
     ):
         self.config = config
@@ -149,7 +149,8 @@ class Acceptor:
         )
         try:
             if self.signer is not None and m.kind != MX:
-                signed = await self.run_blocking(self.signer, msg.content, msg.sender or "<>")
+                # Incoming.content is CRLF-canonical (the front end made it so): not checked again.
+                signed = await self.run_blocking(self.signer, msg.content, msg.sender or "<>", True)
                 msg = dataclasses.replace(msg, content=signed)
             if len(msg.content) > self.queue.SPOOL_THRESHOLD:
                 msg = await self.run_blocking(self.queue.spool_large, msg)

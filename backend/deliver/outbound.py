@@ -22,8 +22,8 @@ from backend.metrics import BackendMetrics
 log = logging.getLogger("homemx.outbound")
 
 
-def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Callable[[bytes, str], bytes]:
-    """A blocking callable (message, envelope sender) → message with DKIM-Signature headers.
+def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Callable[..., bytes]:
+    """A blocking callable (message, envelope sender[, canonical]) → message with DKIM-Signature headers.
 
     Keys are chosen by the From header domain (DMARC alignment), not the envelope sender; a
     message from a domain without keys passes through unsigned (CRLF-canonical either way).
@@ -34,8 +34,9 @@ def make_signer(keys: tuple[DKIMKeyConfig, ...], metrics: BackendMetrics) -> Cal
         dkim_keys.load_private_key(k.private_key, k.algorithm)
         dkim_keys.load_key(k)
 
-    def sign(message: bytes, envelope_sender: str) -> bytes:
-        message, signatures = dkim.make_signatures(message, keys)
+    def sign(message: bytes, envelope_sender: str, canonical: bool = False) -> bytes:
+        # canonical: the accept path's content is CRLF-canonical already (see make_signatures)
+        message, signatures = dkim.make_signatures(message, keys, canonical=canonical)
         if signatures:
             for alg, n in dkim.signature_count_by_algorithm(b"".join(signatures)).items():
                 metrics.dkim_signatures.labels(alg).inc(n)

@@ -169,6 +169,7 @@ def sign_message(
     keys: Sequence[DKIMKeyLike],
     *,
     select_by_from: bool = True,
+    canonical: bool = False,
     _fast_rsa: bool = True,
 ) -> bytes:
     """Return ``message`` (made CRLF-canonical) with one DKIM-Signature header prepended per key.
@@ -176,9 +177,11 @@ def sign_message(
     With ``select_by_from`` (the default) only the keys for the From domain sign (see
     ``keys_for_domain``); otherwise every key given signs. A message with no matching key comes
     back canonicalised but unsigned. relaxed/relaxed canonicalisation, From oversigned.
+    ``canonical``: the caller guarantees the CRLF-canonical form already (see ``make_signatures``).
     Thread-safe: a fresh dkimpy parse per call, keys shared read-only.
     """
-    message, signatures = make_signatures(message, keys, select_by_from=select_by_from, _fast_rsa=_fast_rsa)
+    message, signatures = make_signatures(message, keys, select_by_from=select_by_from, canonical=canonical,
+                                          _fast_rsa=_fast_rsa)
     return b"".join(signatures) + message
 
 
@@ -187,11 +190,18 @@ def make_signatures(
     keys: Sequence[DKIMKeyLike],
     *,
     select_by_from: bool = True,
+    canonical: bool = False,
     _fast_rsa: bool = True,
 ) -> tuple[bytes, list[bytes]]:
     """(the CRLF-canonical message, its DKIM-Signature header fields): what ``sign_message``
-    joins, for callers that want the signatures themselves (metrics count them)."""
-    message = crlf_canonical(message)
+    joins, for callers that want the signatures themselves (metrics count them).
+
+    ``canonical``: the caller guarantees the message is CRLF-canonical already (the accept path:
+    the DATA reader made it so), so the check is skipped: three counts over the whole message,
+    ~1.8 ms of a 1 MB message's ~7 ms signature. Signing a message that is not canonical this way
+    would sign bytes other than those stored; the receive path never hands one over."""
+    if not canonical:
+        message = crlf_canonical(message)
     chosen = keys_for_domain(from_domain(message), keys) if select_by_from else list(keys)
     if not chosen:
         return message, []

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from backend.dkim import keys as dkim_keys
 from backend.dkim import sign as dkim
 from backend.dns.parse import parse_dkim_txt
+from backend.smtp import message as smtp_message
 from tests.lab.dkim import run_dkim_cli, sig_tags, verify_all
 
 MESSAGE = (
@@ -86,6 +87,19 @@ def test_lone_cr_is_canonicalised_before_signing_so_relay_normalisation_keeps_it
     assert b"\r" not in signed.replace(b"\r\n", b"")
     relayed = re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", signed)
     assert relayed == signed and verify_all(relayed, keys) == [True, True]
+
+
+def test_canonical_input_signed_without_the_check_gives_the_same_bytes(keys):
+    # The accept path hands over CRLF-canonical content and skips the line-ending check
+    # (canonical=True): the signed message is exactly what the checked path gives.
+    allkeys = [k for k, _ in keys.values()]
+    canonical = smtp_message.crlf_canonical(MESSAGE + b"tail  \t\r\n" + b"x" * 3000 + b"\r\n")
+    for _ in range(5):  # t= is signed: both within one second
+        checked = dkim.sign_message(canonical, allkeys)
+        trusted = dkim.sign_message(canonical, allkeys, canonical=True)
+        if sig_tags(checked)[0]["t"] == sig_tags(trusted)[0]["t"]:
+            break
+    assert trusted == checked and verify_all(trusted, keys) == [True, True]
 
 
 def test_keys_are_chosen_by_from_domain(keys):

@@ -83,10 +83,12 @@ def main(argv: list[str]) -> int:
         rsa = SimpleNamespace(domain="example.org", selector="rsa1", algorithm="rsa", private_key=rsa_key.path)
         ed = SimpleNamespace(domain="example.org", selector="ed1", algorithm="ed25519", private_key=ed_key.path)
         variants = {
-            "rsa-sha256 (OpenSSL)": lambda m: dkim.sign_message(m, [rsa]),
+            # As the accept path signs (its content is CRLF-canonical already: canonical=True);
+            # DSNs and reports are signed with the check (one more pass, ~1.8 ms per MB).
+            "rsa-sha256 (OpenSSL)": lambda m: dkim.sign_message(m, [rsa], canonical=True),
             "rsa-sha256 (dkimpy pure)": lambda m: dkim.sign_message(m, [rsa], _fast_rsa=False),
-            "ed25519-sha256": lambda m: dkim.sign_message(m, [ed]),
-            "both (default: rsa+ed25519)": lambda m: dkim.sign_message(m, [rsa, ed]),
+            "ed25519-sha256": lambda m: dkim.sign_message(m, [ed], canonical=True),
+            "both (default: rsa+ed25519)": lambda m: dkim.sign_message(m, [rsa, ed], canonical=True),
         }
         rows = []
         for label, size in SIZES:
