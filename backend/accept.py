@@ -33,7 +33,7 @@ from backend.queue.model import NewMessage, NewRecipient, QueueError, new_queue_
 from backend.queue.store import Queue
 from backend.receive.directory import Directory
 from backend.smtp import replies as R
-from backend.smtp.message import count_received, from_addresses, has_field, rfc5322_date, split_header
+from backend.smtp.message import count_received, from_addresses, has_field, header_block, rfc5322_date
 
 if TYPE_CHECKING:
     from backend.auth.inbound import InboundChecks
@@ -106,7 +106,7 @@ class Acceptor:
         return qid
 
     async def _accept(self, m: Incoming) -> str:
-        header, _ = split_header(m.content)
+        header = header_block(m.content)
         if count_received(header) >= m.max_received:
             raise Refused(R.R554_LOOP, "mail_loop")
         if m.kind != MX:

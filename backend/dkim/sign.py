@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from backend.dkim.canon import body_digest
 from backend.dkim.keys import DKIMKeyLike, LoadedKey, load_key
-from backend.smtp.message import crlf_canonical, from_addresses, split_header
+from backend.smtp.message import crlf_canonical, from_addresses, header_block, split_header
 
 SIGNATURE_ALGORITHM = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}  # RFC 8301, RFC 8463
 
@@ -108,7 +108,7 @@ def _signature(
 # ---------------------------------------------------------------- signing
 
 def _header_block(message: bytes) -> bytes:
-    return split_header(message)[0]
+    return header_block(message)
 
 
 def _header_names(message: bytes) -> list[bytes]:

@@ -63,7 +63,7 @@ from backend.queue.model import NewRecipient, QueueError, new_queue_id
 from backend.queue.store import Queue
 from backend.receive.clientaddr import canonical_host
 from backend.receive.directory import Directory
-from backend.smtp.message import crlf_canonical, split_header
+from backend.smtp.message import crlf_canonical, header_block, split_header
 from backend.smtp.paths import PathError, parse_address
 
 log = logging.getLogger("homemx.api")
@@ -678,7 +678,7 @@ class APIServer:
     async def _capture(self, m: Incoming) -> str:
         """Sandbox: the message as the queue would have it (From rule, trace header, Date and
         Message-ID), kept in the sandbox Maildir; never queued, never signed."""
-        header, _ = split_header(m.content)
+        header = header_block(m.content)
         reply = self.acceptor.check_from_header(m, header)
         if reply:
             raise Problem(403, "sender-not-allowed", reply[10:])

@@ -40,6 +40,13 @@ def split_header(message: bytes) -> tuple[bytes, bytes]:
     return message[: i + 4], message[i + 4 :]
 
 
+def header_block(message: bytes) -> bytes:
+    """The header block (incl. the blank line) of a CRLF message: ``split_header`` without the
+    copy of the body (~2.5 ms of the event loop for a 25 MB message, to read a few KB)."""
+    i = message.find(b"\r\n\r\n")
+    return message if i < 0 else message[: i + 4]
+
+
 def count_received(header: bytes) -> int:
     """Received fields in a CRLF header block (loop detection, RFC 5321 6.3)."""
     return len(_RECEIVED_RE.findall(header))

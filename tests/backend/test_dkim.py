@@ -231,3 +231,10 @@ def test_faster_relaxed_body_is_byte_identical_to_dkimpys():
             assert canonical_body(data, True, slice_size) == Relaxed.canonicalize_body(data)
             assert canonical_body(data, False, slice_size) == Simple.canonicalize_body(data)
         assert body_digest(data, True, slice_size=2) == hashlib.sha256(Relaxed.canonicalize_body(data)).digest()
+
+
+@pytest.mark.parametrize("message", [MESSAGE, b"A: b\r\n\r\n", b"no blank line\r\n", b"", b"A: b\r\n\r\n\r\nbody\r\n"])
+def test_header_block_is_split_headers_header_without_copying_the_body(message):
+    header = smtp_message.header_block(message)
+    assert header == smtp_message.split_header(message)[0]
+    assert len(header) <= len(message)
