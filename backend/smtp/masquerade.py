@@ -12,10 +12,12 @@ an internet client sends is ever rewritten:
   ``root@localhost``), or it is one of the listener's ``local_hostnames`` (``root@nas.home.arpa``):
   the domain becomes the listener's masquerade domain (default: the first configured domain);
 - envelope: MAIL FROM and RCPT TO (so ``sendmail root`` reaches root@<domain>, usually an alias);
-- header: the addresses of the From and Sender fields (the fields DKIM and DMARC care about);
-  a field is rewritten only when one of its addresses needs it, and then re-written whole from its
-  parsed addresses (``root (Cron Daemon)`` → ``Cron Daemon <root@example.org>``). Other fields
-  (To, Cc) are left as written.
+- header: the addresses of the From, Sender and Reply-To fields (Postfix's ``header_sender``
+  class; From is what DKIM and DMARC care about) and of To and Cc (``header_recipient``: cron's
+  ``To: root`` would otherwise reach the reader as an address no one can answer); a field is
+  rewritten only when one of its addresses needs it, and then re-written whole from its parsed
+  addresses (``root (Cron Daemon)`` → ``Cron Daemon <root@example.org>``). Other fields, and a
+  field that does not parse (a group such as ``undisclosed-recipients:;``), are left as written.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import re
 from collections.abc import Iterable
 
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_SENDER_FIELD_RE = re.compile(
-    rb"^(From|Sender)([ \t]*):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n", re.IGNORECASE | re.MULTILINE
+_ADDRESS_FIELD_RE = re.compile(
+    rb"^(From|Sender|Reply-To|To|Cc)([ \t]*):([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n", re.IGNORECASE | re.MULTILINE
 )
 
 
@@ -59,14 +61,15 @@ def masquerade_path(path: str, domain: str, local_hostnames: Iterable[str] = ())
 
 
 def masquerade_header(header: bytes, domain: str, local_hostnames: Iterable[str] = ()) -> bytes:
-    """A CRLF header block with the From and Sender addresses masqueraded (see the module's doc)."""
+    """A CRLF header block with the From, Sender, Reply-To, To and Cc addresses masqueraded (see
+    the module's doc)."""
     hostnames = tuple(local_hostnames)
 
     def rewrite(m: re.Match) -> bytes:
         value = m.group(3).replace(b"\r\n", b"").decode("utf-8", "surrogateescape")
         pairs = email.utils.getaddresses([value])
         if not pairs or any(not addr for _, addr in pairs):
-            return m.group(0)  # unparsable: left for the From policy to judge
+            return m.group(0)  # unparsable (or a group): left as written, for the From policy to judge
         if not any(needs_masquerade(addr, hostnames) for _, addr in pairs):
             return m.group(0)
         out = ", ".join(
@@ -74,4 +77,4 @@ def masquerade_header(header: bytes, domain: str, local_hostnames: Iterable[str]
         )
         return m.group(1) + b": " + out.encode("utf-8", "surrogateescape") + b"\r\n"
 
-    return _SENDER_FIELD_RE.sub(rewrite, header)
+    return _ADDRESS_FIELD_RE.sub(rewrite, header)

@@ -81,7 +81,7 @@ async def test_lan_root_and_root_at_nas_are_rewritten_to_our_domain_stored_and_s
     assert [r.orig_address for r in entries[0].recipients] == ["root@example.org"]
     assert [r.address for r in entries[0].recipients] == [ALICE]
     assert fields(stored[0], "From") == ["Cron Daemon <root@example.org>"]
-    assert fields(stored[0], "To") == ["root"]  # only From/Sender are rewritten in the header
+    assert fields(stored[0], "To") == ["root@example.org"]  # cron's "To: root": an address a reader can answer
     assert fields(stored[1], "From") == ["NAS <root@example.org>"]
     assert fields(stored[2], "From") == ["NAS <backup@example.org>"]
     for m in stored:
@@ -167,11 +167,14 @@ def test_needs_masquerade(address, expected):
     assert needs_masquerade(address, ["nas.home.arpa"]) is expected
 
 
-def test_masquerade_header_rewrites_from_and_sender_only_when_needed():
+def test_masquerade_header_rewrites_the_address_fields_only_when_needed():
     header = (b"From: root (Cron Daemon)\r\nSender:\r\n \"Backup, Job\" <backup@nas>\r\nTo: root\r\n"
-              b"Reply-To: root\r\n\r\n")
+              b"Reply-To: root\r\nCc: ops@nas, Bob <bob@elsewhere.example>\r\nX-Origin: root@nas\r\n\r\n")
     out = masquerade_header(header, "example.org")
     assert out == (b"From: Cron Daemon <root@example.org>\r\nSender: \"Backup, Job\" <backup@example.org>\r\n"
-                   b"To: root\r\nReply-To: root\r\n\r\n")
-    untouched = b"From: Alice <alice@example.org>\r\nSender: garbage <<\r\n\r\n"
+                   b"To: root@example.org\r\nReply-To: root@example.org\r\n"
+                   b"Cc: ops@example.org, Bob <bob@elsewhere.example>\r\nX-Origin: root@nas\r\n\r\n")
+    # Nothing to do, a field that does not parse, a group: as written, byte for byte.
+    untouched = (b"From: Alice <alice@example.org>\r\nSender: garbage <<\r\nTo: undisclosed-recipients:;\r\n"
+                 b"Cc: Bob <bob@elsewhere.example>\r\n\r\n")
     assert masquerade_header(untouched, "example.org") == untouched
