@@ -56,9 +56,15 @@ def pytest_collection_finish(session) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Nothing of ours outlives the run: a build still going (the run was cut short) is stopped
-    (debootstrap unmounts what it mounted on TERM) and waited for."""
+    """Nothing of ours outlives the run. A build still going is waited for when the run ended
+    normally (with two workers, the one that started it may finish first while the other still
+    needs it), and stopped when the run was cut short (debootstrap unmounts what it mounted on TERM)."""
     for p in _early_builds:
+        if p.poll() is None and exitstatus != pytest.ExitCode.INTERRUPTED:
+            try:
+                p.wait(900)
+            except subprocess.TimeoutExpired:
+                pass
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
             try:
