@@ -121,7 +121,7 @@ def haproxy(workdir: Path, upstream: tuple[str, int], *, accept_proxy: bool, sen
 
 
 DOVECOT_CONF = """
-base_dir = {d}/run
+base_dir = {run}
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
@@ -175,8 +175,12 @@ def dovecot(workdir: Path):
     shutil.chown(d / "home", "dovecot", "dovecot")
     os.chmod(d, 0o755)
     port = free_port()
+    # Its sockets in a short directory of their own: unix socket paths stop at 107 bytes, and
+    # run/token-login/imap-urlauth under pytest's tmp_path (longer under xdist workers) did not fit.
+    run = Path(tempfile.mkdtemp(prefix="hmx-dc-"))
+    run.chmod(0o755)
     conf = d / "dovecot.conf"
-    conf.write_text(DOVECOT_CONF.format(d=d, port=port))
+    conf.write_text(DOVECOT_CONF.format(d=d, run=run, port=port))
     proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=open(d / "stdout.log", "ab"),
                             stderr=subprocess.STDOUT)
     try:
@@ -186,3 +190,4 @@ def dovecot(workdir: Path):
         yield proc
     finally:
         stop(proc)
+        shutil.rmtree(run, ignore_errors=True)
