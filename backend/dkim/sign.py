@@ -107,13 +107,9 @@ def _signature(
 
 # ---------------------------------------------------------------- signing
 
-def _header_block(message: bytes) -> bytes:
-    return header_block(message)
-
-
 def _header_names(message: bytes) -> list[bytes]:
     names = []
-    for line in _header_block(message).split(b"\r\n"):
+    for line in header_block(message).split(b"\r\n"):
         if not line or line[:1] in (b" ", b"\t"):
             continue
         name, colon, _ = line.partition(b":")
@@ -131,14 +127,14 @@ def headers_to_sign(message: bytes) -> list[bytes]:
 
 def from_domain(message: bytes) -> str | None:
     """The domain of the (first) From address, lower-case; None when there is none."""
-    for addr in from_addresses(_header_block(message)) or ():
+    for addr in from_addresses(header_block(message)) or ():
         if "@" in addr:
             return addr.rpartition("@")[2].strip().rstrip(">").lower()
     return None
 
 
 def _unfolded_headers(message: bytes) -> Iterable[str]:
-    text = _header_block(message).decode("utf-8", "replace")
+    text = header_block(message).decode("utf-8", "replace")
     return re.sub(r"\r\n[ \t]", " ", text).split("\r\n")
 
 

@@ -34,10 +34,8 @@ def crlf_canonical(data: bytes) -> bytes:
 
 def split_header(message: bytes) -> tuple[bytes, bytes]:
     """(header block incl. the blank line, body) of a CRLF message."""
-    i = message.find(b"\r\n\r\n")
-    if i < 0:
-        return message, b""
-    return message[: i + 4], message[i + 4 :]
+    header = header_block(message)
+    return header, message[len(header) :]
 
 
 def header_block(message: bytes) -> bytes:

@@ -22,12 +22,17 @@ RETRY_HOUR = '[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_sched
 MARKER = "MAILDIR-FAULT-MARKER-51c2"
 
 
-@pytest.fixture
-def daemon_cfg(tmp_path):
+def lan_daemon_config(tmp_path: Path, delivery: str) -> tuple[Path, int]:
+    """(config, port) of a backend with one lan listener and the given [delivery] table."""
     port = free_port()
     cfg = write_config(tmp_path, listener_block("lan", "lan", f"127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"]),
-                       extra=RETRY_HOUR)
+                       extra=delivery)
     return cfg, port
+
+
+@pytest.fixture
+def daemon_cfg(tmp_path):
+    return lan_daemon_config(tmp_path, RETRY_HOUR)
 
 
 def send_to_bob(port: int) -> str:
@@ -48,6 +53,14 @@ def rcpt_row(cfg: Path, qid: str) -> dict:
 
 def bob_mailbox(tmp_path: Path) -> Path:
     return tmp_path / "data" / "mail" / "example.org" / "bob"
+
+
+def block_bobs_maildir(tmp_path: Path) -> Path:
+    """A regular file where bob's Maildir directory belongs: every write to it fails (ENOTDIR)."""
+    blocker = bob_mailbox(tmp_path) / "Maildir"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the Maildir directory belongs\n")
+    return blocker
 
 
 def test_full_maildir_disk_defers_and_queue_retry_makes_it_due_now(tmp_path, daemon_cfg):
@@ -83,9 +96,7 @@ def test_full_maildir_disk_defers_and_queue_retry_makes_it_due_now(tmp_path, dae
 
 def test_maildir_blocked_by_a_file_defers_then_hold_and_release_deliver(tmp_path, daemon_cfg):
     cfg, port = daemon_cfg
-    blocker = bob_mailbox(tmp_path) / "Maildir"
-    blocker.parent.mkdir(parents=True)
-    blocker.write_text("a file where the Maildir directory belongs\n")
+    blocker = block_bobs_maildir(tmp_path)
     d = Daemon(cfg)
     try:
         d.start(port)
@@ -116,13 +127,9 @@ def test_maildir_blocked_by_a_file_defers_then_hold_and_release_deliver(tmp_path
 def test_maildir_failing_until_the_max_age_bounces_with_a_dsn_to_the_sender(tmp_path):
     # A Maildir that never heals: at max_queue_age the local recipient is given up as a remote one
     # would be (554 5.4.7 with the last error), and the sender (local here) gets the DSN.
-    port = free_port()
-    cfg = write_config(tmp_path, listener_block("lan", "lan", f"127.0.0.1:{port}", trusted_networks=["127.0.0.0/8"]),
-                       extra='[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\nretry_schedule = ["1s"]\n'
-                             'max_queue_age = "3s"\n')
-    blocker = bob_mailbox(tmp_path) / "Maildir"
-    blocker.parent.mkdir(parents=True)
-    blocker.write_text("a file where the Maildir directory belongs\n")
+    cfg, port = lan_daemon_config(tmp_path, '[delivery]\nnameservers = ["127.0.0.1"]\ndns_port = 9\n'
+                                            'retry_schedule = ["1s"]\nmax_queue_age = "3s"\n')
+    blocker = block_bobs_maildir(tmp_path)
     d = Daemon(cfg)
     try:
         d.start(port)
