@@ -43,6 +43,20 @@ log = logging.getLogger("homemx.accept")
 MX, SUBMISSION, LAN = "mx", "submission", "lan"
 
 
+# A message this large is put together off the event loop: bytes.join releases the GIL while it
+# copies a large result (CPython), where ``a + b`` holds it; a 25 MB copy held the loop for
+# 15-20 ms (first-touch page faults included), every other session's reply waiting behind it
+# (docs/benchmarks.md, B6).
+JOIN_OFF_LOOP = 1 << 20
+
+
+async def join(parts: tuple, run_blocking: Callable[..., Awaitable] | None) -> bytes:
+    """``b"".join(parts)`` (bytes or memoryviews), on a worker thread when the result is large."""
+    if run_blocking is not None and sum(map(len, parts)) >= JOIN_OFF_LOOP:
+        return await run_blocking(b"".join, parts)
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class Incoming:
     """A message as a front end hands it over: its envelope, what is known of the client, and the
@@ -114,7 +128,7 @@ class Acceptor:
             if reply:
                 raise Refused(reply, "from_not_allowed")
         qid = new_queue_id(time.time())
-        content, prefix, folder = m.content, self.received_header(m, qid), None
+        content, prefix, folder = (m.content,), self.received_header(m, qid), None
         if self.checks is not None:
             verify = m.kind == MX and self.config.auth.enabled
             scan = self.checks.scans(m.listener, m.kind)
@@ -129,7 +143,7 @@ class Acceptor:
                 if out.refuse is not None:
                     raise Refused(*out.refuse)
                 if out.header is not None:  # forged fields removed
-                    content = out.header + m.content[len(header):]
+                    content = (out.header, memoryview(m.content)[len(header):])
                 # RFC 8601 5: Authentication-Results goes above the existing fields, with the trace
                 # fields of this hop (Received on top: it is the hop's first).
                 prefix += out.prepend
@@ -139,7 +153,7 @@ class Acceptor:
         msg = NewMessage(
             sender=m.sender,
             recipients=m.recipients,
-            content=prefix + content,
+            content=await join((prefix, *content), self.run_blocking),
             listener=m.listener,
             client_addr=m.client_addr,
             auth_user=m.auth_user,

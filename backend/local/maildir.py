@@ -68,25 +68,26 @@ def deliver(maildir: Path, message: bytes, unique: str, header_prefix: bytes = b
     if already_delivered(maildir, unique):
         return maildir / "new" / unique
     # Maildir file name: time.unique.host (cr.yp.to/proto/maildir.html); ,S= (the size on disk)
-    # lets Dovecot skip a stat. Every CRLF becomes LF, so the size is known before converting.
-    size = len(header_prefix) + len(message) - header_prefix.count(b"\r\n") - message.count(b"\r\n")
-    name = f"{unique}.{int(time.time())}.{_HOST},S={size}"
-    tmp = maildir / "tmp" / name
+    # lets Dovecot skip a stat. Every CRLF becomes LF; the size is what was written, known when
+    # the file moves from tmp/ to new/ (counting the CRLFs first held the GIL ~20 ms per 25 MB,
+    # every other thread and the event loop waiting: docs/benchmarks.md, B6).
+    base = f"{unique}.{int(time.time())}.{_HOST}"
+    tmp = maildir / "tmp" / base
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header_prefix.replace(b"\r\n", b"\n"))
+            size = f.write(header_prefix.replace(b"\r\n", b"\n"))
             # Convert and write in slices that end on a line break: each replace() holds the GIL,
             # the write releases it, so a 25 MB delivery never stalls the event loop for long.
             pos = 0
             while pos < len(message):
                 cut = message.find(b"\n", pos + _SLICE)
                 cut = len(message) if cut < 0 else cut + 1
-                f.write(message[pos:cut].replace(b"\r\n", b"\n"))
+                size += f.write(message[pos:cut].replace(b"\r\n", b"\n"))
                 pos = cut
             f.flush()
             os.fsync(f.fileno())
-        final = maildir / "new" / name
+        final = maildir / "new" / f"{base},S={size}"
         os.rename(tmp, final)
     except BaseException:
         unlink_quietly(tmp)

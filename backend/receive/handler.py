@@ -17,9 +17,9 @@ from backend.smtp.paths import (
     PathError,
     parse_address,
 )
-from backend.accept import Incoming, Refused
+from backend.accept import Incoming, Refused, join
 from backend.smtp.masquerade import masquerade_header
-from backend.smtp.message import crlf_canonical, split_header
+from backend.smtp.message import crlf_canonical, header_block
 from backend.queue.model import NewRecipient
 from backend.receive.clientaddr import canonical_host
 from backend.receive.context import ListenerContext
@@ -124,8 +124,10 @@ class Handler:
             content = crlf_canonical(content)
         if self.kind == "lan":
             # From/Sender of root, root@nas → our domain, as the envelope was at MAIL (smtp/masquerade.py)
-            header, body = split_header(content)
-            content = masquerade_header(header, self.ctx.masquerade_domain, self.ctx.listener.local_hostnames) + body
+            header = header_block(content)
+            new = masquerade_header(header, self.ctx.masquerade_domain, self.ctx.listener.local_hostnames)
+            if new != header:
+                content = await join((new, memoryview(content)[len(header):]), self.ctx.run_blocking)
         proto = "ESMTP" if session.extended_smtp else "SMTP"  # RFC 3848 names
         proto += "S" if server.tls_active else ""
         proto += "A" if session.authenticated else ""

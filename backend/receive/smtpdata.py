@@ -10,6 +10,7 @@ import logging
 from aiosmtpd.smtp import MISSING
 
 from backend.smtp import replies as R
+from backend.accept import JOIN_OFF_LOOP
 from backend.smtp.datareader import LINE_TOO_LONG, OK, DataReader
 
 
@@ -80,7 +81,9 @@ class SMTPData:
             self._set_post_data_state()
             await self.push(R.R500_LINE_TOO_LONG if too_long else R.R552_TOO_BIG)
             return
-        content = data.content()
+        # A large message's parts are joined off the event loop (backend/accept.py, JOIN_OFF_LOOP).
+        run_blocking = self.ctx.run_blocking if data.size >= JOIN_OFF_LOOP else None
+        content = data.content() if run_blocking is None else await run_blocking(data.content)
         self.envelope.content = content
         self.envelope.original_content = content
         self.envelope.canonical = True  # type: ignore[attr-defined]

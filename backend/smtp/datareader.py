@@ -22,13 +22,38 @@ from backend.smtp.message import crlf_canonical
 OK, LINE_TOO_LONG, TOO_BIG = "ok", "line_too_long", "too_big"
 
 
-def _unstuff(run: bytes) -> bytes:
+def _unstuff(run: bytes, canonical: bool, dots: bool = True) -> bytes:
     """Transparency and line endings for a run of whole lines (each ends in CRLF, the run starts
-    at a line start): a leading dot of a line is removed, then lone CR/LF become CRLF."""
+    at a line start): a leading dot of a line is removed (the others looked for only if ``dots``:
+    a later line may start with one), then lone CR/LF become CRLF (only looked for when the run
+    is not ``canonical``)."""
     if run.startswith(b"."):
         run = run[1:]
-    run = run.replace(b"\r\n.", b"\r\n")
-    return crlf_canonical(run)
+    if dots:
+        run = run.replace(b"\r\n.", b"\r\n")
+    return run if canonical else crlf_canonical(run)
+
+
+def _is_canonical(run: bytes) -> bool:
+    """Whether every CR and every LF of ``run`` belongs to a CRLF (three C-level counts)."""
+    crlf = run.count(b"\r\n")
+    return run.count(b"\r") == crlf and run.count(b"\n") == crlf
+
+
+def _longest_line_over(run: bytes, line_max: int) -> bool:
+    """Whether a line of a CRLF-canonical run of whole lines is longer than ``line_max``.
+
+    Without splitting the run into ~800 line objects per 64 KiB (the DATA reader's largest cost,
+    docs/benchmarks.md B6): a line of more than ``line_max`` octets holds no LF and covers at
+    least one whole block of ``(line_max + 2) // 2`` octets at a multiple of that size (an
+    interval of 2B-1 octets always covers an aligned block of B), so a block without an LF is
+    the only place one can be; only then are the lines measured."""
+    block = (line_max + 2) // 2
+    find = run.find
+    for start in range(0, len(run), block):
+        if find(b"\n", start, start + block) < 0:
+            return max(map(len, run.split(b"\r\n"))) > line_max
+    return False
 
 
 class DataReader:
@@ -57,22 +82,30 @@ class DataReader:
         pending = self._pending
         search_from = max(0, len(pending) - 4)
         pending += chunk
-        end = pending.find(b"\r\n.\r\n", search_from)
+        # pending holds no CRLF before search_from but its first: every line start that has a
+        # dot (a stuffed one, or the terminator's) is found by one search, and most runs have none.
+        dot = pending.find(b"\r\n.", search_from)
+        end = -1 if dot < 0 else pending.find(b"\r\n.\r\n", dot)
         # Finish everything up to the last complete line (up to the terminator's first CRLF).
         cut = end + 2 if end >= 0 else pending.rfind(b"\r\n") + 2
         if cut > 2:
-            run = bytes(pending[2:cut])  # lines, each ending in CRLF
+            with memoryview(pending) as view:  # one copy (a bytearray slice would be a second)
+                run = bytes(view[2:cut])  # lines, each ending in CRLF
             del pending[: cut - 2]  # keep the CRLF that ended the run (for the searches)
-            lines = run.split(b"\r\n")
             self.size += len(run) + self._dropped
-            first = len(lines[0]) + self._dropped  # the dropped octets began the first line
+            canonical = _is_canonical(run)
+            if canonical and not self._dropped:
+                too_long = _longest_line_over(run, self.line_max)
+            else:  # lone CR/LF count as octets of their line; dropped octets began the first one
+                lines = run.split(b"\r\n")
+                too_long = len(lines[0]) + self._dropped > self.line_max or max(map(len, lines)) > self.line_max
             self._dropped = 0
-            if first > self.line_max or max(map(len, lines)) > self.line_max:
+            if too_long:
                 self._too_long = True
             if self.size_limit and self.size > self.size_limit:
                 self._too_big = True
             if self.status == OK:
-                self._parts.append(_unstuff(run))
+                self._parts.append(_unstuff(run, canonical, dot >= 0))
             else:
                 self._parts.clear()
         if end >= 0:

@@ -105,6 +105,26 @@ def test_random_streams_split_at_random_points_match_the_oracle():
         assert read(parts, limit, line_max) == oracle(stream, limit, line_max), (stream, parts)
 
 
+def test_a_line_one_octet_too_long_is_found_anywhere_in_a_large_run():
+    # Runs of whole lines are measured block-wise, not line by line (docs/benchmarks.md, B6): a
+    # line of line_max + 1 octets at any offset of a 64 KiB read, beside lines that just fit,
+    # lines of the block size and more; the oracle measures every line.
+    rng = random.Random(99)
+    for line_max in (999, 998, 12, 1):
+        block = (line_max + 2) // 2
+        lengths = sorted({0, 1, block - 1, block, block + 1, 2 * block - 1, line_max - 1, line_max})
+        lengths = [n for n in lengths if 0 <= n <= line_max]
+        for _ in range(60):
+            lines = [b"y" * rng.choice(lengths) for _ in range(rng.randint(1, 300))]
+            if rng.random() < 0.7:  # one line too long, anywhere (or none: every line fits)
+                lines.insert(rng.randint(0, len(lines)), b"z" * (line_max + 1))
+            stream = b"\r\n".join(lines) + b"\r\n.\r\n"
+            want = oracle(stream, None, line_max)
+            assert read([stream], None, line_max) == want
+            cut = rng.randint(0, len(stream))
+            assert read([stream[:cut], stream[cut:]], None, line_max) == want
+
+
 def test_a_refused_message_is_still_read_to_its_end_in_little_memory():
     r = DataReader(size_limit=1000)
     r.feed(b"x" * 500 + b"\r\n")
