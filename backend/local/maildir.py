@@ -11,7 +11,7 @@ import socket
 import time
 from pathlib import Path
 
-from backend.durable import fsync_dir, unlink_quietly
+from backend.durable import fsync_dir, unlink_quietly, write_with_writeback
 
 _SLICE = 1 << 20
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -75,18 +75,20 @@ def deliver(maildir: Path, message: bytes, unique: str, header_prefix: bytes = b
     tmp = maildir / "tmp" / base
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            size = f.write(header_prefix.replace(b"\r\n", b"\n"))
+        try:
+            size = write_with_writeback(fd, header_prefix.replace(b"\r\n", b"\n"))
             # Convert and write in slices that end on a line break: each replace() holds the GIL,
-            # the write releases it, so a 25 MB delivery never stalls the event loop for long.
+            # the write releases it, so a 25 MB delivery never stalls the event loop for long;
+            # each slice's writeback starts at once (backend/durable.py).
             pos = 0
             while pos < len(message):
                 cut = message.find(b"\n", pos + _SLICE)
                 cut = len(message) if cut < 0 else cut + 1
-                size += f.write(message[pos:cut].replace(b"\r\n", b"\n"))
+                size += write_with_writeback(fd, message[pos:cut].replace(b"\r\n", b"\n"), size)
                 pos = cut
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         final = maildir / "new" / f"{base},S={size}"
         os.rename(tmp, final)
     except BaseException:

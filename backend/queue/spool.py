@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from backend.durable import fsync_dir, unlink_quietly
+from backend.durable import fsync_dir, unlink_quietly, write_with_writeback
 
 SPOOL_THRESHOLD = 256 * 1024
 
@@ -25,10 +25,11 @@ def write_durably(spool_dir: Path, name: str, content: bytes) -> None:
     tmp = spool_dir / f"{name}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_with_writeback(fd, content)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, final)
         fsync_dir(spool_dir)
     except BaseException:
