@@ -96,9 +96,11 @@ def run_accept(quick: bool, out: Path) -> list[dict]:
     accept_bench.main((["--messages", "500", "--single", "100"] if quick else []) + ["--json", str(path)])
     r = json.loads(path.read_text())
     return [
-        _row("B3", "durable accepts/s, 1 session", r["homemx_1"], r["postfix_1"], "Postfix", "-", None, "msg/s"),
-        _row("B3", "durable accepts/s, 20 sessions", r["homemx_20"], r["postfix_20"], "Postfix", ">= 0.50x",
-             r["homemx_20"] >= 0.5 * r["postfix_20"], "msg/s"),
+        # Issue 17's floors; the servers alternate in rounds (accept_bench), so drift hits both.
+        _row("B3", "durable accepts/s, 1 session", r["homemx_1"], r["postfix_1"], "Postfix", ">= 0.80x",
+             r["homemx_1"] >= 0.8 * r["postfix_1"], "msg/s"),
+        _row("B3", "durable accepts/s, 20 sessions", r["homemx_20"], r["postfix_20"], "Postfix", ">= 0.75x",
+             r["homemx_20"] >= 0.75 * r["postfix_20"], "msg/s"),
         _row("B3", "disk fsync ceiling (4 KiB write+fsync)", r["fsync_per_s"], None, "-", "-", None, "/s"),
     ]
 
@@ -148,7 +150,7 @@ def run_fairness(quick: bool, out: Path) -> list[dict]:
         _row("B6", "small-message p50 during 25 MB (vs idle)", r["loaded"]["p50_ms"], r["idle"]["p50_ms"],
              "homemx idle", "-", None, "ms"),
         _row("B6", "small-message p99 during 25 MB (vs idle)", r["loaded"]["p99_ms"], r["idle"]["p99_ms"],
-             "homemx idle", "<= 2x", r["loaded"]["p99_ms"] <= 2 * r["idle"]["p99_ms"], "ms"),
+             "homemx idle", "<= 3x", r["loaded"]["p99_ms"] <= 3 * r["idle"]["p99_ms"], "ms"),  # issue 17's floor
     ]
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.bench import flood_bench, queue_growth_bench
+from tests.bench import accept_bench, flood_bench, queue_growth_bench
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,19 @@ def test_queue_growth_runs_and_its_runner_queries_scan_nothing(tmp_path):
         assert s["queue_show_s"] is not None and s["queue_list_s"] is not None
         assert not [q for q in s["full_scans"] if "next_attempt" in q], s["full_scans"]
     assert sizes[1]["db_mib"] > sizes[0]["db_mib"]  # the backlog really was there
+
+
+def test_accept_bench_alternates_the_two_servers_in_rounds(tmp_path):
+    # B3's servers take turns (the order flipped every round), so a drift of the shared disk or
+    # CPU hits both; every round's ratio is kept beside the totals.
+    require_tool("/usr/sbin/smtp-source")
+    out = tmp_path / "accept.json"
+    assert accept_bench.main(["--messages", "40", "--single", "7", "--rounds", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rounds"] == 2 and len(r["rounds_ratio_1"]) == 2 and len(r["rounds_ratio_20"]) == 2
+    assert min(r["homemx_1"], r["postfix_1"], r["homemx_20"], r["postfix_20"]) > 0
+    assert r["postfix_queued"] >= 40 + 7  # Postfix really held every message it was sent
+    assert r["ratio_1"] == round(r["homemx_1"] / r["postfix_1"], 3)
 
 
 def test_seeding_puts_deferred_rows_in_the_future(tmp_path):
