@@ -56,14 +56,18 @@ def write_with_writeback(fd: int, data, offset: int = 0) -> int:
     view = memoryview(data)
     written = 0
     for pos in range(0, len(view), WRITEBACK_SLICE):
-        part = view[pos : pos + WRITEBACK_SLICE]
         begin = offset + written
-        while part:
-            n = os.write(fd, part)
-            part = part[n:]
-            written += n
+        written += write_all(fd, view[pos : pos + WRITEBACK_SLICE])
         start_writeback(fd, begin, offset + written - begin)
     return written
+
+
+def write_all(fd: int, data) -> int:
+    """os.write until all of ``data`` (bytes-like) is written; returns its length."""
+    part = memoryview(data)
+    while part:
+        part = part[os.write(fd, part):]
+    return len(data)
 
 
 def unlink_quietly(*paths: Path) -> None:
